@@ -1,0 +1,7 @@
+"""Posterior-velocity op for Posterior-Augmented Flow Matching: a PyTorch reference and fused Triton kernels.
+
+Importing this package never touches a GPU driver; the Triton kernels are imported on first use.
+"""
+from .posterior_velocity import PosteriorTarget, posterior_velocity
+
+__all__ = ["posterior_velocity", "PosteriorTarget"]

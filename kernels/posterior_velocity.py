@@ -1,0 +1,147 @@
+"""Public entry point: argument validation and backend dispatch for the posterior-velocity op."""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from .naive import posterior_velocity_reference
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BACKENDS = ("auto", "torch", "triton")
+
+
+class PosteriorTarget(NamedTuple):
+    velocity: torch.Tensor  # (B, *S) float32: the posterior-mean velocity target
+    lse: torch.Tensor  # (B,) float32: logsumexp_j of the full logits; -inf when no candidate is admissible
+    ess: torch.Tensor  # (B,) float32: 1 / sum_j w_ij^2, in [1, admissible count]; 0 when none is admissible
+
+
+def _check_tensor(name, t, shape, device, *, floating=None, integer=False):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but z is on {device}")
+    if floating is not None and t.dtype not in floating:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in floating]}, got {t.dtype}")
+    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=None, pool_labels=None,
+                       log_prior=None, temperature=1.0, endpoint=None, noise=None, backend="auto"):
+    """Self-normalised importance-sampling estimate of the posterior-mean flow-matching velocity.
+
+    Logits l_ij = -||z_i - alpha_i x_j||^2 / (2 sigma_i^2 tau_i) + log_prior_ij over the candidates x_j admitted by
+    the labels; w = softmax_j(l), mu_i = sum_j w_ij x_j. The velocity is
+    d_alpha mu + d_sigma (z - alpha mu) / sigma, or, when `endpoint` and `noise` (the row's own x and eps) are given,
+    the equal but sigma -> 0 stable u + (d_alpha - d_sigma alpha / sigma)(mu - endpoint), u = d_alpha x + d_sigma eps.
+
+    Args:
+        z: (B, *S) noisy points, float32/float16/bfloat16 (float64 with the torch backend).
+        pool: (K, *S) candidates shared by every row, or (B, K, *S) one set per row; same dtype as z.
+        alpha, sigma, d_alpha, d_sigma: (B,) path coefficients at each row's t (sigma > 0).
+        row_labels: (B,) integer labels; a negative label admits every candidate. Needs `pool_labels`,
+            (K,) or (B, K) integers: candidate j is admissible for row i only if the labels are equal.
+        log_prior: (B, K) added to the logits.
+        temperature: positive float or (B,) tensor dividing the likelihood term.
+        endpoint, noise: (B, *S), both or neither: selects the residual form.
+        backend: "torch" (memory-bounded reference), "triton" (fused kernels; CUDA, or CPU tensors when
+            TRITON_INTERPRET=1), or "auto" (Triton on CUDA tensors, the reference elsewhere).
+
+    Returns:
+        PosteriorTarget(velocity (B, *S), lse (B,), ess (B,)), float32 (float64 for float64 inputs). A row without
+        an admissible candidate gets lse = -inf, ess = 0 and a NaN velocity.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(z, torch.Tensor) or z.dim() < 2:
+        raise ValueError(f"z must be a tensor of shape (B, *S) with at least 2 dims, got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    floats = _KERNEL_DTYPES + (torch.float64,)
+    if z.dtype not in floats:
+        raise ValueError(f"z must be float32, float16, bfloat16 or float64, got {z.dtype}")
+    B, S, device = z.shape[0], tuple(z.shape[1:]), z.device
+    if B == 0 or math.prod(S) == 0:
+        raise ValueError(f"z must have at least one row and one feature, got shape {tuple(z.shape)}")
+    D = math.prod(S)
+
+    if not isinstance(pool, torch.Tensor):
+        raise ValueError(f"pool must be a torch.Tensor, got {type(pool).__name__}")
+    if pool.dim() == z.dim() and tuple(pool.shape[1:]) == S:
+        shared, K = True, pool.shape[0]
+    elif pool.dim() == z.dim() + 1 and pool.shape[0] == B and tuple(pool.shape[2:]) == S:
+        shared, K = False, pool.shape[1]
+    else:
+        raise ValueError(f"pool must have shape (K, *S) = (K, {', '.join(map(str, S))}) or (B, K, *S) with B = {B}, "
+                         f"got {tuple(pool.shape)}")
+    if K == 0:
+        raise ValueError("pool must hold at least one candidate (K >= 1)")
+    if pool.device != device:
+        raise ValueError(f"pool is on {pool.device} but z is on {device}")
+    if pool.dtype != z.dtype:
+        raise ValueError(f"pool has dtype {pool.dtype} but z has {z.dtype}; cast them to one dtype")
+
+    coef_dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    for name, t in (("alpha", alpha), ("sigma", sigma), ("d_alpha", d_alpha), ("d_sigma", d_sigma)):
+        _check_tensor(name, t, (B,), device, floating=coef_dtypes)
+
+    if (row_labels is None) != (pool_labels is None):
+        missing = "pool_labels" if pool_labels is None else "row_labels"
+        raise ValueError(f"row_labels and pool_labels must be given together; {missing} is missing")
+    if row_labels is not None:
+        _check_tensor("row_labels", row_labels, (B,), device, integer=True)
+        if not isinstance(pool_labels, torch.Tensor) or tuple(pool_labels.shape) not in ((K,), (B, K)):
+            raise ValueError(f"pool_labels must have shape (K,) = ({K},) or (B, K) = ({B}, {K}), got "
+                             f"{tuple(pool_labels.shape) if isinstance(pool_labels, torch.Tensor) else pool_labels}")
+        _check_tensor("pool_labels", pool_labels, pool_labels.shape, device, integer=True)
+    if log_prior is not None:
+        _check_tensor("log_prior", log_prior, (B, K), device, floating=coef_dtypes)
+
+    if isinstance(temperature, torch.Tensor):
+        _check_tensor("temperature", temperature, (B,), device, floating=coef_dtypes)
+        if not bool((temperature > 0).all()):  # also rejects NaN
+            raise ValueError("temperature must be positive in every row")
+        tau = temperature.to(torch.float32 if z.dtype != torch.float64 else torch.float64)
+    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        tau = torch.full((B,), float(temperature), device=device,
+                         dtype=torch.float32 if z.dtype != torch.float64 else torch.float64)
+    else:
+        raise ValueError(f"temperature must be a positive float or a (B,) tensor, got {type(temperature).__name__}")
+
+    if (endpoint is None) != (noise is None):
+        missing = "noise" if noise is None else "endpoint"
+        raise ValueError(f"endpoint and noise must be given together (residual form); {missing} is missing")
+    if endpoint is not None:
+        for name, t in (("endpoint", endpoint), ("noise", noise)):
+            _check_tensor(name, t, z.shape, device, floating=(z.dtype,))
+
+    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and z.dtype != torch.float64)
+    if use_triton:
+        if z.dtype == torch.float64:
+            raise ValueError("backend='triton' takes float32, float16 or bfloat16 z and pool; float64 needs 'torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (z is on {device}) or TRITON_INTERPRET=1")
+
+    z2 = z.reshape(B, D)
+    pool2 = pool.reshape(K, D) if shared else pool.reshape(B, K, D)
+    end2 = endpoint.reshape(B, D) if endpoint is not None else None
+    noise2 = noise.reshape(B, D) if noise is not None else None
+    if use_triton:
+        if shared:
+            from .shared_pool import shared_pool_posterior as run
+        else:
+            from .per_row_pool import per_row_posterior as run
+        velocity, lse, ess = run(z2, pool2, alpha, sigma, d_alpha, d_sigma, tau, row_labels=row_labels,
+                                 pool_labels=pool_labels, log_prior=log_prior, endpoint=end2, noise=noise2)
+    else:
+        velocity, lse, ess = posterior_velocity_reference(
+            z2, pool2, alpha, sigma, d_alpha, d_sigma, tau, row_labels=row_labels, pool_labels=pool_labels,
+            log_prior=log_prior, endpoint=end2, noise=noise2)
+    return PosteriorTarget(velocity.reshape(z.shape), lse, ess)

@@ -1,0 +1,245 @@
+"""Fused Triton kernels for a pool of K candidates shared by all B rows.
+
+The op is attention with one head of size D = 1k..16k, too wide for a single-pass FlashAttention kernel, and the B x K
+fp32 logits are small (2B/D of the input bytes), so it runs as two GEMM launches (the Cut-Cross-Entropy pattern):
+
+  K1 `_logits_kernel`: S = (2 a z.x - a^2 ||x||^2) / (2 sigma^2 tau) + log_prior with the label mask from integer ids,
+     fp32 accumulation, and per-(row, column tile) partials: max m, sum exp(S - m), sum exp(2(S - m)).
+     The row-constant -||z||^2 / (2 sigma^2 tau) is dropped here (it cancels in the softmax and would cost
+     precision) and added back to the reported lse.
+  K2 `_mix_kernel`: combines the partials into lse and ESS, then mu = exp(S - lse) @ X with the velocity epilogue.
+
+Only B x K logits and B x (K / BLOCK_N) partials are written: extra memory O(B K); no B x K x D tensor exists.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Set by tests/conftest.py before this module is imported. The interpreter mishandles bf16 dots and bf16 arithmetic
+# (triton 3.8), so operands are upcast to fp32 there; on a GPU the native 16-bit tensor-core dots run.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, ROW_LAB, POOL_LAB, LOG_PRIOR, S, ZSQ, PART,
+                   B, K, D, NT, stride_z, stride_x, stride_pl, stride_lp,
+                   HAS_LABELS: tl.constexpr, HAS_PRIOR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    mask_m = rm < B
+    mask_n = rn < K
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = d0 + rd < D
+        z = tl.load(Z + rm64[:, None] * stride_z + (d0 + rd)[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                    other=0.0)
+        x = tl.load(X + rn64[:, None] * stride_x + (d0 + rd)[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        # ||x||^2 in fp32 from the tile already in registers: a bf16 GEMM column would round 4096 to +-16.
+        xf = x.to(tl.float32)
+        xsq += tl.sum(xf * xf, axis=1)
+        if pid_n == 0:
+            zf = z.to(tl.float32)
+            zsq += tl.sum(zf * zf, axis=1)
+        if UPCAST:
+            acc = tl.dot(z.to(tl.float32), tl.trans(xf), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(z, tl.trans(x), acc, input_precision=PRECISION)
+
+    a = tl.load(ALPHA + rm, mask=mask_m, other=0.0)
+    sg = tl.load(SIGMA + rm, mask=mask_m, other=1.0)
+    tau = tl.load(TAU + rm, mask=mask_m, other=1.0)
+    inv = 1.0 / (2.0 * sg * sg * tau)
+    logit = (2.0 * a[:, None] * acc - (a * a)[:, None] * xsq[None, :]) * inv[:, None]
+    valid = mask_m[:, None] & mask_n[None, :]
+    if HAS_PRIOR:
+        logit += tl.load(LOG_PRIOR + rm64[:, None] * stride_lp + rn[None, :], mask=valid, other=0.0).to(tl.float32)
+    if HAS_LABELS:
+        row_lab = tl.load(ROW_LAB + rm, mask=mask_m, other=-1)
+        pool_lab = tl.load(POOL_LAB + rm64[:, None] * stride_pl + rn[None, :], mask=valid, other=0)
+        valid &= (row_lab[:, None] < 0) | (pool_lab == row_lab[:, None])
+    logit = tl.where(valid, logit, float("-inf"))
+    tl.store(S + rm64[:, None] * K + rn[None, :], logit, mask=mask_m[:, None] & mask_n[None, :])
+
+    # Softmax partials of this column tile; a fully masked tile contributes m = -inf, l = q = 0.
+    m = tl.max(logit, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp(logit - m_safe[:, None])
+    part = PART + rm64 * NT + pid_n
+    tl.store(part, m, mask=mask_m)
+    tl.store(part + B * NT, tl.sum(p, axis=1), mask=mask_m)
+    tl.store(part + 2 * B * NT, tl.sum(p * p, axis=1), mask=mask_m)
+    if pid_n == 0:
+        tl.store(ZSQ + rm, zsq, mask=mask_m)
+
+
+@triton.jit
+def _mix_kernel(S, X, PART, ZSQ, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, Z, ENDPOINT, NOISE, V, LSE, ESS,
+                B, K, D, NT, stride_z, stride_x,
+                RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rt = tl.arange(0, BLOCK_T)
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = rm < B
+    mask_d = rd < D
+    rm64 = rm.to(tl.int64)
+
+    # Prologue: merge the column-tile partials into the row max, sum-exp and sum of squared weights.
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for t0 in range(0, NT, BLOCK_T):
+        tmask = mask_m[:, None] & (t0 + rt < NT)[None, :]
+        mt = tl.load(PART + rm64[:, None] * NT + (t0 + rt)[None, :], mask=tmask, other=float("-inf"))
+        m = tl.maximum(m, tl.max(mt, axis=1))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    q = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t0 in range(0, NT, BLOCK_T):
+        tmask = mask_m[:, None] & (t0 + rt < NT)[None, :]
+        offs = rm64[:, None] * NT + (t0 + rt)[None, :]
+        mt = tl.load(PART + offs, mask=tmask, other=float("-inf"))
+        lt = tl.load(PART + B * NT + offs, mask=tmask, other=0.0)
+        qt = tl.load(PART + 2 * B * NT + offs, mask=tmask, other=0.0)
+        f = tl.where(mt == float("-inf"), 0.0, tl.exp(mt - m_safe[:, None]))
+        l += tl.sum(lt * f, axis=1)
+        q += tl.sum(qt * f * f, axis=1)
+    lse_s = m_safe + tl.log(l)  # -inf for a row without admissible candidates: its P and velocity become NaN
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + rk < K
+        s = tl.load(S + rm64[:, None] * K + (k0 + rk)[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=float("-inf"))
+        p = tl.exp(s - lse_s[:, None])
+        x = tl.load(X + (k0 + rk).to(tl.int64)[:, None] * stride_x + rd[None, :],
+                    mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(p, x.to(tl.float32), acc, input_precision="ieee")
+        elif SPLIT_P:
+            # 16-bit candidates: P = hi + lo in the candidates' dtype keeps ~16 mantissa bits of each weight
+            # (a single bf16 P would carry 8) for a second tensor-core dot in a memory-bound loop.
+            p_hi = p.to(x.dtype)
+            p_lo = (p - p_hi.to(tl.float32)).to(x.dtype)
+            acc = tl.dot(p_hi, x, acc)
+            acc = tl.dot(p_lo, x, acc)
+        else:
+            acc = tl.dot(p, x, acc, input_precision=PRECISION)
+
+    a = tl.load(ALPHA + rm, mask=mask_m, other=0.0)
+    sg = tl.load(SIGMA + rm, mask=mask_m, other=1.0)
+    da = tl.load(D_ALPHA + rm, mask=mask_m, other=0.0)
+    ds = tl.load(D_SIGMA + rm, mask=mask_m, other=0.0)
+    tile = rm64[:, None] * stride_z + rd[None, :]
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    if RESIDUAL:
+        x_own = tl.load(ENDPOINT + tile, mask=mask_md, other=0.0).to(tl.float32)
+        eps = tl.load(NOISE + tile, mask=mask_md, other=0.0).to(tl.float32)
+        v = da[:, None] * x_own + ds[:, None] * eps + (da - ds * a / sg)[:, None] * (acc - x_own)
+    else:
+        zt = tl.load(Z + tile, mask=mask_md, other=0.0).to(tl.float32)
+        v = da[:, None] * acc + ds[:, None] * (zt - a[:, None] * acc) / sg[:, None]
+    tl.store(V + rm64[:, None] * D + rd[None, :], v, mask=mask_md)
+
+    if pid_d == 0:
+        tau = tl.load(TAU + rm, mask=mask_m, other=1.0)
+        zsq = tl.load(ZSQ + rm, mask=mask_m, other=0.0)
+        tl.store(LSE + rm, lse_s - zsq / (2.0 * sg * sg * tau), mask=mask_m)
+        tl.store(ESS + rm, tl.where(m == float("-inf"), 0.0, l * l / q), mask=mask_m)
+
+
+# GPU configurations. BLOCK_N of K1 is chosen by the wrapper (it sizes the partials buffer), the rest is tuned.
+LOGITS_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+    for bm, bd, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 8, 4), (32, 128, 4, 4)]
+]
+MIX_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+    for bm, bk, bd, w, st in [(64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 32, 256, 8, 3), (128, 32, 64, 4, 4),
+                              (32, 64, 128, 4, 4)]
+]
+_logits_tuned = triton.autotune(LOGITS_CONFIGS, key=["B", "K", "D", "HAS_LABELS", "HAS_PRIOR"])(_logits_kernel)
+_mix_tuned = triton.autotune(MIX_CONFIGS, key=["B", "K", "D", "RESIDUAL"])(_mix_kernel)
+BLOCK_T = 32
+
+
+def logits_block_n(K: int) -> int:
+    return 128 if K >= 1024 else 64
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: "tf32x3" keeps ~fp32 accuracy on the tensor cores (plain TF32 would put 1e-3 relative error
+    # into logits that are divided by 2 sigma^2). 16-bit inputs ignore it.
+    return "tf32x3"
+
+
+def _interpret_block(n: int, cap: int) -> int:
+    # Few, large programs keep the interpreter fast; tl.dot needs every dimension >= 16.
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_labels=None, pool_labels=None,
+                          log_prior=None, endpoint=None, noise=None):
+    """Triton posterior velocity for z (B, D) against a shared pool (K, D); returns fp32 (velocity, lse, ess)."""
+    B, D = z.shape
+    K = pool.shape[0]
+    z, pool = z.contiguous(), pool.contiguous()
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    alpha, sigma, d_alpha, d_sigma, tau = map(f32, (alpha, sigma, d_alpha, d_sigma, tau))
+    dev = z.device
+    upcast = INTERPRET
+    precision = dot_precision(z.dtype)
+
+    block_n = _interpret_block(K, 128) if INTERPRET else logits_block_n(K)
+    nt = triton.cdiv(K, block_n)
+    logits = torch.empty(B, K, device=dev, dtype=torch.float32)
+    part = torch.empty(3, B, nt, device=dev, dtype=torch.float32)
+    zsq = torch.empty(B, device=dev, dtype=torch.float32)
+    has_labels = row_labels is not None
+    has_prior = log_prior is not None
+    row_lab = row_labels.contiguous() if has_labels else zsq
+    pool_lab = pool_labels.contiguous() if has_labels else zsq
+    stride_pl = (K if pool_lab.dim() == 2 else 0) if has_labels else 0
+    prior = log_prior.contiguous() if has_prior else zsq
+    stride_lp = K if has_prior else 0
+
+    args = (z, pool, alpha, sigma, tau, row_lab, pool_lab, prior, logits, zsq, part, B, K, D, nt, z.stride(0),
+            pool.stride(0), stride_pl, stride_lp)
+    flags = dict(HAS_LABELS=has_labels, HAS_PRIOR=has_prior, UPCAST=upcast, PRECISION=precision, BLOCK_N=block_n)
+    if INTERPRET:
+        bm, bd = _interpret_block(B, 64), _interpret_block(D, 256)
+        _logits_kernel[(triton.cdiv(B, bm), nt)](*args, **flags, BLOCK_M=bm, BLOCK_D=bd)
+    else:
+        _logits_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), nt)](*args, **flags)
+
+    velocity = torch.empty(B, D, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, device=dev, dtype=torch.float32)
+    ess = torch.empty(B, device=dev, dtype=torch.float32)
+    residual = endpoint is not None
+    end = endpoint.contiguous() if residual else z
+    eps = noise.contiguous() if residual else z
+    args = (logits, pool, part, zsq, alpha, sigma, tau, d_alpha, d_sigma, z, end, eps, velocity, lse, ess,
+            B, K, D, nt, z.stride(0), pool.stride(0))
+    flags = dict(RESIDUAL=residual, UPCAST=upcast, SPLIT_P=z.dtype != torch.float32, PRECISION=precision,
+                 BLOCK_T=BLOCK_T)
+    if INTERPRET:
+        bm, bk, bd = _interpret_block(B, 64), _interpret_block(K, 128), _interpret_block(D, 256)
+        _mix_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bd))](*args, **flags, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd)
+    else:
+        _mix_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))](*args, **flags)
+    return velocity, lse, ess
