@@ -1,0 +1,141 @@
+"""Fused Triton kernel for per-row candidate pools (B, K, D): neighbours and VAE re-samples.
+
+There is no reuse across rows, so this is a memory-bound batched GEMV: one program per row.
+Pass 1 walks the row's candidates once, forms the direct fp32 distance ||z - a x_j||^2 over D chunks (as cheap as
+the expansion here and the most accurate), writes the B x K logits and keeps per-lane online-softmax statistics
+(max, sum exp, sum exp^2). Pass 2 forms mu = sum_j exp(l_j - lse) x_j one D chunk at a time and writes the velocity.
+Pass 2 re-reads the row's K x D candidates, which pass 1 just brought into L2 (128 KiB for K = 16, D = 4096 bf16),
+so HBM sees them about once while the rows in flight fit in L2. Extra memory: the B x K logits.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
+                    LOGITS, V, LSE, ESS,
+                    K, D, stride_z, stride_xb, stride_xk, stride_pl, stride_lp,
+                    HAS_LABELS: tl.constexpr, HAS_PRIOR: tl.constexpr, RESIDUAL: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    rd = tl.arange(0, BLOCK_D)
+    a = tl.load(ALPHA + row)
+    sg = tl.load(SIGMA + row)
+    tau = tl.load(TAU + row)
+    inv = 1.0 / (2.0 * sg * sg * tau)
+    if HAS_LABELS:
+        row_lab = tl.load(ROW_LAB + row)
+    x_row = X + row * stride_xb
+    z_row = Z + row * stride_z
+
+    # Pass 1: logits and per-lane online softmax statistics (lanes are merged after the loop).
+    m_lane = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
+    l_lane = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    q_lane = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + rk < K
+        dist = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = d0 + rd < D
+            z = tl.load(z_row + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+            x = tl.load(x_row + (k0 + rk)[:, None] * stride_xk + (d0 + rd)[None, :],
+                        mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            diff = z[None, :] - a * x
+            dist += tl.sum(diff * diff, axis=1)
+        logit = -dist * inv
+        valid = mask_k
+        if HAS_PRIOR:
+            logit += tl.load(LOG_PRIOR + row * stride_lp + k0 + rk, mask=mask_k, other=0.0).to(tl.float32)
+        if HAS_LABELS:
+            pool_lab = tl.load(POOL_LAB + row * stride_pl + k0 + rk, mask=mask_k, other=0)
+            valid &= (row_lab < 0) | (pool_lab == row_lab)
+        logit = tl.where(valid, logit, float("-inf"))
+        tl.store(LOGITS + row * K + k0 + rk, logit, mask=mask_k)
+        m_new = tl.maximum(m_lane, logit)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m_lane - m_safe)  # exp(-inf) = 0 while the lane is empty
+        p = tl.exp(logit - m_safe)
+        l_lane = l_lane * rescale + p
+        q_lane = q_lane * rescale * rescale + p * p
+        m_lane = m_new
+    m = tl.max(m_lane, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    f = tl.exp(m_lane - m_safe)
+    l = tl.sum(l_lane * f, axis=0)
+    q = tl.sum(q_lane * f * f, axis=0)
+    lse = m_safe + tl.log(l)  # -inf without an admissible candidate; pass 2 then yields NaN as documented
+    tl.store(LSE + row, lse)
+    tl.store(ESS + row, tl.where(m == float("-inf"), 0.0, l * l / q))
+    # Pass 2 reads logits that other threads of this program stored in pass 1.
+    tl.debug_barrier()
+
+    da = tl.load(D_ALPHA + row)
+    ds = tl.load(D_SIGMA + row)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = d0 + rd < D
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = k0 + rk < K
+            w = tl.exp(tl.load(LOGITS + row * K + k0 + rk, mask=mask_k, other=float("-inf")) - lse)
+            x = tl.load(x_row + (k0 + rk)[:, None] * stride_xk + (d0 + rd)[None, :],
+                        mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w[:, None] * x, axis=0)
+        if RESIDUAL:
+            x_own = tl.load(ENDPOINT + row * stride_z + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+            eps = tl.load(NOISE + row * stride_z + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+            v = da * x_own + ds * eps + (da - ds * a / sg) * (acc - x_own)
+        else:
+            z = tl.load(z_row + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+            v = da * acc + ds * (z - a * acc) / sg
+        tl.store(V + row * D + d0 + rd, v, mask=mask_d)
+
+
+# (BLOCK_K, BLOCK_D, num_warps, num_stages); a (16, 256) fp32 tile is 32 registers per thread at 4 warps.
+PER_ROW_CONFIGS = [
+    triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+    for bk, bd, w, st in [(16, 256, 4, 2), (16, 512, 8, 2), (8, 512, 4, 2), (32, 256, 8, 2)]
+]
+_per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["K", "D", "HAS_LABELS", "HAS_PRIOR", "RESIDUAL"])(
+    _per_row_kernel)
+
+
+def per_row_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_labels=None, pool_labels=None,
+                      log_prior=None, endpoint=None, noise=None):
+    """Triton posterior velocity for z (B, D) against per-row pools (B, K, D); returns fp32 (velocity, lse, ess)."""
+    B, D = z.shape
+    K = pool.shape[1]
+    z, pool = z.contiguous(), pool.contiguous()
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    alpha, sigma, d_alpha, d_sigma, tau = map(f32, (alpha, sigma, d_alpha, d_sigma, tau))
+    dev = z.device
+    logits = torch.empty(B, K, device=dev, dtype=torch.float32)
+    velocity = torch.empty(B, D, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, device=dev, dtype=torch.float32)
+    ess = torch.empty(B, device=dev, dtype=torch.float32)
+    has_labels = row_labels is not None
+    has_prior = log_prior is not None
+    residual = endpoint is not None
+    row_lab = row_labels.contiguous() if has_labels else lse
+    pool_lab = pool_labels.contiguous() if has_labels else lse
+    stride_pl = (K if pool_lab.dim() == 2 else 0) if has_labels else 0
+    prior = log_prior.contiguous() if has_prior else lse
+    args = (z, pool, alpha, sigma, tau, d_alpha, d_sigma, row_lab, pool_lab, prior,
+            endpoint.contiguous() if residual else z, noise.contiguous() if residual else z,
+            logits, velocity, lse, ess, K, D, z.stride(0), pool.stride(0), pool.stride(1), stride_pl,
+            K if has_prior else 0)
+    flags = dict(HAS_LABELS=has_labels, HAS_PRIOR=has_prior, RESIDUAL=residual)
+    if INTERPRET:
+        bk = max(2, min(64, triton.next_power_of_2(K)))
+        bd = max(16, min(512, triton.next_power_of_2(D)))
+        _per_row_kernel[(B,)](*args, **flags, BLOCK_K=bk, BLOCK_D=bd)
+    else:
+        _per_row_tuned[(B,)](*args, **flags)
+    return velocity, lse, ess
