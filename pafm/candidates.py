@@ -1,0 +1,180 @@
+"""Candidate sources: where the PAFM posterior draws its candidate endpoints x_1..x_K from.
+
+Every source returns a `Candidates` whose pool always holds each row's own endpoint, so the self-normalised
+estimate never loses the sample that actually produced z_t.
+
+- shared pools (K, *S), one set for every row: `batch` (the rank's minibatch), `global` (all data-parallel ranks'
+  minibatches, gathered asynchronously so the gather overlaps the model's forward), `bank` (a per-class FIFO of
+  past latents, StableVM-style, plus the current minibatch);
+- per-row pools (B, K, *S): `neighbors` (the dataset's precomputed same-class neighbours) and `resample` (fresh
+  draws from the item's own VAE posterior), each with the row's own endpoint in slot 0.
+
+`ids` are what the condition prior compares: class labels, or item ids for the text `self` prior (each caption its
+own class); `pooled` carries pooled text embeddings for the `similarity` prior.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Candidates:
+    pool: torch.Tensor  # (K, *S) shared, or (B, K, *S) per row
+    ids: torch.Tensor | None  # (K,) or (B, K) int64, compared with the rows' ids; None: no label mask
+    pooled: torch.Tensor | None = None  # (K, P) pooled text embeddings of the shared pool (similarity prior)
+
+
+class BatchSource:
+    """The rank's own minibatch as a shared pool (the co-author prototype's in-batch pool)."""
+
+    def start(self, x, ids, pooled, batch, draws):
+        self._out = Candidates(x, ids, pooled)
+
+    def candidates(self) -> Candidates:
+        return self._out
+
+    def update(self, x, ids):
+        pass
+
+
+class GlobalSource:
+    """Every data-parallel rank's minibatch, all-gathered.
+
+    `start` issues the gathers asynchronously (no gradient flows through the pool) and `candidates` waits for
+    them, so the trainer calls `start` before the model's forward and `candidates` after it.
+    """
+
+    def start(self, x, ids, pooled, batch, draws):
+        self._pending = [self._gather(t) for t in (x, ids, pooled)]
+
+    @staticmethod
+    def _gather(tensor):
+        if tensor is None:
+            return None
+        world = dist.get_world_size()
+        tensor = tensor.contiguous()
+        out = tensor.new_empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]))
+        return out, dist.all_gather_into_tensor(out, tensor, async_op=True)
+
+    def candidates(self) -> Candidates:
+        outs = []
+        for pending in self._pending:
+            if pending is None:
+                outs.append(None)
+                continue
+            out, work = pending
+            work.wait()
+            outs.append(out)
+        self._pending = None
+        return Candidates(*outs)
+
+    def update(self, x, ids):
+        pass
+
+
+class ClassBank:
+    """A per-class FIFO of past latents kept on the device (StableVM), plus the current minibatch.
+
+    Endpoints are fixed data, so old entries never go stale (unlike MoCo's features).  Each rank keeps its own bank,
+    filled from its own minibatches; its contents are part of the checkpoint so that a resumed run is exact.
+    """
+
+    def __init__(self, num_classes: int, per_class: int, shape, device, dtype=torch.float32):
+        if num_classes <= 0:
+            raise ValueError("objective.source=bank needs a class-conditional dataset (num_classes > 0)")
+        if per_class <= 0:
+            raise ValueError(f"objective.bank_per_class must be positive, got {per_class}")
+        self.entries = torch.zeros((num_classes, per_class) + tuple(shape), device=device, dtype=dtype)
+        self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)  # items ever pushed per class
+
+    def start(self, x, ids, pooled, batch, draws):
+        per_class = self.entries.shape[1]
+        filled = torch.arange(per_class, device=x.device)[None, :] < self.count[:, None]  # (C, per_class)
+        classes = torch.arange(self.entries.shape[0], device=x.device)[:, None].expand_as(filled)
+        pool = torch.cat([self.entries[filled].to(x.dtype), x])
+        self._out = Candidates(pool, torch.cat([classes[filled], ids]))
+
+    def candidates(self) -> Candidates:
+        return self._out
+
+    @torch.no_grad()
+    def update(self, x, ids):
+        """Push the minibatch: each item overwrites the oldest entry of its class."""
+        per_class = self.entries.shape[1]
+        for c in ids.unique().tolist():
+            rows = x[ids == c]
+            slots = (self.count[c] + torch.arange(len(rows), device=x.device)) % per_class
+            self.entries[c, slots] = rows.to(self.entries.dtype)  # later rows win when a batch wraps the FIFO
+            self.count[c] += len(rows)
+
+    def state_dict(self):
+        return {"entries": self.entries, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.entries.copy_(state["entries"])
+        self.count.copy_(state["count"])
+
+
+class NeighborSource:
+    """Per-row pools: the row's own endpoint and its k precomputed same-class nearest neighbours."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def start(self, x, ids, pooled, batch, draws):
+        if self.k == 0:
+            pool = x[:, None]
+        else:
+            if "neighbors" not in batch:
+                raise ValueError("objective.source=neighbors: the loader gives no neighbours (prepare them with "
+                                 "`python -m pafm.prep neighbors DATASET`)")
+            neighbors = batch["neighbors"][:, : self.k].to(device=x.device, dtype=x.dtype)
+            pool = torch.cat([x[:, None], neighbors], dim=1)
+        self._out = Candidates(pool, None)
+
+    def candidates(self) -> Candidates:
+        return self._out
+
+    def update(self, x, ids):
+        pass
+
+
+class ResampleSource:
+    """Per-row pools: the row's own endpoint and fresh draws mean + std * n from the item's own VAE posterior."""
+
+    def __init__(self, draws: int):
+        self.draws = draws
+
+    def start(self, x, ids, pooled, batch, draws):
+        if self.draws == 0:
+            pool = x[:, None]
+        else:
+            if "mean" not in batch:
+                raise ValueError("objective.source=resample needs a dataset with VAE moments (mean and std)")
+            mean = batch["mean"].to(device=x.device, dtype=x.dtype)[:, None]
+            std = batch["std"].to(device=x.device, dtype=x.dtype)[:, None]
+            pool = torch.cat([x[:, None], mean + std * draws], dim=1)
+        self._out = Candidates(pool, None)
+
+    def candidates(self) -> Candidates:
+        return self._out
+
+    def update(self, x, ids):
+        pass
+
+
+def build_source(kind: str, *, candidates: int, bank_per_class: int, num_classes: int, shape, device):
+    if kind == "batch":
+        return BatchSource()
+    if kind == "global":
+        return GlobalSource()
+    if kind == "bank":
+        return ClassBank(num_classes, bank_per_class, shape, device)
+    if kind == "neighbors":
+        return NeighborSource(candidates)
+    if kind == "resample":
+        return ResampleSource(candidates)
+    raise ValueError(f"unknown candidate source {kind!r}; valid: batch, global, bank, neighbors, resample")

@@ -1,0 +1,90 @@
+"""Process group setup and FSDP2 wrapping.
+
+One code path for every launch: under torchrun the environment names the rank and world; under plain
+`python -m pafm.train` a one-rank group is created, so the single-process run goes through the same FSDP2 code
+(and gives the same numbers as a multi-rank run with the same global batch).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto") -> World:
+    """Initialise the default process group (nccl on GPUs, gloo on the CPU) and pick this rank's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    if "RANK" not in os.environ:  # plain `python -m`: a one-rank group on this host
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def shard_model(model: torch.nn.Module, world: World, bf16: bool, activation_checkpointing: bool, compile: bool):
+    """FSDP2 per block and at the root (torchtitan's order: checkpoint, compile, then shard each block).
+
+    bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32; the sharded master weights
+    the optimizer sees stay fp32.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.blocks):
+        if activation_checkpointing:
+            block = checkpoint_wrapper(block)  # its state-dict hooks keep the parameter names unchanged
+        if compile:
+            block.compile()
+        model.blocks[i] = block
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()

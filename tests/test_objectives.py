@@ -1,0 +1,183 @@
+"""The FM and PAFM objectives and candidate sources, against independent float64 computations."""
+import pytest
+import torch
+
+from pafm.candidates import ClassBank
+from pafm.objectives import Objective, ObjectiveConfig, ess_temperature, flow_loss, step_generator, t_bin_stats
+
+SHAPE = (1, 4, 4)
+CLASS_INFO = {"kind": "class", "latent_shape": list(SHAPE), "num_classes": 3}
+TEXT_INFO = {"kind": "text", "latent_shape": list(SHAPE), "text_dim": 8, "pooled_dim": 6, "max_text_len": 5}
+
+
+def posterior_target_float64(z, pool, alpha, sigma, d_alpha, d_sigma, admissible, log_prior, tau):
+    """The PAFM target straight from its definition (direct distances, exact softmax), in float64."""
+    z, pool = z.double().flatten(1), pool.double().flatten(1)
+    a, s, da, ds = (c.double()[:, None] for c in (alpha, sigma, d_alpha, d_sigma))
+    sq = (z[:, None, :] - a[:, :, None] * pool[None]).square().sum(-1)
+    logits = -sq / (2 * s**2 * tau) + log_prior.double()
+    logits = logits.masked_fill(~admissible, float("-inf"))
+    w = torch.softmax(logits, dim=1)
+    mu = w @ pool
+    velocity = da * mu + ds * (z - a * mu) / s
+    return velocity, 1.0 / (w * w).sum(1), w
+
+
+def make_batch(b=7, seed=0, text=False):
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"x": torch.randn((b,) + SHAPE, generator=gen), "index": torch.arange(100, 100 + b)}
+    if text:
+        batch["pooled"] = torch.randn(b, 6, generator=gen)
+    else:
+        batch["label"] = torch.randint(0, 3, (b,), generator=gen)
+    return batch
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_batch_source_with_labels_and_dropout_matches_float64(path, tau):
+    cfg = ObjectiveConfig(kind="pafm", path=path, source="batch", temperature=tau, cond_dropout=0.4, backend="torch")
+    objective = Objective(cfg, CLASS_INFO, "cpu")
+    batch = make_batch()
+    x = batch["x"]
+    draws = objective.draw(step_generator(0, 3, 0, "cpu"), len(x), 0, 1, "cpu")
+    assert draws.drop.any() and not draws.drop.all()  # the test must exercise both kinds of rows
+    objective.start_candidates(x, batch, draws)
+    target, u, diag = objective.target(x, batch, draws)
+    z = objective.path.interpolate(x, draws.noise, draws.t)
+    coefs = objective.path.coefficients(draws.t)
+    labels = batch["label"]
+    admissible = (labels[:, None] == labels[None, :]) | draws.drop[:, None]
+    want, want_ess, w = posterior_target_float64(z, x, *coefs, admissible, torch.zeros(len(x), len(x)), tau)
+    assert torch.allclose(target.double().flatten(1), want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(diag["ess"].double(), want_ess, rtol=1e-4)
+    assert torch.allclose(diag["own_weight"].double(), w.diagonal(), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(u, objective.path.velocity(x, draws.noise, draws.t))
+
+
+def test_similarity_prior_and_self_prior_for_captions():
+    batch = make_batch(text=True)
+    x = batch["x"]
+    cfg = ObjectiveConfig(kind="pafm", source="batch", text_prior="similarity", text_temperature=0.2,
+                          cond_dropout=0.4, backend="torch")
+    objective = Objective(cfg, TEXT_INFO, "cpu")
+    draws = objective.draw(step_generator(1, 0, 0, "cpu"), len(x), 0, 1, "cpu")
+    objective.start_candidates(x, batch, draws)
+    target, _, diag = objective.target(x, batch, draws)
+    p = torch.nn.functional.normalize(batch["pooled"].double(), dim=-1)
+    log_prior = torch.where(draws.drop[:, None], torch.zeros(7, 7, dtype=torch.float64), p @ p.T / 0.2)
+    z = objective.path.interpolate(x, draws.noise, draws.t)
+    want, _, w = posterior_target_float64(z, x, *objective.path.coefficients(draws.t),
+                                          torch.ones(7, 7, dtype=torch.bool), log_prior, 1.0)
+    assert torch.allclose(target.double().flatten(1), want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(diag["own_weight"].double(), w.diagonal(), rtol=1e-4, atol=1e-6)
+
+    # self prior: each caption its own class, so a non-dropped row only sees its own endpoint: target = u.
+    objective = Objective(ObjectiveConfig(kind="pafm", source="batch", text_prior="self", cond_dropout=0.0,
+                                          backend="torch"), TEXT_INFO, "cpu")
+    draws = objective.draw(step_generator(1, 0, 0, "cpu"), len(x), 0, 1, "cpu")
+    objective.start_candidates(x, batch, draws)
+    target, u, diag = objective.target(x, batch, draws)
+    assert torch.allclose(target, u, atol=1e-5) and torch.allclose(diag["ess"], torch.ones(7))
+
+
+def test_own_endpoint_only_pool_is_exactly_fm():
+    batch = make_batch()
+    x = batch["x"]
+    fm = Objective(ObjectiveConfig(kind="fm"), CLASS_INFO, "cpu")
+    pafm = Objective(ObjectiveConfig(kind="pafm", source="neighbors", candidates=0, backend="torch"), CLASS_INFO, "cpu")
+    d_fm = fm.draw(step_generator(5, 2, 1, "cpu"), 7, 0, 1, "cpu")
+    d_pafm = pafm.draw(step_generator(5, 2, 1, "cpu"), 7, 0, 1, "cpu")
+    assert torch.equal(d_fm.t, d_pafm.t) and torch.equal(d_fm.noise, d_pafm.noise)
+    pafm.start_candidates(x, batch, d_pafm)
+    target, u, diag = pafm.target(x, batch, d_pafm)
+    assert torch.equal(target, fm.target(x, batch, d_fm)[0])
+    assert torch.allclose(diag["ess"], torch.ones(7)) and torch.allclose(diag["own_weight"], torch.ones(7))
+
+
+def test_t_range_uses_fm_outside():
+    batch = make_batch(b=16)
+    x = batch["x"]
+    cfg = ObjectiveConfig(kind="pafm", source="batch", t_range=(0.0, 0.5), cond_dropout=0.0, temperature=50.0,
+                          backend="torch")
+    objective = Objective(cfg, CLASS_INFO, "cpu")
+    draws = objective.draw(step_generator(0, 0, 0, "cpu"), 16, 0, 1, "cpu")
+    objective.start_candidates(x, batch, draws)
+    target, u, _ = objective.target(x, batch, draws)
+    outside = draws.t > 0.5
+    assert outside.any() and (~outside).any()
+    assert torch.equal(target[outside], u[outside])
+    assert not torch.allclose(target[~outside], u[~outside])  # tau = 50 mixes same-class candidates
+
+
+def test_draws_are_independent_of_the_number_of_ranks():
+    objective = Objective(ObjectiveConfig(kind="fm"), CLASS_INFO, "cpu")
+    whole = objective.draw(step_generator(3, 7, 0, "cpu"), 8, 0, 1, "cpu")
+    halves = [objective.draw(step_generator(3, 7, 0, "cpu"), 4, r, 2, "cpu") for r in range(2)]
+    assert torch.equal(whole.t, torch.cat([h.t for h in halves]))
+    assert torch.equal(whole.noise, torch.cat([h.noise for h in halves]))
+    assert torch.equal(whole.drop, torch.cat([h.drop for h in halves]))
+    other = objective.draw(step_generator(3, 8, 0, "cpu"), 8, 0, 1, "cpu")
+    assert not torch.equal(whole.noise, other.noise)
+
+
+def test_ess_temperature_hits_the_target():
+    gen = torch.Generator().manual_seed(0)
+    log_lik = -50 * torch.rand(6, 40, generator=gen, dtype=torch.float64)
+    prior = torch.zeros(6, 40, dtype=torch.float64)
+    prior[0, 10:] = float("-inf")  # row 0 has only 10 admissible candidates
+    tau = ess_temperature(log_lik, prior, target=4.0)
+    w = torch.softmax(log_lik / tau[:, None].double() + prior, dim=1)
+    ess = 1 / (w * w).sum(1)
+    assert torch.allclose(ess, torch.full_like(ess, 4.0), rtol=1e-3)
+    # unreachable target: every admissible candidate gets (almost) equal weight
+    tau = ess_temperature(log_lik, prior, target=20.0)
+    w = torch.softmax(log_lik / tau[:, None].double() + prior, dim=1)
+    assert abs(1 / (w[0] ** 2).sum().item() - 10.0) < 0.01
+
+
+def test_target_ess_knob_reaches_the_requested_ess():
+    batch = make_batch(b=32)
+    x = batch["x"]
+    cfg = ObjectiveConfig(kind="pafm", source="batch", target_ess=3.0, cond_dropout=0.0, backend="torch")
+    objective = Objective(cfg, {**CLASS_INFO, "num_classes": 1}, "cpu")
+    batch["label"] = torch.zeros(32, dtype=torch.long)
+    draws = objective.draw(step_generator(0, 0, 0, "cpu"), 32, 0, 1, "cpu")
+    objective.start_candidates(x, batch, draws)
+    _, _, diag = objective.target(x, batch, draws)
+    assert torch.allclose(diag["ess"], torch.full((32,), 3.0), rtol=1e-2)
+
+
+def test_class_bank_is_a_per_class_fifo():
+    bank = ClassBank(num_classes=3, per_class=2, shape=(1,), device="cpu")
+    x = torch.arange(5.0)[:, None]
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    bank.update(x, labels)  # class 0 receives 0, 1, 2: the FIFO of 2 keeps 1 and 2
+    assert sorted(bank.entries[0, :, 0].tolist()) == [1.0, 2.0]
+    assert bank.count.tolist() == [3, 1, 1]
+    new = torch.tensor([[10.0], [11.0]])
+    bank.start(new, torch.tensor([1, 2]), None, {}, None)
+    cand = bank.candidates()
+    # filled entries (class 0: two, class 1: one, class 2: one), then the current batch
+    assert cand.pool.shape == (6, 1) and cand.ids.tolist()[-2:] == [1, 2]
+    assert sorted(zip(cand.ids.tolist()[:4], cand.pool[:4, 0].tolist())) == [(0, 1.0), (0, 2.0), (1, 3.0), (2, 4.0)]
+    bank.update(torch.tensor([[7.0]]), torch.tensor([0]))  # overwrites the oldest of class 0 (1.0)
+    assert sorted(bank.entries[0, :, 0].tolist()) == [2.0, 7.0]
+    with pytest.raises(ValueError, match="class-conditional"):
+        ClassBank(num_classes=0, per_class=2, shape=(1,), device="cpu")
+
+
+def test_loss_and_bins():
+    pred, target = torch.ones(2, 3), torch.zeros(2, 3)
+    target[1] = 3.0
+    assert flow_loss(pred, target).item() == pytest.approx((1 + 4) / 2)
+    t = torch.tensor([0.05, 0.1, 0.55, 0.99])
+    stats = t_bin_stats(t, {"ess": torch.tensor([1.0, 3.0, 2.0, 5.0]), "own_weight": torch.ones(4)})
+    assert stats[0].tolist() == [2, 0, 1, 0, 1] and stats[1].tolist() == [4, 0, 2, 0, 5]
+
+
+@pytest.mark.parametrize("bad", [dict(t_range=(0.6, 0.2)), dict(cond_dropout=1.0), dict(temperature=0.0),
+                                 dict(target_ess=0.5), dict(fm_weight=2.0), dict(candidates=-1)])
+def test_config_checks(bad):
+    with pytest.raises(ValueError, match="objective"):
+        ObjectiveConfig(kind="pafm", **bad)

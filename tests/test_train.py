@@ -1,0 +1,178 @@
+"""The trainer end to end on the digits, on the CPU: one process, two FSDP2 ranks over gloo, resume, failures.
+
+Every run is a real subprocess (`python -m pafm.train` or torchrun), like a user's.  The model is a 2-block SiT so
+that each run costs a few seconds.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pafm.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.kwargs={depth: 2, hidden_size: 64, num_heads: 2}", "log.every=1", "log.progress=false",
+        "log.sample_every=-1", "log.tensorboard=false", "data.batch_size=32", "optim.warmup_steps=0",
+        "optim.schedule=constant"]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("pafm-cache")
+    out = {**os.environ, "PAFM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out.pop("TRITON_INTERPRET", None)  # the trainer uses the reference op on the CPU ("auto")
+    return out
+
+
+def train(env, run_dir, *overrides, nproc=1, config="configs/digits_sit.yaml", check=True, timeout=300):
+    launcher = [sys.executable, "-m", "pafm.train"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "pafm.train"]
+    cmd = launcher + [config, f"run.dir={run_dir}", *TINY, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_config_typo_is_a_clear_error(capsys):
+    assert main(["configs/digits_sit.yaml", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key train.stepz; did you mean train.steps?" in err and "Traceback" not in err
+    assert main(["configs/digits_sit.yaml", "objective.kind=flow"]) == 2
+    assert "objective.kind: 'flow' is not one of ['fm', 'pafm']" in capsys.readouterr().err
+
+
+def test_missing_data_says_how_to_prepare_it(env, tmp_path):
+    proc = train(env, tmp_path / "run", f"data.spec={tmp_path / 'nowhere'}", "train.steps=1", check=False)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "pafm.prep" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_nan_in_the_data_is_found_before_training(env, tmp_path):
+    from pafm.data import ShardWriter
+
+    x = torch.randn(40, 2, 1, 8, 8)  # (N, views: image and flipped copy, C, H, W)
+    x[13, 0, 0, 2, 3] = float("nan")
+    writer = ShardWriter(tmp_path / "bad", shard_size=16)
+    writer.add(latent=x, label=torch.arange(40) % 4)
+    writer.close({"kind": "class", "split": "train", "latent_shape": [1, 8, 8], "num_classes": 4,
+                  "class_names": list("abcd"), "normalization": {"shift": [0.0], "scale": [1.0]},
+                  "encoder": {"kind": "identity"}})
+    proc = train(env, tmp_path / "run", f"data.spec={tmp_path / 'bad'}", "train.steps=1", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "item 13" in proc.stderr and "NaN" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_fsdp_ranks_match_one_process(env, tmp_path):
+    args = ["objective.source=global", "train.steps=5", "checkpoint.every=100"]
+    train(env, tmp_path / "one", *args)
+    train(env, tmp_path / "two", *args, nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    assert one[0] != one[-1]  # it trains
+    assert one == pytest.approx(two, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_equals_never_stopping(env, tmp_path, nproc):
+    # The bank source carries state across steps; batch 256 on 1437 items crosses an epoch boundary at step 5.
+    args = ["objective.source=bank", "objective.bank_per_class=8", "data.batch_size=256", "checkpoint.every=4"]
+    train(env, tmp_path / "whole", *args, "train.steps=8", nproc=nproc)
+    train(env, tmp_path / "parts", *args, "train.steps=4", nproc=nproc)
+    # What a run killed while writing its next checkpoint leaves behind: resume=auto must ignore it.
+    partial = tmp_path / "parts" / "checkpoints" / "step_0000006.tmp"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"truncated")
+    proc = train(env, tmp_path / "parts", *args, "train.steps=8", nproc=nproc)
+    assert "resumed from" in proc.stdout and "step_0000004 at step 4" in proc.stdout
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    assert [m["step"] for m in metrics(tmp_path / "parts")] == list(range(1, 9))
+    assert_same_weights(tmp_path / "parts" / "ema.safetensors", tmp_path / "whole" / "ema.safetensors")
+    checkpoints = sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000004", "step_0000008"]  # keep=2, and the partial folder was replaced
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pafm.train", "configs/digits_sit.yaml", f"run.dir={run}", *TINY,
+           "train.steps=100000", "checkpoint.every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert stopped_at >= 3
+    assert (run / "checkpoints" / f"step_{stopped_at:07d}" / ".metadata").is_file()
+    assert (run / "ema.safetensors").is_file()
+    proc = train(env, run, f"train.steps={stopped_at + 2}", "checkpoint.every=100000")
+    assert f"at step {stopped_at}" in proc.stdout and metrics(run)[-1]["step"] == stopped_at + 2
+
+
+def test_every_candidate_source_reports_ess(env, tmp_path):
+    for source in ["batch", "global", "bank", "neighbors"]:
+        run = tmp_path / source
+        train(env, run, f"objective.source={source}", "objective.candidates=4", "train.steps=2",
+              "checkpoint.every=100", "objective.temperature=20.0")
+        last = metrics(run)[-1]
+        assert len(last["ess_by_t"]) == 5 and len(last["own_weight_by_t"]) == 5
+        for ess, rows, own in zip(last["ess_by_t"], last["rows_by_t"], last["own_weight_by_t"]):
+            if rows:
+                assert 1.0 <= ess <= 10 * 64 + 32 and 0.0 < own <= 1.0 + 1e-4
+        assert max(last["ess_by_t"]) > 1.01, source  # tau = 20 spreads the weight over several candidates
+
+
+@pytest.mark.parametrize("prior", ["self", "similarity"])
+def test_text_path_with_mmdit(env, tmp_path, prior):
+    run = tmp_path / prior
+    train(env, run, f"objective.text_prior={prior}", "train.steps=2", "checkpoint.every=100",
+          "model.kwargs={depth: 2, hidden_size: 64, num_heads: 2}", config="configs/digits_mmdit.yaml")
+    last = metrics(run)[-1]
+    assert len(last["ess_by_t"]) == 5 and all(e >= 1.0 for e, n in zip(last["ess_by_t"], last["rows_by_t"]) if n)
+
+
+def test_own_endpoint_pool_reproduces_fm_exactly(env, tmp_path):
+    train(env, tmp_path / "fm", "objective.kind=fm", "train.steps=4", "checkpoint.every=100")
+    train(env, tmp_path / "own", "objective.kind=pafm", "objective.source=neighbors", "objective.candidates=0",
+          "train.steps=4", "checkpoint.every=100")
+    assert losses(tmp_path / "fm") == losses(tmp_path / "own")
+    assert [m["fm_loss"] for m in metrics(tmp_path / "own")] == losses(tmp_path / "own")
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(env, tmp_path):
+    run = tmp_path / "run"
+    proc = train(env, run, "optim.lr=1e30", "optim.grad_clip=0", "train.max_bad_steps=2", "train.steps=50",
+                 "checkpoint.every=1000", check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "non-finite losses or gradients in a row" in proc.stderr and "Traceback" not in proc.stderr
+    stopped = int(proc.stderr.split("stopped at step ")[1].split(":")[0])
+    assert (run / "checkpoints" / f"step_{stopped:07d}").is_dir()
+    assert metrics(run)[-1]["skipped_steps"] >= 2
