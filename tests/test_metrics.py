@@ -1,0 +1,131 @@
+"""Frechet distance against independent float64 computations and torch-fidelity; Inception metric plumbing on
+synthetic features; the digits metrics on real and corrupted digits."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pafm.metrics import (DigitsJudge, InceptionFeatures, MetricError, feature_statistics, frechet_distance,
+                          inception_metrics, load_images, load_statistics, to_uint8)
+
+
+def random_stats(rng, d, n):
+    f = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+    return feature_statistics(f)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_and_torch_fidelity():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    for d, n in [(1, 50), (8, 100), (64, 300), (64, 40)]:  # the last: singular covariances (n < d)
+        (mu1, s1), (mu2, s2) = random_stats(rng, d, n), random_stats(rng, d, n)
+        ours = frechet_distance(mu1, s1, mu2, s2)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        independent = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        fidelity = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
+        scale = np.trace(s1) + np.trace(s2)
+        assert abs(ours - independent) < 1e-8 * scale, (d, n, ours, independent)
+        assert abs(ours - fidelity["frechet_inception_distance"]) < 1e-8 * scale
+        assert ours > 0
+
+
+def test_frechet_distance_closed_forms():
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2; commuting diagonal covariances: sum of the per-axis 1-D distances.
+    assert frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9.0 + 1.0, abs=1e-12)
+    v1, v2 = np.array([1.0, 2.0, 0.5]), np.array([3.0, 0.2, 0.5])
+    expected = ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum() + 4.0
+    assert frechet_distance(np.zeros(3), np.diag(v1), [2.0, 0, 0], np.diag(v2)) == pytest.approx(expected, abs=1e-12)
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(500, 32)) * rng.uniform(0.1, 10, size=32)
+    stats = feature_statistics(f)
+    assert abs(frechet_distance(*stats, *stats)) < 1e-9 * np.trace(stats[1])  # a set against itself
+    with pytest.raises(MetricError, match="shapes disagree"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(MetricError, match="N >= 2"):
+        feature_statistics(np.zeros((1, 3)))
+
+
+def test_inception_metrics_from_features_match_torch_fidelity(tmp_path):
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    gen = torch.Generator().manual_seed(0)
+    feats = {"2048": torch.randn(40, 16, generator=gen), "logits_unbiased": torch.randn(40, 10, generator=gen)}
+    ref = {"2048": torch.randn(30, 16, generator=gen) + 0.5, "logits_unbiased": torch.randn(30, 10, generator=gen)}
+    out = inception_metrics(feats, ["fid", "isc", "prc", "kid"], reference_features=ref, isc_splits=4,
+                            kid_subset_size=20, kid_subsets=10)
+    expected_fid = frechet_distance(*feature_statistics(feats["2048"].numpy()),
+                                    *feature_statistics(ref["2048"].numpy()))
+    assert out["fid"] == pytest.approx(expected_fid, rel=1e-12) and out["fid"] > 1.0
+    isc = isc_features_to_metric(feats["logits_unbiased"], splits=4, shuffle=True, rng_seed=2020)
+    assert out["isc"] == pytest.approx(isc["inception_score_mean"])
+    prc = prc_features_to_metric(feats["2048"], ref["2048"], verbose=False)
+    assert (out["precision"], out["recall"]) == (prc["precision"], prc["recall"])
+    assert np.isfinite(out["kid"]) and out["kid"] > 0
+    # against itself: FID 0, and precomputed statistics saved as .npz give the same FID as features
+    same = inception_metrics(feats, ["fid"], reference_features=feats)
+    assert abs(same["fid"]) < 1e-9
+    np.savez(tmp_path / "ref.npz", mu=ref["2048"].double().mean(0).numpy(), sigma=np.cov(ref["2048"].numpy().T))
+    from_stats = inception_metrics(feats, ["fid"], reference_stats=load_statistics(tmp_path / "ref.npz"))
+    assert from_stats["fid"] == pytest.approx(out["fid"], rel=1e-6)
+    with pytest.raises(MetricError, match="needs reference images"):
+        inception_metrics(feats, ["prc"], reference_stats=load_statistics(tmp_path / "ref.npz"))
+    with pytest.raises(MetricError, match="eval.reference"):
+        inception_metrics(feats, ["fid"])
+    with pytest.raises(MetricError, match="unknown Inception metrics"):
+        inception_metrics(feats, ["lpips"])
+
+
+def test_images_and_inception_weight_errors(tmp_path):
+    x = torch.tensor([-1.0, -0.5, 0.0, 1.0, 3.0]).reshape(1, 1, 1, 5)
+    assert to_uint8(x).flatten().tolist() == [0, 64, 128, 255, 255]  # 63.75 -> 64, 127.5 -> 128 (round half even)
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 5, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "imgs.npz", arr_0=images)
+    assert np.array_equal(load_images(tmp_path / "imgs.npz"), images)
+    from PIL import Image
+
+    (tmp_path / "folder").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "folder" / f"{i}.png")
+    assert np.array_equal(load_images(tmp_path / "folder"), images)
+    with pytest.raises(MetricError, match="arr_0"):
+        np.savez(tmp_path / "bad.npz", images=images)
+        load_images(tmp_path / "bad.npz")
+    with pytest.raises(MetricError, match="does not exist"):
+        InceptionFeatures(tmp_path / "missing.pth")
+    torch.save({"weights": object()}, tmp_path / "pickle.pth")  # not a plain state dict: refused before unpickling
+    with pytest.raises(MetricError, match="not a plain tensor state dict"):
+        InceptionFeatures(tmp_path / "pickle.pth")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "wrong.pth")
+    with pytest.raises(MetricError, match="do not fit"):
+        InceptionFeatures(tmp_path / "wrong.pth")
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # the held-out pixel covariance is singular (blank corners)
+def test_digits_metrics():
+    from pafm.data.digits import load_digits_split
+
+    judge = DigitsJudge()
+    ref = judge.reference()
+    assert ref["accuracy"] > 0.95  # an RBF SVC on digit pixels is about 98-99% accurate
+    assert ref["memorization"] < 0.2
+    assert 0 < ref["frechet_pixels"] < 20
+    train_x, train_y = load_digits_split("train")
+    copies = judge.score(train_x[:100], train_y[:100])
+    assert copies["memorization"] == 1.0 and copies["accuracy"] > 0.99  # exact copies: nearest distance 0
+    held_x, held_y = load_digits_split("heldout")
+    wrong = judge.score(held_x, (held_y + 1) % 10)
+    assert wrong["accuracy"] < 0.05
+    noise = judge.score(torch.rand(200, 1, 8, 8) * 2 - 1, torch.arange(200) % 10)
+    assert noise["frechet_pixels"] > 5 * ref["frechet_pixels"] and noise["memorization"] == 0.0
+    # the pixel Frechet distance is the float64 formula on the flattened images
+    flat = held_x.reshape(len(held_x), -1).double().numpy()
+    mu, sigma = flat.mean(0), np.cov(flat.T)
+    noise_images = np.random.default_rng(0).uniform(-1, 1, size=(300, 64))
+    s_n = np.cov(noise_images, rowvar=False)
+    independent = (((noise_images.mean(0) - mu) ** 2).sum() + np.trace(s_n) + np.trace(sigma)
+                   - 2 * np.trace(scipy.linalg.sqrtm(s_n @ sigma).real))
+    assert judge.score(noise_images)["frechet_pixels"] == pytest.approx(independent, rel=1e-6)
+    with pytest.raises(MetricError, match="8x8"):
+        judge.score(np.zeros((2, 3, 8, 8)))
