@@ -46,7 +46,7 @@ def center_crop(image, resolution: int) -> np.ndarray:
     array = np.asarray(image)
     top = (array.shape[0] - resolution) // 2
     left = (array.shape[1] - resolution) // 2
-    return array[top:top + resolution, left:left + resolution]
+    return array[top:top + resolution, left:left + resolution].copy()
 
 
 def _open_image(source):

@@ -1,0 +1,210 @@
+"""pafm.prep on generated images with a tiny random-weight VAE and text encoder (built here, nothing downloaded)."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pafm.data import LatentLoader, open_dataset, text_embedder_from_info
+from pafm.data.loader import flip_views
+from pafm.prep import TransformersTextEmbedder, center_crop, main
+
+WORDS = "a red green blue square circle on white black background small big".split()
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]",
+                                                      special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                  eos_token="[EOS]", model_max_length=12)
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=12, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3, projection_dim=8)
+    path = tmp_path_factory.mktemp("clip")
+    tok.save_pretrained(path)
+    CLIPTextModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+def random_image(rng, size):
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    sizes = [(20, 28), (40, 33), (16, 16), (50, 18)]
+    for c, name in enumerate(["n02", "n01", "n03"]):  # sorted order decides the label
+        (root / name).mkdir()
+        for i in range(3 + (c == 0)):
+            random_image(rng, sizes[(c + i) % 4]).save(root / name / f"img{i}.png")
+    (root / "n01" / "notes.txt").write_text("not an image")
+    return root
+
+
+def encode_reference(vae_path, path, flip=False):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_path).eval()
+    x = torch.from_numpy(center_crop(Image.open(path), 16)).permute(2, 0, 1).float()[None] / 127.5 - 1
+    if flip:
+        x = x.flip(-1)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    return dist.mean[0], dist.std[0]
+
+
+def test_center_crop_matches_adm_recipe():
+    rng = np.random.default_rng(1)
+    image = random_image(rng, (48, 32))  # short side 32 >= 2 * 16: one 2x box reduction to 24 x 16, then crop
+    out = center_crop(image, 16)
+    a = np.asarray(image).astype(np.float64)
+    box = (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]) / 4  # independent 2x2 box mean
+    want = box[:, 4:20]
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(np.float64) - want).max() <= 1.0
+    small = center_crop(random_image(rng, (10, 20)), 16)  # upscaled: short side to 16, then centre rows
+    assert small.shape == (16, 16, 3)
+
+
+def test_imagenet_prep_resume_and_ranks(image_folder, vae_path, tmp_path, capsys):
+    out = tmp_path / "latents"
+    base = ["imagenet", str(image_folder), str(out), "--vae", vae_path, "--resolution", "16", "--shard-size", "4",
+            "--batch-size", "3"]
+    # Two independent jobs (no torchrun): rank 1 first, so rank 0's run is the one that completes the index.
+    assert main(base + ["--rank", "1", "--world-size", "2"]) == 0
+    assert sorted(p.name for p in out.glob("shard-*.safetensors")) == ["shard-00001.safetensors"]
+    assert not (out / "index.json").exists()
+    assert main(base + ["--rank", "0", "--world-size", "2"]) == 0
+    ds = open_dataset(str(out))
+    ds.validate()
+    assert len(ds) == 10 and len(ds.shards) == 3
+    info = ds.info
+    assert info["kind"] == "class" and info["class_names"] == ["n01", "n02", "n03"] and info["num_classes"] == 3
+    assert info["latent_shape"] == [4, 8, 8] and info["has_moments"] and info["has_flip"]
+    assert info["normalization"] == {"shift": [0.0] * 4, "scale": [0.18215] * 4}
+    assert info["encoder"]["kind"] == "vae" and info["encoder"]["path"].endswith(vae_path.rsplit("/", 1)[-1])
+    labels = ds.gather("label", range(10)).tolist()
+    assert labels == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    # Item 4 is n02/img1.png: its stored posterior equals a direct encode of the ADM crop (fp16 storage).
+    for view, flip in ((0, False), (1, True)):
+        mean, std = encode_reference(vae_path, image_folder / "n02" / "img1.png", flip)
+        assert torch.allclose(ds.gather("mean", [4], [view])[0].float(), mean, atol=2e-3, rtol=2e-3)
+        assert torch.allclose(ds.gather("std", [4], [view])[0].float(), std, atol=2e-3, rtol=2e-3)
+    all_means = ds.gather("mean", range(10), np.zeros(10, int)).double()
+    assert np.allclose(info["latent_stats"]["mean"], all_means.mean((0, 2, 3)).numpy(), atol=1e-3)
+    # Resume: only a shard whose files were removed is redone.
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    (out / "shard-00002.safetensors").unlink()
+    (out / "shard-00002.json").unlink()
+    assert main(base) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    assert after["shard-00000.safetensors"] == stamps["shard-00000.safetensors"]
+    assert after["shard-00001.safetensors"] == stamps["shard-00001.safetensors"]
+    assert after["shard-00002.safetensors"] != stamps["shard-00002.safetensors"]
+    open_dataset(str(out)).validate()
+    batch = next(LatentLoader(open_dataset(str(out)), 4, seed=0))
+    ids = batch["index"].numpy()
+    assert batch["x"].shape == (4, 4, 8, 8)
+    want = ds.gather("mean", ids, flip_views(0, 0, ids)).double() * 0.18215  # SD convention: shift 0
+    assert torch.allclose(batch["mean"].double(), want, atol=1e-6)
+
+    # neighbours, then inspect (valid), then inspect after corruption (invalid, names the file)
+    assert main(["neighbors", str(out), "--k", "2", "--chunk", "3"]) == 0
+    ds = open_dataset(str(out))
+    ids = np.array(ds.neighbor_ids)
+    x = (ds.gather("mean", range(10), np.zeros(10, int)).double() * 0.18215).flatten(1)
+    lab = torch.tensor(labels)
+    for i in range(10):
+        same = [j for j in range(10) if lab[j] == lab[i] and j != i]
+        d = {j: float(((x[j] - x[i]) ** 2).sum()) for j in same}
+        assert list(ids[i]) == sorted(same, key=d.get)[:2]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "valid" in capsys.readouterr().out
+    data = bytearray((out / "shard-00001.safetensors").read_bytes())
+    data[-5] ^= 0x55
+    (out / "shard-00001.safetensors").write_bytes(bytes(data))
+    assert main(["inspect", str(out)]) == 1
+    assert "shard-00001.safetensors" in capsys.readouterr().err
+
+
+def _caption_source(root, rng, n, tar):
+    captions = [f"a {c} {s} on {b} background" for c, s, b in
+                zip(["red", "green", "blue", "black", "red"], ["square", "circle", "square", "circle", "circle"],
+                    ["white", "black", "white", "white", "black"])][:n]
+    root.mkdir()
+    if not tar:
+        for i, cap in enumerate(captions):
+            random_image(rng, (20 + i, 24)).save(root / f"{i:03d}.png")
+            (root / f"{i:03d}.txt").write_text(cap + "\n")
+        return captions
+    for t in range(2):
+        with tarfile.open(root / f"part-{t}.tar", "w") as f:
+            for i, cap in enumerate(captions):
+                if i % 2 != t:
+                    continue
+                buf = io.BytesIO()
+                random_image(rng, (24, 20)).save(buf, format="JPEG")
+                for name, data in ((f"s{i:03d}.jpg", buf.getvalue()), (f"s{i:03d}.txt", cap.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    f.addfile(info, io.BytesIO(data))
+    return [c for t in range(2) for i, c in enumerate(captions) if i % 2 == t]
+
+
+@pytest.mark.parametrize("tar", [False, True])
+def test_captions_prep(tmp_path, vae_path, clip_path, tar):
+    rng = np.random.default_rng(2)
+    captions = _caption_source(tmp_path / "src", rng, 5, tar)
+    out = tmp_path / "out"
+    assert main(["captions", str(tmp_path / "src"), str(out), "--vae", vae_path, "--text-encoder", clip_path,
+                 "--resolution", "16", "--shard-size", "3", "--max-text-len", "10", "--text-dtype", "float32"]) == 0
+    ds = open_dataset(str(out))
+    ds.validate()
+    info = ds.info
+    assert info["kind"] == "text" and len(ds) == 5 and len(ds.shards) == 2
+    assert info["text_dim"] == 16 and info["max_text_len"] == 10 and info["pooled_dim"] == 16
+    assert ds.captions(range(5)) == captions
+    # The stored embeddings are what the CLIP text model gives for the caption, run directly here.
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    tok, model = AutoTokenizer.from_pretrained(clip_path), CLIPTextModel.from_pretrained(clip_path).eval()
+    enc = tok([captions[3]], padding="max_length", max_length=10, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc)
+    n_tok = len(captions[3].split()) + 2
+    assert ds.gather("mask", [3])[0].tolist() == [True] * n_tok + [False] * (10 - n_tok)
+    assert torch.allclose(ds.gather("tokens", [3])[0], ref.last_hidden_state[0], atol=1e-5)
+    assert torch.allclose(ds.gather("pooled", [3])[0], ref.pooler_output[0], atol=1e-5)
+    embedder = text_embedder_from_info(info)
+    assert isinstance(embedder, TransformersTextEmbedder)
+    assert torch.allclose(embedder.embed([captions[3]])[2][0], ref.pooler_output[0], atol=1e-5)
+    batch = next(LatentLoader(ds, 2, seed=0))
+    assert batch["tokens"].shape == (2, 10, 16) and batch["caption"] == ds.captions(batch["index"].numpy())
+    assert json.loads((out / "index.json").read_text())["text_encoder"]["path"] == clip_path
