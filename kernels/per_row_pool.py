@@ -101,7 +101,7 @@ def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
 # (BLOCK_K, BLOCK_D, num_warps, num_stages); a (16, 256) fp32 tile is 32 registers per thread at 4 warps.
 PER_ROW_CONFIGS = [
     triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-    for bk, bd, w, st in [(16, 256, 4, 2), (16, 512, 8, 2), (8, 512, 4, 2), (32, 256, 8, 2)]
+    for bk, bd, w, st in [(16, 256, 4, 2), (16, 512, 8, 2), (8, 512, 4, 2)]
 ]
 _per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["K", "D", "HAS_LABELS", "HAS_PRIOR", "RESIDUAL"])(
     _per_row_kernel)
