@@ -433,7 +433,6 @@ def test_bf16_autocast_close_to_fp32():
 
 def test_compile_blocks_fullgraph():
     """Each block class compiles as one graph (forward and backward); inductor once, aot_eager for the rest."""
-    torch._dynamo.reset()
     sit, mmdit = randomize(tiny_sit(qk_norm=True)), randomize(tiny_mmdit(qk_norm=True))
     gen = torch.Generator().manual_seed(4)
     d = sit.hidden_size

@@ -107,7 +107,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t * TIME_SCALE, FREQ_DIM))
+        return self.mlp(timestep_embedding(t.float() * TIME_SCALE, FREQ_DIM))
 
 
 class FinalLayer(nn.Module):
