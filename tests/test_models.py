@@ -72,6 +72,7 @@ def test_config_rebuilds_same_model():
         config = json.loads(json.dumps(model.config))
         assert config == model.config
         assert model.cond_kind == ("class" if isinstance(model, SiT) else "text")
+        assert isinstance(model, (SiT, MMDiT))
         rebuilt = build_model(config["name"], **config["kwargs"])
         assert type(rebuilt) is type(model) and rebuilt.config == model.config
         shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -275,7 +276,8 @@ def test_mmdit_block_float64_reference(last):
     assert block.last == last
     d = model.hidden_size
     gen = torch.Generator().manual_seed(3)
-    x, ctx, c = torch.randn(2, 16, d, generator=gen), torch.randn(2, 5, d, generator=gen), torch.randn(2, d, generator=gen)
+    x, ctx = torch.randn(2, 16, d, generator=gen), torch.randn(2, 5, d, generator=gen)
+    c = torch.randn(2, d, generator=gen)
     text_mask = torch.tensor([[True, True, False, True, False], [True, False, False, False, False]])
     key_mask = torch.cat([text_mask, torch.ones(2, 16, dtype=torch.bool)], dim=1)
     out_x, out_ctx = block(x, ctx, c, key_mask[:, None, None])
@@ -346,7 +348,8 @@ def test_mmdit_padding_and_null_condition():
     cond = text_cond(4)
     out = model(x, t, cond)
     # garbage in the padded slots changes nothing
-    noisy = dict(cond, tokens=torch.where(cond["mask"][..., None], cond["tokens"], 1e3 * torch.randn_like(cond["tokens"])))
+    garbage = 1e3 * torch.randn_like(cond["tokens"])
+    noisy = dict(cond, tokens=torch.where(cond["mask"][..., None], cond["tokens"], garbage))
     assert torch.equal(model(x, t, noisy), out)
     # nor do extra padded slots
     longer = {"tokens": torch.cat([cond["tokens"], torch.randn(4, 2, TEXT["text_dim"])], dim=1),
@@ -441,7 +444,8 @@ def test_compile_blocks_fullgraph():
     compiled = torch.compile(block, fullgraph=True)  # inductor, as the trainer uses it
     assert torch.allclose(compiled(h, c), block(h, c), atol=1e-5)
     d = mmdit.hidden_size
-    h, c, ctx = torch.randn(2, 16, d, generator=gen), torch.randn(2, d, generator=gen), torch.randn(2, 5, d, generator=gen)
+    h, c = torch.randn(2, 16, d, generator=gen), torch.randn(2, d, generator=gen)
+    ctx = torch.randn(2, 5, d, generator=gen)
     mask = torch.ones(2, 1, 1, 21, dtype=torch.bool)
     mask[1, ..., 2:5] = False
     for block in (mmdit.blocks[0], mmdit.blocks[-1]):

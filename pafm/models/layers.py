@@ -82,7 +82,7 @@ def tanh_gelu():
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention (flash attention on a GPU), optional QK RMSNorm."""
+    """Multi-head self-attention via F.scaled_dot_product_attention (flash attention on a GPU); optional QK RMSNorm."""
 
     def __init__(self, dim, num_heads, qk_norm=False):
         super().__init__()
