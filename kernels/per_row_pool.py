@@ -81,17 +81,22 @@ def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
     ds = tl.load(D_SIGMA + row)
     for d0 in range(0, D, BLOCK_D):
         mask_d = d0 + rd < D
+        # Residual form: accumulate mu - x_own = sum_j w_j (x_j - x_own) directly; candidates near the row's own
+        # endpoint would otherwise lose digits in mu - x_own, which is then multiplied by ~1/sigma.
+        if RESIDUAL:
+            x_own = tl.load(ENDPOINT + row * stride_z + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+        else:
+            x_own = tl.zeros((BLOCK_D,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             mask_k = k0 + rk < K
             w = tl.exp(tl.load(LOGITS + row * K + k0 + rk, mask=mask_k, other=float("-inf")) - lse)
             x = tl.load(x_row + (k0 + rk)[:, None] * stride_xk + (d0 + rd)[None, :],
                         mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w[:, None] * x, axis=0)
+            acc += tl.sum(w[:, None] * (x - x_own[None, :]), axis=0)
         if RESIDUAL:
-            x_own = tl.load(ENDPOINT + row * stride_z + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
             eps = tl.load(NOISE + row * stride_z + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
-            v = da * x_own + ds * eps + (da - ds * a / sg) * (acc - x_own)
+            v = da * x_own + ds * eps + (da - ds * a / sg) * acc
         else:
             z = tl.load(z_row + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
             v = da * acc + ds * (z - a * acc) / sg

@@ -1,0 +1,237 @@
+"""The posterior-velocity op's contract, checked on the PyTorch reference against an independent float64 oracle."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from _posterior_oracle import make_case, oracle, rel_err
+from pafm_kernels import PosteriorTarget, posterior_velocity
+from pafm_kernels.naive import posterior_velocity_reference
+
+# fp32 reference vs float64 oracle on the same inputs: the direct distance keeps every logit to ~1e-7 relative and the
+# weights are spread over a few near-duplicates, so the issue's bound of 1e-5 applies to velocity, lse and ESS.
+TOL_FP32 = 1e-5
+
+CASES = [  # (B, K, S, per_row, labels, prior, tau, residual)
+    (1, 1, (7,), False, None, False, None, False),
+    (1, 13, (3, 5, 7), False, None, False, None, True),
+    (7, 13, (105,), False, "1d", True, 0.7, False),
+    (9, 33, (2, 50), False, "2d", False, "rows", True),
+    (5, 1, (4, 9), True, None, False, None, False),
+    (6, 11, (3, 37), True, "2d", True, "rows", True),
+    (4, 7, (130,), True, "1d", False, 1.5, False),
+]
+
+
+@pytest.mark.parametrize("B,K,S,per_row,labels,prior,tau,residual", CASES)
+def test_reference_matches_float64_oracle(B, K, S, per_row, labels, prior, tau, residual):
+    args, kw = make_case(B, K, S, per_row=per_row, labels=labels, prior=prior, tau=tau, residual=residual)
+    out = posterior_velocity(*args, **kw, backend="torch")
+    assert isinstance(out, PosteriorTarget)
+    assert out.velocity.shape == args[0].shape and out.velocity.dtype == torch.float32
+    assert out.lse.shape == (B,) and out.ess.shape == (B,)
+    v64, lse64, ess64 = oracle(*args, **kw)
+    assert rel_err(out.velocity, v64) <= TOL_FP32
+    assert rel_err(out.lse, lse64) <= TOL_FP32
+    assert rel_err(out.ess, ess64) <= TOL_FP32
+
+
+def test_reference_float64_inputs_give_float64_result():
+    args, kw = make_case(6, 9, (3, 11), dtype=torch.float64, labels="1d", prior=True, residual=True)
+    args = tuple(a.double() for a in args)
+    kw["log_prior"] = kw["log_prior"].double()
+    out = posterior_velocity(*args, **kw, backend="auto")
+    assert out.velocity.dtype == torch.float64
+    v64, lse64, ess64 = oracle(*args, **kw)
+    assert rel_err(out.velocity, v64) <= 1e-12 and rel_err(out.lse, lse64) <= 1e-12 and rel_err(out.ess, ess64) <= 1e-12
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_reference_chunking_is_exact_and_memory_bounded(per_row):
+    B, K, D, chunk = 12, 40, 64, 512
+    args, kw = make_case(B, K, (D,), per_row=per_row, labels="2d", prior=True)
+    z, pool, a, s, da, ds = args
+    tau = torch.ones(B)
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                # views (slices) share an input's storage and allocate nothing
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    with LargestTensor():
+        small = posterior_velocity_reference(z, pool, a, s, da, ds, tau, chunk_elems=chunk, **kw)
+    # No B x K x D temporary (24 576 elements here): the largest new tensor is a chunk, the logits or the output.
+    assert LargestTensor.largest <= max(chunk, B * K, B * D) < B * K * D
+    big = posterior_velocity_reference(z, pool, a, s, da, ds, tau, chunk_elems=1 << 30, **kw)
+    for x, y in zip(small, big):
+        assert rel_err(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_single_admissible_candidate_gives_flow_matching_target(per_row, residual):
+    B, S = 5, (3, 8)
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.randn(B, *S, generator=g), torch.randn(B, *S, generator=g)
+    t = torch.rand(B, generator=g) * 0.9 + 0.05
+    a, s = torch.sin(math.pi / 2 * t), torch.cos(math.pi / 2 * t)  # cosine path
+    da, ds = math.pi / 2 * s, -math.pi / 2 * a
+    z = a.view(-1, 1, 1) * x + s.view(-1, 1, 1) * eps
+    kw = dict(endpoint=x, noise=eps) if residual else {}
+    if per_row:  # K = 1: the row's own endpoint only
+        out = posterior_velocity(z, x[:, None], a, s, da, ds, **kw, backend="torch")
+    else:  # every other candidate masked by the labels
+        ids = torch.arange(B)
+        out = posterior_velocity(z, x, a, s, da, ds, row_labels=ids, pool_labels=ids, **kw, backend="torch")
+    u = da.view(-1, 1, 1) * x + ds.view(-1, 1, 1) * eps
+    assert rel_err(out.velocity, u) <= 1e-6
+    torch.testing.assert_close(out.ess, torch.ones(B), rtol=0, atol=1e-6)
+
+
+def test_ess_bounds_permutation_and_duplication():
+    B, K, S = 6, 10, (24,)
+    args, kw = make_case(B, K, S, labels="1d", prior=True, tau=0.5)
+    z, pool, a, s, da, ds = args
+    out = posterior_velocity(*args, **kw, backend="torch")
+    admissible = ((kw["row_labels"][:, None] < 0) | (kw["pool_labels"][None] == kw["row_labels"][:, None])).sum(1)
+    assert (out.ess >= 1 - 1e-6).all() and (out.ess <= admissible + 1e-4).all()
+    assert (out.ess > 1.05).any()  # the case is non-trivial
+
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(3))
+    permuted = posterior_velocity(z, pool[perm], a, s, da, ds, row_labels=kw["row_labels"],
+                                  pool_labels=kw["pool_labels"][perm], log_prior=kw["log_prior"][:, perm],
+                                  temperature=0.5, backend="torch")
+    for x, y in zip(permuted, out):
+        assert rel_err(x, y) <= 1e-6
+
+    # Duplicating candidate j equals adding log 2 to its prior (same lse, same velocity). Take the j whose
+    # doubling moves the target most, so that the check has teeth.
+    def doubled_prior(j):
+        lp = kw["log_prior"].clone()
+        lp[:, j] += math.log(2.0)
+        return lp
+
+    def with_prior(lp):
+        return posterior_velocity(*args, row_labels=kw["row_labels"], pool_labels=kw["pool_labels"], log_prior=lp,
+                                  temperature=0.5, backend="torch")
+
+    j = max(range(K), key=lambda j: (with_prior(doubled_prior(j)).velocity - out.velocity).abs().max().item())
+    dup = posterior_velocity(z, torch.cat([pool, pool[j:j + 1]]), a, s, da, ds, row_labels=kw["row_labels"],
+                             pool_labels=torch.cat([kw["pool_labels"], kw["pool_labels"][j:j + 1]]),
+                             log_prior=torch.cat([kw["log_prior"], kw["log_prior"][:, j:j + 1]], 1),
+                             temperature=0.5, backend="torch")
+    ref = with_prior(doubled_prior(j))
+    assert rel_err(dup.velocity, ref.velocity) <= 1e-5 and rel_err(dup.lse, ref.lse) <= 1e-6
+    assert not torch.allclose(ref.velocity, out.velocity, rtol=1e-3)  # the doubling did change the target
+
+
+@pytest.mark.parametrize("end", ["data", "noise"])
+def test_extreme_t_stays_finite_and_residual_form_stays_accurate(end):
+    # Linear path; sigma down to 1e-4 at the data end, alpha down to 1e-4 at the noise end.
+    B, K, S = 8, 12, (96,)
+    t_range = (1 - 1e-4, 1 - 1e-4) if end == "data" else (1e-4, 1e-4)
+    args, kw = make_case(B, K, S, per_row=True, residual=True, t_range=t_range, seed=5)
+    out = posterior_velocity(*args, **kw, backend="torch")
+    assert torch.isfinite(out.velocity).all() and torch.isfinite(out.lse).all() and torch.isfinite(out.ess).all()
+    v64, lse64, ess64 = oracle(*args, **kw)
+    # The residual form never divides a cancelling difference by sigma: fp32 error stays at the 1e-5 level, while
+    # the plain form's error grows like eps / sigma (measured 1.2e-3 at sigma = 1e-4 on this case).
+    assert rel_err(out.velocity, v64) <= 1e-5
+    assert rel_err(out.ess, ess64) <= 1e-5 and rel_err(out.lse, lse64) <= 1e-5
+    plain = posterior_velocity(*args, backend="torch")
+    assert torch.isfinite(plain.velocity).all()
+    if end == "data":
+        assert (out.ess > 1.5).any()  # near-duplicates at distance ~sigma keep the posterior non-trivial
+        assert rel_err(plain.velocity, v64) > 10 * rel_err(out.velocity, v64)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_row_without_admissible_candidate(per_row):
+    B, K, S = 4, 6, (10,)
+    args, kw = make_case(B, K, S, per_row=per_row)
+    row_labels = torch.tensor([0, 7, -1, 0])  # label 7 exists nowhere
+    pool_labels = torch.zeros(K, dtype=torch.long)
+    out = posterior_velocity(*args, row_labels=row_labels, pool_labels=pool_labels, backend="torch")
+    assert out.lse[1] == float("-inf") and out.ess[1] == 0 and torch.isnan(out.velocity[1]).all()
+    keep = torch.tensor([0, 2, 3])
+    assert torch.isfinite(out.velocity[keep]).all() and torch.isfinite(out.lse[keep]).all()
+    v64, _, _ = oracle(*args, row_labels=row_labels, pool_labels=pool_labels)
+    assert rel_err(out.velocity[keep], v64[keep]) <= TOL_FP32
+
+
+def _valid(B=3, K=5, S=(2, 4)):
+    z = torch.randn(B, *S)
+    return dict(z=z, pool=torch.randn(K, *S), alpha=torch.rand(B), sigma=torch.rand(B) + 0.1, d_alpha=torch.ones(B),
+                d_sigma=-torch.ones(B))
+
+
+BAD = [
+    (dict(z=torch.randn(8)), "z must"),
+    (dict(z=torch.randn(3, 2, 4).int()), "z must"),
+    (dict(pool=torch.randn(5, 2, 5)), "pool must have shape"),
+    (dict(pool=torch.randn(4, 5, 2, 4)), "pool must have shape"),
+    (dict(pool=torch.randn(0, 2, 4)), "at least one candidate"),
+    (dict(pool=torch.randn(5, 2, 4).half()), "pool has dtype"),
+    (dict(pool=torch.randn(5, 2, 4, device="meta")), "pool is on"),
+    (dict(alpha=torch.rand(4)), "alpha must have shape"),
+    (dict(sigma=torch.rand(3, 1)), "sigma must have shape"),
+    (dict(d_alpha=torch.ones(3, dtype=torch.long)), "d_alpha must have dtype"),
+    (dict(d_sigma=torch.ones(3, device="meta")), "d_sigma is on"),
+    (dict(row_labels=torch.zeros(3, dtype=torch.long)), "pool_labels is missing"),
+    (dict(pool_labels=torch.zeros(5, dtype=torch.long)), "row_labels is missing"),
+    (dict(row_labels=torch.zeros(3), pool_labels=torch.zeros(5, dtype=torch.long)), "row_labels must be an integer"),
+    (dict(row_labels=torch.zeros(3, dtype=torch.long), pool_labels=torch.zeros(4, dtype=torch.long)), "pool_labels"),
+    (dict(log_prior=torch.zeros(3, 4)), "log_prior must have shape"),
+    (dict(temperature=-1.0), "temperature must be a positive"),
+    (dict(temperature=0.0), "temperature must be a positive"),
+    (dict(temperature=torch.tensor([1.0, -2.0, 1.0])), "temperature must be positive"),
+    (dict(temperature=torch.ones(2)), "temperature must have shape"),
+    (dict(endpoint=torch.randn(3, 2, 4)), "noise is missing"),
+    (dict(endpoint=torch.randn(3, 2, 4), noise=torch.randn(3, 8)), "noise must have shape"),
+    (dict(endpoint=torch.randn(3, 2, 4).bfloat16(), noise=torch.randn(3, 2, 4)), "endpoint must have dtype"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(z=torch.randn(3, 2, 4).double(), pool=torch.randn(5, 2, 4).double(), backend="triton"), "float64"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_bad_arguments_raise_value_error_naming_them(override, message):
+    kwargs = _valid()
+    kwargs.update(override)
+    with pytest.raises(ValueError, match=message):
+        posterior_velocity(**kwargs)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        posterior_velocity(**_valid(), backend="triton")
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    args, kw = make_case(4, 6, (12,), labels="1d")
+    auto = posterior_velocity(*args, **kw)
+    ref = posterior_velocity(*args, **kw, backend="torch")
+    for x, y in zip(auto, ref):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_import_touches_no_gpu_driver():
+    # triton.runtime.driver.active raises on a machine without a GPU, so a clean import proves it is never touched.
+    code = ("import pafm_kernels, pafm_kernels.shared_pool, pafm_kernels.per_row_pool, pafm_kernels.compile_check;"
+            "print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
