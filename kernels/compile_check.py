@@ -7,13 +7,15 @@ Run as `python -m pafm_kernels.compile_check [--arch 90 80] [--dtype bf16]` to p
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
@@ -98,11 +100,21 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(usage.group(1)), int(usage.group(2))
 
 
-def compile_all(archs=(90, 80), dtypes=("bf16", "fp16", "fp32")):
-    """Compile every kernel configuration for each arch and input dtype; returns a list of KernelBuild."""
+def compile_all(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), first_only=False):
+    """Compile every kernel configuration (or the first per kernel) for each arch and input dtype.
+
+    Needs a process without TRITON_INTERPRET=1 (the interpreter replaces triton's own jit functions at import);
+    the tests therefore run `python -m pafm_kernels.compile_check --json` in a subprocess.
+    """
+    if knobs.runtime.interpret:
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset; run `python -m pafm_kernels.compile_check`")
     builds = []
     for dtype in dtypes:
+        seen = set()
         for name, kernel, sig, const, cfg in kernel_variants(dtype):
+            if first_only and name in seen:
+                continue
+            seen.add(name)
             fn = _jit(kernel)
             signature = dict(sig, **{k: "constexpr" for k in const})
             for arch in archs:
@@ -120,9 +132,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"])
+    parser.add_argument("--first-only", action="store_true", help="only the first configuration of each kernel")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     args = parser.parse_args()
-    for build in compile_all(args.arch, args.dtype):
-        print(build.row())
+    for build in compile_all(args.arch, args.dtype, args.first_only):
+        print(json.dumps(dict(asdict(build), fits=build.fits)) if args.json else build.row(), flush=True)
 
 
 if __name__ == "__main__":

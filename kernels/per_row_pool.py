@@ -138,8 +138,8 @@ def per_row_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_label
             K if has_prior else 0)
     flags = dict(HAS_LABELS=has_labels, HAS_PRIOR=has_prior, RESIDUAL=residual)
     if INTERPRET:
-        bk = max(2, min(64, triton.next_power_of_2(K)))
-        bd = max(16, min(512, triton.next_power_of_2(D)))
+        bk = max(2, min(16, triton.next_power_of_2(K)))
+        bd = max(16, min(128, triton.next_power_of_2(D)))
         _per_row_kernel[(B,)](*args, **flags, BLOCK_K=bk, BLOCK_D=bd)
     else:
         _per_row_tuned[(B,)](*args, **flags)

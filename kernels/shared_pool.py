@@ -218,7 +218,7 @@ def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_l
     upcast = INTERPRET
     precision = dot_precision(z.dtype)
 
-    block_n = _interpret_block(K, 128) if INTERPRET else LOGITS_BLOCK_N
+    block_n = _interpret_block(K, 64) if INTERPRET else LOGITS_BLOCK_N
     nt = triton.cdiv(K, block_n)
     logits = torch.empty(B, K, device=dev, dtype=torch.float32)
     part = torch.empty(3, B, nt, device=dev, dtype=torch.float32)
@@ -233,7 +233,7 @@ def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_l
             pool.stride(0))
     flags = dict(HAS_LABELS=has_labels, LABELS_2D=has_labels and pool_lab.dim() == 2, HAS_PRIOR=has_prior, UPCAST=upcast, PRECISION=precision, BLOCK_N=block_n)
     if INTERPRET:
-        bm, bd = _interpret_block(B, 64), _interpret_block(D, 256)
+        bm, bd = _interpret_block(B, 32), _interpret_block(D, 128)
         _logits_kernel[(triton.cdiv(B, bm), nt)](*args, **flags, BLOCK_M=bm, BLOCK_D=bd)
     else:
         _logits_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), nt)](*args, **flags)
@@ -249,7 +249,7 @@ def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_l
     flags = dict(RESIDUAL=residual, UPCAST=upcast, SPLIT_P=z.dtype != torch.float32, PRECISION=precision,
                  BLOCK_T=BLOCK_T)
     if INTERPRET:
-        bm, bk, bd = _interpret_block(B, 64), _interpret_block(K, 128), _interpret_block(D, 256)
+        bm, bk, bd = _interpret_block(B, 32), _interpret_block(K, 64), _interpret_block(D, 128)
         _mix_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bd))](*args, **flags, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd)
     else:
         _mix_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))](*args, **flags)
