@@ -1,0 +1,186 @@
+"""Export round trip, the evaluation pipeline (digits metrics, resume, two ranks, Inception metrics with a
+random-weight Inception file written here) and the sample CLI, on tiny random models."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pafm.eval as pafm_eval
+from pafm.config import ConfigError
+from pafm.data.digits import load_digits_split
+from pafm.eval import evaluate
+from pafm.export import ExportError, load_export, read_export_meta, save_export
+from pafm.models import build_model
+from pafm.sample import main as sample_main
+
+DIGITS_INFO = {"kind": "class", "latent_shape": [1, 8, 8], "num_classes": 10,
+               "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+               "normalization": {"shift": [0.0], "scale": [1.0]}, "encoder": {"kind": "identity"}}
+TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=2)
+
+
+def write_run(folder: Path, step=7) -> Path:
+    """A run folder with the EMA export of a tiny random SiT (random final layer: adaLN-Zero starts at zero)."""
+    torch.manual_seed(0)
+    model = build_model("SiT-T/2", **TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    meta = {"model": model.config, "data": {"spec": "builtin:digits", "info": DIGITS_INFO}, "path": "linear",
+            "step": step}
+    save_export(folder / "ema.safetensors", model.state_dict(), meta)
+    return folder
+
+
+def test_export_round_trip_and_errors(tmp_path):
+    run = write_run(tmp_path / "run")
+    model, meta = load_export(run)
+    assert meta["step"] == 7 and meta["data"]["info"] == DIGITS_INFO and not model.training
+    reference = build_model("SiT-T/2", **TINY)
+    reference.load_state_dict(model.state_dict())
+    x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    assert torch.equal(model(x, t, y), reference.eval()(x, t, y))
+    assert read_export_meta(run / "ema.safetensors") == meta
+    assert not list(run.glob(".*tmp"))  # the atomic write left no temporary file
+    with pytest.raises(ExportError, match="no EMA export"):
+        load_export(tmp_path)
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"")
+    with pytest.raises(ExportError, match="distributed.checkpoint"):
+        load_export(tmp_path / "dcp")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ExportError, match="no 'pafm' metadata"):
+        load_export(tmp_path / "foreign.safetensors")
+    bad = dict(model.state_dict())
+    bad.pop(next(iter(bad)))
+    save_export(tmp_path / "bad.safetensors", bad, meta)
+    with pytest.raises(ExportError, match="do not match"):
+        load_export(tmp_path / "bad.safetensors")
+    with pytest.raises(ExportError, match="model.config"):
+        save_export(tmp_path / "x.safetensors", bad, {"step": 1})
+
+
+SAMPLER = ["sampler.method=euler", "sampler.steps=3", "sampler.cfg_scale=2.0", "sampler.cfg_interval=[0.2,1.0]"]
+
+
+def without_run_specific(report):
+    report = dict(report)
+    for key in ("timings", "out_dir", "samples_npz"):
+        report.pop(key)
+    return report
+
+
+def test_digits_eval_resumes_after_a_stop_and_matches_two_ranks(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run")
+    args = ["eval.num_samples=30", "eval.batch_size=10"] + SAMPLER
+    full = evaluate(run, args + [f"eval.out_dir={tmp_path / 'full'}"])
+    m = full["metrics"]
+    assert set(m) == {"accuracy", "frechet_pixels", "memorization"} and 0 <= m["accuracy"] <= 1
+    assert full["reference_metrics"]["accuracy"] > 0.95  # held-out real digits: the reference row
+    assert m["frechet_pixels"] > full["reference_metrics"]["frechet_pixels"]  # a random model is far from digits
+    assert full["classes_balanced"] and full["model_evaluations_per_sample"] == 3
+    assert "acc" in full["readme_row"] and "euler-3" in full["readme_row"] and "2 [0.2, 1]" in full["readme_row"]
+    with np.load(tmp_path / "full" / "samples.npz") as data:
+        assert data["arr_0"].shape == (30, 8, 8, 1) and data["arr_0"].dtype == np.uint8
+        assert data["arr_1"].tolist() == [i % 10 for i in range(30)]  # classes balanced
+    assert json.loads((tmp_path / "full" / "eval.json").read_text()) == full
+
+    # Stop during the second chunk, then resume: the first chunk is kept, the report is the uninterrupted one.
+    real_generate, calls = pafm_eval.generate, []
+
+    def stopping_generate(*a, **k):
+        calls.append(a[3][0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(pafm_eval, "generate", stopping_generate)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(run, args + [f"eval.out_dir={out}"])
+    assert sorted(p.name for p in (out / "chunks").glob("chunk_*.npz")) == ["chunk_000000.npz"]
+    first_chunk_mtime = (out / "chunks" / "chunk_000000.npz").stat().st_mtime_ns
+    monkeypatch.setattr(pafm_eval, "generate", real_generate)
+    resumed = evaluate(run, args + [f"eval.out_dir={out}"])
+    assert (out / "chunks" / "chunk_000000.npz").stat().st_mtime_ns == first_chunk_mtime  # skipped, not redrawn
+    assert without_run_specific(resumed) == without_run_specific(full)
+    with np.load(out / "samples.npz") as a, np.load(tmp_path / "full" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    # Changing a sampling setting while reusing the folder is refused.
+    with pytest.raises(ConfigError, match="different evaluation"):
+        evaluate(run, args[:-1] + [f"eval.out_dir={out}"])
+
+    # Two ranks under torchrun (gloo): chunks 0 and 2 on rank 0, chunk 1 on rank 1; the same samples and report.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    two = tmp_path / "two_ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pafm.eval",
+           str(run), *args, f"eval.out_dir={two}", "eval.device=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((two / "eval.json").read_text())
+    assert without_run_specific(report) == without_run_specific(full)
+
+
+def random_inception_file(path: Path) -> Path:
+    """torch-fidelity's Inception architecture with random weights (scale-preserving init), saved as a state dict."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_eval_path_with_a_local_random_weight_file(tmp_path):
+    run = write_run(tmp_path / "run")
+    weights = random_inception_file(tmp_path / "inception.pth")
+    held, _ = load_digits_split("heldout")
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, arr_0=((held[:8] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    out = tmp_path / "out"
+    args = ["eval.num_samples=8", "eval.batch_size=8", "eval.metrics=[fid,isc,prc,kid]", f"eval.reference={reference}",
+            f"eval.inception_weights={weights}", "eval.isc_splits=2", "eval.kid_subset_size=4",
+            f"eval.out_dir={out}"] + SAMPLER
+    report = evaluate(run, args)
+    m = report["metrics"]
+    assert {"fid", "isc", "isc_std", "precision", "recall", "kid", "kid_std"} <= set(m)
+    assert all(np.isfinite(v) for v in m.values()) and m["fid"] > 0 and m["isc"] >= 1.0
+    assert "FID" in report["readme_row"] and report["inception_weights"] == str(weights)
+    # The samples scored against themselves (their own ADM-format npz as reference): FID 0 up to rounding.
+    args_self = [a for a in args if not a.startswith(("eval.reference", "eval.metrics"))]
+    self_report = evaluate(run, args_self + [f"eval.reference={out / 'samples.npz'}", "eval.metrics=[fid]"])
+    (cache,) = out.glob("sample_features_*.npz")
+    with np.load(cache) as data:
+        trace = np.trace(np.cov(data["2048"].astype(np.float64), rowvar=False))
+    # Two float32 Inception passes over the same images may differ in the last bits (the CPU conv kernels are not
+    # bitwise reproducible between calls), so "zero" is relative to the feature scale tr(S).
+    assert abs(self_report["metrics"]["fid"]) < 1e-5 * trace
+    with pytest.raises(ConfigError, match="eval.reference is required"):
+        evaluate(run, ["eval.num_samples=8", "eval.metrics=[fid]", f"eval.out_dir={out}"])
+
+
+def test_sample_cli_writes_a_labelled_grid(tmp_path):
+    from PIL import Image
+
+    run = write_run(tmp_path / "run")
+    out = sample_main([str(run), "--num", "12", "--cfg", "3.0", "--steps", "2", "--labels", "3,7",
+                       "--out", str(tmp_path / "grid.png"), "--cols", "4"])
+    img = np.asarray(Image.open(out))
+    assert img.shape[0] > 3 * 96 and img.shape[1] == 4 * (96 + 4)  # 3 rows of 96 px tiles with labels, 4 columns
+    assert (img < 50).any() and (img > 200).any()  # dark label text and light background
+    with pytest.raises(ValueError, match="class labels"):
+        sample_main([str(run), "--num", "2", "--labels", "12", "--out", str(tmp_path / "x.png")])
