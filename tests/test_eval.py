@@ -184,3 +184,16 @@ def test_sample_cli_writes_a_labelled_grid(tmp_path):
     assert (img < 50).any() and (img > 200).any()  # dark label text and light background
     with pytest.raises(ValueError, match="class labels"):
         sample_main([str(run), "--num", "2", "--labels", "12", "--out", str(tmp_path / "x.png")])
+
+
+def test_training_grid_from_a_state_dict(tmp_path):
+    from PIL import Image
+
+    from pafm.export import load_export
+    from pafm.sample import save_training_grid
+
+    model, meta = load_export(write_run(tmp_path / "run"))
+    out = save_training_grid(model.state_dict(), meta, tmp_path / "samples" / "step_0000007.png", steps=2,
+                             cfg_scale=1.5, seed=0)
+    img = np.asarray(Image.open(out))
+    assert img.shape[1] == 10 * (96 + 4) and img.shape[0] > 96  # one row: one sample per digit class
