@@ -1,11 +1,11 @@
 """PyTorch reference for the posterior-velocity op: the oracle for the Triton kernels and the CPU backend.
 
-It evaluates the formula literally, with the direct squared distance ||z_i - alpha_i x_j||^2 rather than the GEMM
-expansion (the expansion cancels catastrophically as sigma -> 0). Memory stays bounded: distances are formed for a
-tile of rows x candidates whose element count is capped by `chunk_elems`, and the weighted sum walks the pool in
-chunks of candidates, so the peak extra memory is O(B*K + chunk_elems) and no B x K x D tensor ever exists.
-Distances and the softmax run in float64 (B x K logits, chunk-sized temporaries); the weighted sum accumulates in
-float32 (float64 for float64 inputs, which the tests use as an oracle).
+Distances are float64: for a shared pool the GEMM expansion ||z||^2 - 2 a z.x + a^2 ||x||^2 over chunks of candidates
+(its cancellation as sigma -> 0 costs ~1e-16 D / sigma^2 nats in float64, where fp32 would lose whole nats), for
+per-row pools the direct ||z - a x_j||^2 over tiles of rows x candidates. Every temporary is capped by `chunk_elems`
+elements, so the peak extra memory is O(B*K + B*D + chunk_elems) and no B x K x D tensor ever exists.
+Everything after the input cast runs in float64 (B x K logits, B x D mean, chunk-sized temporaries), so the result
+is float64-grade and returned as float32 (float64 for float64 inputs, which the tests use as an oracle).
 """
 from __future__ import annotations
 
@@ -33,8 +33,6 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
     k_chunk = max(1, min(K, chunk_elems // D))
     r_chunk = max(1, min(B, chunk_elems // (k_chunk * D)))
 
-    zc = z.to(ct)
-    a = alpha.to(ct)
     # Distances and softmax in float64: near sigma -> 0, z - a x_j cancels to O(sigma) and an fp32 product a x_j
     # would put eps / sigma relative error into it (the kernels get the same exactness from a fused multiply-add).
     f64 = torch.float64
@@ -43,14 +41,23 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
 
     # Logits: the full -||z - a x||^2 / (2 sigma^2 tau), so the logsumexp is the contract's lse as is.
     logits = torch.empty(B, K, dtype=f64, device=z.device)
-    for k0 in range(0, K, k_chunk):
-        k1 = min(K, k0 + k_chunk)
-        xk = pool[k0:k1].to(f64) if shared else None
-        for r0 in range(0, B, r_chunk):
-            r1 = min(B, r0 + r_chunk)
-            x = xk[None] if shared else pool[r0:r1, k0:k1].to(f64)
-            diff = z64[r0:r1, None, :] - a64[r0:r1, None, None] * x
-            logits[r0:r1, k0:k1] = diff.square_().sum(-1) * -scale[r0:r1, None]
+    if shared:
+        # Shared pool: the float64 expansion ||z||^2 - 2 a z.x + a^2 ||x||^2, one GEMM per chunk of candidates
+        # (no rows x candidates x D temporary). Its absolute error ~1e-16 D / sigma^2 nats stays far below fp32's.
+        zsq = (z64 * z64).sum(1)
+        for k0 in range(0, K, k_chunk):
+            k1 = min(K, k0 + k_chunk)
+            xk = pool[k0:k1].to(f64)
+            dist = zsq[:, None] - 2.0 * a64[:, None] * (z64 @ xk.T) + (a64 * a64)[:, None] * (xk * xk).sum(1)
+            logits[:, k0:k1] = dist.clamp_min_(0.0) * -scale[:, None]
+    else:
+        # Per-row pools: every candidate is read once anyway, so the direct difference costs nothing extra.
+        for k0 in range(0, K, k_chunk):
+            k1 = min(K, k0 + k_chunk)
+            for r0 in range(0, B, r_chunk):
+                r1 = min(B, r0 + r_chunk)
+                diff = z64[r0:r1, None, :] - a64[r0:r1, None, None] * pool[r0:r1, k0:k1].to(f64)
+                logits[r0:r1, k0:k1] = diff.square_().sum(-1) * -scale[r0:r1, None]
     if log_prior is not None:
         logits += log_prior.to(f64)
     if row_labels is not None:
@@ -61,32 +68,30 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
     lse = torch.logsumexp(logits, dim=1)  # -inf for a row with no admissible candidate
     w = torch.exp(logits - lse[:, None])  # NaN on such a row, which makes its velocity NaN as documented
     ess = torch.where(torch.isneginf(lse), torch.zeros_like(lse), 1.0 / (w * w).sum(1))
-    lse, w = lse.to(ct), w.to(ct)
-    ess = ess.to(ct)
 
-    # mu, or for per-row pools in the residual form directly mu - x_own = sum_j w_j (x_j - x_own), which avoids
-    # the cancellation of mu - x_own (multiplied by ~1/sigma) when all candidates sit near the row's endpoint.
-    centre = endpoint.to(ct) if (endpoint is not None and not shared) else None
-    mu = torch.zeros(B, D, dtype=ct, device=z.device)
+    # mu in float64: the residual form multiplies mu - x_own by ~1/sigma, so an fp32 mu near x_own would lose
+    # digits. Per-row pools accumulate mu - x_own = sum_j w_j (x_j - x_own) directly.
+    centre = endpoint.to(f64) if (endpoint is not None and not shared) else None
+    mu = torch.zeros(B, D, dtype=f64, device=z.device)
     for k0 in range(0, K, k_chunk):
         k1 = min(K, k0 + k_chunk)
         if shared:
-            mu += w[:, k0:k1] @ pool[k0:k1].to(ct)
+            mu += w[:, k0:k1] @ pool[k0:k1].to(f64)
         else:
             for r0 in range(0, B, r_chunk):
                 r1 = min(B, r0 + r_chunk)
-                x = pool[r0:r1, k0:k1].to(ct)
+                x = pool[r0:r1, k0:k1].to(f64)
                 if centre is not None:
                     x = x - centre[r0:r1, None]
                 mu[r0:r1] += torch.bmm(w[r0:r1, None, k0:k1], x)[:, 0]
 
-    da, ds, s = d_alpha.to(ct)[:, None], d_sigma.to(ct)[:, None], sigma.to(ct)[:, None]
+    da, ds, s = d_alpha.to(f64)[:, None], d_sigma.to(f64)[:, None], sigma.to(f64)[:, None]
     if endpoint is not None:
         # Residual form: u + (d_alpha - d_sigma alpha / sigma)(mu - x_own); stays accurate as sigma -> 0.
-        x_own = endpoint.to(ct)
-        u = da * x_own + ds * noise.to(ct)
+        x_own = endpoint.to(f64)
+        u = da * x_own + ds * noise.to(f64)
         delta = mu if centre is not None else mu - x_own
-        velocity = u + (da - ds * a[:, None] / s) * delta
+        velocity = u + (da - ds * a64[:, None] / s) * delta
     else:
-        velocity = da * mu + ds * (zc - a[:, None] * mu) / s
-    return velocity, lse, ess
+        velocity = da * mu + ds * (z64 - a64[:, None] * mu) / s
+    return velocity.to(ct), lse.to(ct), ess.to(ct)

@@ -156,6 +156,24 @@ def test_extreme_t_stays_finite_and_residual_form_stays_accurate(end):
         assert rel_err(plain.velocity, v64) > 10 * rel_err(out.velocity, v64)
 
 
+@pytest.mark.parametrize("sigma", [1e-2, 1e-4])
+def test_shared_pool_near_duplicates_at_small_sigma(sigma):
+    # Shared pool holding every endpoint plus near-duplicates at distance ~0.1 sigma * sqrt(D): the weights spread
+    # over them (ESS > 1), the hardest case for cancellation in ||z||^2 - 2a z.x + a^2 ||x||^2 and in mu - x_own.
+    g = torch.Generator().manual_seed(0)
+    B, D = 6, 96
+    x, eps = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    a, s = torch.full((B,), 1 - sigma), torch.full((B,), sigma)
+    z = a[:, None] * x + s[:, None] * eps
+    pool = torch.cat([x, x.repeat(3, 1) + sigma * 0.1 * torch.randn(3 * B, D, generator=g)])
+    args = (z, pool, a, s, torch.ones(B), -torch.ones(B))
+    out = posterior_velocity(*args, endpoint=x, noise=eps, backend="torch")
+    v64, lse64, ess64 = oracle(*args, endpoint=x, noise=eps)
+    assert (ess64 > 1.5).all()
+    assert rel_err(out.velocity, v64) <= TOL_FP32 and rel_err(out.lse, lse64) <= TOL_FP32
+    assert rel_err(out.ess, ess64) <= TOL_FP32
+
+
 @pytest.mark.parametrize("per_row", [False, True])
 def test_row_without_admissible_candidate(per_row):
     B, K, S = 4, 6, (10,)
