@@ -14,6 +14,7 @@ a shard whose `.json` sidecar exists is skipped, so an interrupted run resumes w
 from __future__ import annotations
 
 import argparse
+import datetime
 import io
 import json
 import os
@@ -213,7 +214,8 @@ def _dist(args):
     else:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
+            # Ranks may finish their shards hours apart; rank 0 waits at one barrier before writing the index.
+            torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=2))
     device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     return rank, world, device
 

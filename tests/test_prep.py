@@ -154,6 +154,41 @@ def test_imagenet_prep_resume_and_ranks(image_folder, vae_path, tmp_path, capsys
     assert "shard-00001.safetensors" in capsys.readouterr().err
 
 
+def _rank_main(rank, argv, port, results):
+    import os
+
+    torch.set_num_threads(1)  # OpenMP's thread pool does not survive fork; one thread never enters it
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    results.put((rank, main(argv)))
+
+
+def test_imagenet_prep_process_group(image_folder, vae_path, tmp_path):
+    """Two ranks in a gloo group, as under torchrun (forked here to reuse the imports): shards are split by rank,
+    rank 0 waits at the barrier and writes the index."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dist"
+    argv = ["imagenet", str(image_folder), str(out), "--vae", vae_path, "--resolution", "16", "--shard-size", "2",
+            "--device", "cpu"]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, argv, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(results.get(timeout=5) for _ in range(2)) == [(0, 0), (1, 0)]
+    ds = open_dataset(str(out))
+    ds.validate()
+    assert len(ds) == 10 and len(ds.shards) == 5
+
+
 def _caption_source(root, rng, n, tar):
     captions = [f"a {c} {s} on {b} background" for c, s, b in
                 zip(["red", "green", "blue", "black", "red"], ["square", "circle", "square", "circle", "circle"],
