@@ -82,11 +82,11 @@ class BatchMaker(torch.utils.data.Dataset):
         """Normalised x (and mean, std for datasets with moments) of items `ids` in views `views`."""
         ds = self.dataset
         if not ds.info["has_moments"]:
-            return {"x": (ds.gather("latent", ids, views).float() - self.shift) * self.scale}
-        mean = (ds.gather("mean", ids, views).float() - self.shift) * self.scale
-        std = ds.gather("std", ids, views).float() * self.scale
+            return {"x": ds.gather("latent", ids, views).float().sub_(self.shift).mul_(self.scale)}
+        mean = ds.gather("mean", ids, views).float().sub_(self.shift).mul_(self.scale)
+        std = ds.gather("std", ids, views).float().mul_(self.scale)
         noise = posterior_noise(self.seed, epoch, ids, self.latent_shape)
-        return {"x": mean + std * noise, "mean": mean, "std": std}
+        return {"x": torch.addcmul(mean, std, noise), "mean": mean, "std": std}
 
     def __getitem__(self, step: int) -> dict:
         epoch, ids = self.batch_ids(step)
