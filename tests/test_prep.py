@@ -28,18 +28,25 @@ def vae_path(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def clip_path(tmp_path_factory):
+def word_tokenizer():
+    """A whitespace word-level tokenizer over WORDS, built offline: [BOS] words [EOS], padded with [PAD]."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]",
                                                       special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                  eos_token="[EOS]", model_max_length=12)
+    return vocab, PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
+                                          bos_token="[BOS]", eos_token="[EOS]", model_max_length=12)
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, tok = word_tokenizer()
     torch.manual_seed(0)
     cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=12, pad_token_id=0, bos_token_id=2,
@@ -243,3 +250,33 @@ def test_captions_prep(tmp_path, vae_path, clip_path, tar):
     batch = next(LatentLoader(ds, 2, seed=0))
     assert batch["tokens"].shape == (2, 10, 16) and batch["caption"] == ds.captions(batch["index"].numpy())
     assert json.loads((out / "index.json").read_text())["text_encoder"]["path"] == clip_path
+
+
+def test_t5_tokens_with_clip_pooled(tmp_path, vae_path, clip_path):
+    """SD3's pairing: token embeddings from T5, the pooled vector from CLIP (--pooled-encoder)."""
+    from transformers import AutoTokenizer, CLIPTextModel, T5Config, T5EncoderModel
+
+    vocab, tok = word_tokenizer()
+    torch.manual_seed(1)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=12, d_kv=6, d_ff=24, num_layers=1, num_heads=2,
+                                 pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+    t5_path = tmp_path / "t5"
+    tok.save_pretrained(t5_path)
+    t5.save_pretrained(t5_path)
+    captions = _caption_source(tmp_path / "src", np.random.default_rng(3), 3, tar=False)
+    out = tmp_path / "out"
+    assert main(["captions", str(tmp_path / "src"), str(out), "--vae", vae_path, "--text-encoder", str(t5_path),
+                 "--pooled-encoder", clip_path, "--resolution", "16", "--max-text-len", "9", "--no-flip"]) == 0
+    ds = open_dataset(str(out))
+    ds.validate()
+    assert ds.info["text_dim"] == 12 and ds.info["pooled_dim"] == 16 and not ds.info["has_flip"]
+    assert ds.index["tensors"]["tokens"]["dtype"] == "BF16"  # the default text storage dtype
+    enc = tok([captions[1]], padding="max_length", max_length=9, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        tokens = t5.eval()(**enc).last_hidden_state[0]
+        clip_tok = AutoTokenizer.from_pretrained(clip_path)
+        pooled = CLIPTextModel.from_pretrained(clip_path).eval()(
+            **clip_tok([captions[1]], padding="max_length", max_length=9, truncation=True, return_tensors="pt")
+        ).pooler_output[0]
+    assert torch.allclose(ds.gather("tokens", [1])[0].float(), tokens, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(ds.gather("pooled", [1])[0].float(), pooled, rtol=1e-2, atol=1e-2)
