@@ -107,7 +107,7 @@ def measure(layout, B, K, D, provider, device, dtype=torch.bfloat16):
     bytes_moved, flops, floor = roofline(layout, B, K, D, torch.finfo(dtype).bits // 8)
     on_gpu = device.type == "cuda"
     return {
-        "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({os.cpu_count()} cores visible)",
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "layout": layout, "B": B, "K": K, "D": D, "dtype": str(dtype).replace("torch.", ""), "provider": provider,
@@ -123,8 +123,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--out", default=None, help="jsonl file (default bench/results/posterior_<device>.jsonl)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: a shared CPU makes multi-threaded timings noisy)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     out = Path(args.out or Path(__file__).parent / "results" / f"posterior_{device.type}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)

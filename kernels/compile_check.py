@@ -63,7 +63,8 @@ def kernel_variants(dtype: str):
     t = _TL_DTYPE[dtype]
     precision = "tf32x3"
     logits_sig = {"Z": f"*{t}", "X": f"*{t}", "ALPHA": "*fp32", "SIGMA": "*fp32", "TAU": "*fp32", "ROW_LAB": "*i64",
-                  "POOL_LAB": "*i64", "LOG_PRIOR": "*fp32", "S": "*fp32", "ZSQ": "*fp32", "PART": "*fp32",
+                  "POOL_LAB": "*i64", "LOG_PRIOR": "*fp32", "S": "*fp32", "ZSQ": "*fp32", "XSQ": "*fp32",
+                  "PART": "*fp32",
                   "B": "i32", "K": "i32", "D": "i32", "NT": "i32", "stride_z": "i32", "stride_x": "i32"}
     for cfg in shared_pool.LOGITS_CONFIGS:
         const = dict(HAS_LABELS=True, LABELS_2D=True, HAS_PRIOR=True, UPCAST=False, PRECISION=precision,

@@ -25,7 +25,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, ROW_LAB, POOL_LAB, LOG_PRIOR, S, ZSQ, PART,
+def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, ROW_LAB, POOL_LAB, LOG_PRIOR, S, ZSQ, XSQ, PART,
                    B, K, D, NT, stride_z, stride_x,
                    HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr, HAS_PRIOR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -86,6 +86,8 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, ROW_LAB, POOL_LAB, LOG_PRIOR, S, ZSQ
     tl.store(part, m, mask=mask_m)
     tl.store(part + B * NT, tl.sum(p, axis=1), mask=mask_m)
     tl.store(part + 2 * B * NT, tl.sum(p * p, axis=1), mask=mask_m)
+    if pid_m == 0:
+        tl.store(XSQ + rn, xsq, mask=mask_n)
     if pid_n == 0:
         # ||z||^2 (only for the reported lse): one column of programs re-reads its z rows.
         zsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -206,6 +208,81 @@ def _interpret_block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
+# A row is refined when its logits may be off by more than this many nats (see _refine_uncertain_rows).
+REFINE_NATS = 0.05
+# Candidates more than this many nats (plus twice the error bound) below a row's best get weight < e^-30.
+REFINE_MARGIN = 30.0
+
+
+def _refine_uncertain_rows(logits, part, zsq, xsq, z, pool, alpha, sigma, tau, log_prior, pair_chunk=1 << 22):
+    """Replace the fp32-expansion logits by exact ones where the expansion cannot resolve the softmax.
+
+    K1's logits (2 a z.x - a^2 ||x||^2) / (2 sigma^2 tau) cancel as sigma -> 0: the terms grow like 1/sigma^2 while
+    the differences that matter stay O(D), so near-duplicate candidates at small sigma would get weights off by
+    whole nats. With u = 2^-24, |error| <= u (sqrt(D) + 8)(2|a| ||z|| max||x|| + a^2 max||x||^2) / (2 sigma^2 tau)
+    per row (fp32 accumulation with random rounding). Rows whose bound exceeds REFINE_NATS keep only the candidates
+    within 2 * bound + REFINE_MARGIN of their best approximate logit, with exact float64 direct distances
+    ||z - a x_j||^2 (full logits, so that row's ZSQ becomes 0), and their softmax partials are rebuilt. Typically
+    one or a few candidates per refined row: O(rows * D) extra work and one host sync.
+    """
+    B, K = logits.shape
+    D = z.shape[1]
+    inv = 1.0 / (2.0 * sigma * sigma * tau)
+    xmax2 = xsq.max()
+    magnitude = 2.0 * alpha.abs() * zsq.sqrt() * xmax2.sqrt() + alpha * alpha * xmax2
+    bound = 2.0 ** -24 * (D ** 0.5 + 8.0) * magnitude * inv
+    best = part[0].max(dim=1).values
+    refine = (bound > REFINE_NATS) & torch.isfinite(best)
+    if not bool(refine.any()):
+        return None
+    rows = refine.nonzero()[:, 0]
+    sub = logits[rows]
+    keep = sub >= (best[rows] - 2.0 * bound[rows] - REFINE_MARGIN)[:, None]  # -inf (masked) entries drop out
+    pair_row, pair_col = keep.nonzero(as_tuple=True)
+    exact = torch.empty(pair_row.numel(), device=logits.device, dtype=torch.float64)
+    step = max(1, pair_chunk // D)
+    for p0 in range(0, pair_row.numel(), step):
+        r, c = rows[pair_row[p0:p0 + step]], pair_col[p0:p0 + step]
+        diff = z[r].double() - alpha[r, None].double() * pool[c].double()
+        exact[p0:p0 + step] = -(diff * diff).sum(1) * inv[r].double()
+        if log_prior is not None:
+            exact[p0:p0 + step] += log_prior[r, c].double()
+    refined = torch.full_like(sub, float("-inf"))
+    refined[pair_row, pair_col] = exact.float()
+    logits[rows] = refined
+    m = exact.new_full((rows.numel(),), float("-inf")).scatter_reduce(0, pair_row, exact, "amax")
+    p = torch.exp(exact - m[pair_row])
+    part[:, rows] = torch.tensor([float("-inf"), 0.0, 0.0], device=part.device)[:, None, None]
+    part[0, rows, 0] = m.float()
+    part[1, rows, 0] = torch.zeros_like(m).index_add_(0, pair_row, p).float()
+    part[2, rows, 0] = torch.zeros_like(m).index_add_(0, pair_row, p * p).float()
+    zsq[rows] = 0.0
+    lse = m + torch.log(torch.zeros_like(m).index_add_(0, pair_row, p))
+    return rows, pair_row, pair_col, torch.exp(exact - lse[pair_row])
+
+
+def _refined_velocity(refined, velocity, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint, noise, pair_chunk=1 << 22):
+    """Velocity of the refined rows in float64 from their few candidates: mu - x_own = sum_j w_j (x_j - x_own) is
+    multiplied by ~1/sigma there, which an fp32 GEMM accumulation of mu (error ~2^-24 |x|) cannot afford."""
+    rows, pair_row, pair_col, w = refined
+    D = z.shape[1]
+    f64 = torch.float64
+    centre = endpoint[rows].to(f64) if endpoint is not None else torch.zeros(rows.numel(), D, dtype=f64,
+                                                                              device=z.device)
+    delta = torch.zeros(rows.numel(), D, dtype=f64, device=z.device)
+    step = max(1, pair_chunk // D)
+    for p0 in range(0, pair_row.numel(), step):
+        r, c = pair_row[p0:p0 + step], pair_col[p0:p0 + step]
+        delta.index_add_(0, r, w[p0:p0 + step, None] * (pool[c].to(f64) - centre[r]))
+    a, s = alpha[rows].to(f64)[:, None], sigma[rows].to(f64)[:, None]
+    da, ds = d_alpha[rows].to(f64)[:, None], d_sigma[rows].to(f64)[:, None]
+    if endpoint is not None:  # residual form; delta = mu - x_own
+        v = da * centre + ds * noise[rows].to(f64) + (da - ds * a / s) * delta
+    else:  # delta = mu
+        v = da * delta + ds * (z[rows].to(f64) - a * delta) / s
+    velocity[rows] = v.float()
+
+
 def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_labels=None, pool_labels=None,
                           log_prior=None, endpoint=None, noise=None):
     """Triton posterior velocity for z (B, D) against a shared pool (K, D); returns fp32 (velocity, lse, ess)."""
@@ -223,13 +300,14 @@ def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_l
     logits = torch.empty(B, K, device=dev, dtype=torch.float32)
     part = torch.empty(3, B, nt, device=dev, dtype=torch.float32)
     zsq = torch.empty(B, device=dev, dtype=torch.float32)
+    xsq = torch.empty(K, device=dev, dtype=torch.float32)
     has_labels = row_labels is not None
     has_prior = log_prior is not None
     row_lab = row_labels.contiguous() if has_labels else zsq
     pool_lab = pool_labels.contiguous() if has_labels else zsq
     prior = log_prior.contiguous() if has_prior else zsq
 
-    args = (z, pool, alpha, sigma, tau, row_lab, pool_lab, prior, logits, zsq, part, B, K, D, nt, z.stride(0),
+    args = (z, pool, alpha, sigma, tau, row_lab, pool_lab, prior, logits, zsq, xsq, part, B, K, D, nt, z.stride(0),
             pool.stride(0))
     flags = dict(HAS_LABELS=has_labels, LABELS_2D=has_labels and pool_lab.dim() == 2, HAS_PRIOR=has_prior, UPCAST=upcast, PRECISION=precision, BLOCK_N=block_n)
     if INTERPRET:
@@ -237,6 +315,9 @@ def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_l
         _logits_kernel[(triton.cdiv(B, bm), nt)](*args, **flags, BLOCK_M=bm, BLOCK_D=bd)
     else:
         _logits_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), nt)](*args, **flags)
+
+    refined = _refine_uncertain_rows(logits, part, zsq, xsq, z, pool, alpha, sigma, tau,
+                                     log_prior if has_prior else None)
 
     velocity = torch.empty(B, D, device=dev, dtype=torch.float32)
     lse = torch.empty(B, device=dev, dtype=torch.float32)
@@ -253,4 +334,6 @@ def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_l
         _mix_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bd))](*args, **flags, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd)
     else:
         _mix_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))](*args, **flags)
+    if refined is not None:
+        _refined_velocity(refined, velocity, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint, noise)
     return velocity, lse, ess

@@ -96,3 +96,27 @@ def test_data_end_stays_finite_with_residual_form(per_row):
     err = rel_err(out.velocity, v64)
     print(f"sigma=1e-4 per_row={per_row}: relative velocity error {err:.2e}")
     assert err <= 1e-3
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_shared_pool_near_duplicates_at_small_sigma_are_refined(residual):
+    # Rows at sigma = 1e-3 and 1e-4 (where the fp32 expansion cannot resolve near-duplicates and the kernel's rows are
+    # refined with exact distances) mixed with rows at sigma = 0.5 (pure kernel path), labels and a log prior.
+    g = torch.Generator().manual_seed(4)
+    B, D = 8, 96
+    x, eps = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    sigma = torch.tensor([1e-3, 0.5, 1e-4, 0.5, 1e-3, 0.5, 1e-4, 0.5])
+    a = 1 - sigma
+    z = a[:, None] * x + sigma[:, None] * eps
+    pool = torch.cat([x, x.repeat(3, 1) + sigma.repeat(3)[:, None] * 0.1 * torch.randn(3 * B, D, generator=g)])
+    K = pool.shape[0]
+    kw = dict(row_labels=torch.tensor([0, 1, -1, 1, 0, 1, -1, 1]), pool_labels=torch.arange(K) % B % 2,
+              log_prior=0.1 * torch.randn(B, K, generator=g))
+    if residual:
+        kw.update(endpoint=x, noise=eps)
+    args = (z, pool, a, sigma, torch.ones(B), -torch.ones(B))
+    out = posterior_velocity(*args, **kw, backend="triton")
+    v64, lse64, ess64 = oracle(*args, **kw)
+    assert (ess64[sigma < 0.01] > 1.2).all()  # the near-duplicates share the weight
+    errs = rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)
+    assert max(errs) <= 1e-5, errs
