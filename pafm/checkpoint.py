@@ -91,6 +91,8 @@ def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, ran
         os.replace(tmp, final)
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in root.glob("step_*.tmp"):  # partial writes of killed runs
+            shutil.rmtree(leftover, ignore_errors=True)
     dist.barrier()
     return final
 

@@ -26,6 +26,7 @@ def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: 3\n  lr: 0.5\n")
     cfg = load_config(Outer, path, ["train.lr=1", "train.t_range=[0.1,0.5]", "name=x", "train.names=[a,b]"])
+    assert load_config(Outer, path, ["train.lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
     assert cfg.train.steps == 3 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.t_range == (0.1, 0.5) and cfg.name == "x" and cfg.train.names == ["a", "b"]
     save_config(cfg, tmp_path / "resolved.yaml")
@@ -43,6 +44,7 @@ def test_yaml_and_overrides(tmp_path):
         (["train.t_range=3"], "train.t_range: expected a list"),
         (["train.t_range=[1,2,3]"], "train.t_range: expected 2 items"),
         (["train.lr=true"], "train.lr: expected a number"),
+        (["train.lr=fast"], "train.lr: expected a number"),
         (["trian.steps=3"], "unknown config key trian; did you mean train?"),
         (["train"], "not of the form key=value"),
     ],

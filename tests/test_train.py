@@ -113,7 +113,7 @@ def test_resume_equals_never_stopping(env, tmp_path, nproc):
     assert [m["step"] for m in metrics(tmp_path / "parts")] == list(range(1, 9))
     assert_same_weights(tmp_path / "parts" / "ema.safetensors", tmp_path / "whole" / "ema.safetensors")
     checkpoints = sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir())
-    assert checkpoints == ["step_0000004", "step_0000008"]  # keep=2, and the partial folder was replaced
+    assert checkpoints == ["step_0000004", "step_0000008"]  # keep=2, and the partial folder is cleaned up
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path):
