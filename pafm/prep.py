@@ -157,7 +157,7 @@ def imagenet_units(source: Path, shard_size: int):
         raise DataError(f"{source} has no class subfolders (expected the ImageFolder layout SOURCE/<class>/<image>)")
     items = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (source / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in (source / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         items.extend((p, label) for p in files)
     if not items:
         raise DataError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
@@ -247,8 +247,8 @@ def _latent_sums(mean: torch.Tensor) -> dict:
 
 def _encode_unit(args, vae, images: list, flip: bool):
     mean, std = encode_moments(vae, _to_tensor(images), args.batch_size, flip)
-    dtype = getattr(torch, args.dtype)
-    return {"mean": mean.to(dtype), "std": std.to(dtype)}, _latent_sums(mean)
+    mean, std = mean.to(getattr(torch, args.dtype)), std.to(getattr(torch, args.dtype))
+    return {"mean": mean, "std": std}, _latent_sums(mean)  # stats of the values as stored
 
 
 def _run_units(args, out: Path, units: list, process) -> None:

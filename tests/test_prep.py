@@ -266,11 +266,17 @@ def test_t5_tokens_with_clip_pooled(tmp_path, vae_path, clip_path):
     captions = _caption_source(tmp_path / "src", np.random.default_rng(3), 3, tar=False)
     out = tmp_path / "out"
     assert main(["captions", str(tmp_path / "src"), str(out), "--vae", vae_path, "--text-encoder", str(t5_path),
-                 "--pooled-encoder", clip_path, "--resolution", "16", "--max-text-len", "9", "--no-flip"]) == 0
+                 "--pooled-encoder", clip_path, "--resolution", "16", "--max-text-len", "9", "--no-flip",
+                 "--normalization", "stats"]) == 0
     ds = open_dataset(str(out))
     ds.validate()
     assert ds.info["text_dim"] == 12 and ds.info["pooled_dim"] == 16 and not ds.info["has_flip"]
     assert ds.index["tensors"]["tokens"]["dtype"] == "BF16"  # the default text storage dtype
+    # --normalization stats: per-channel shift = mean and scale = 1 / std of the stored posterior means (float64).
+    means = ds.gather("mean", range(3), np.zeros(3, int)).double()
+    mu, sd = means.mean((0, 2, 3)), means.transpose(0, 1).reshape(4, -1).std(1, unbiased=False)
+    assert np.allclose(ds.info["normalization"]["shift"], mu.numpy(), atol=1e-6)
+    assert np.allclose(ds.info["normalization"]["scale"], (1 / sd).numpy(), rtol=1e-5)
     enc = tok([captions[1]], padding="max_length", max_length=9, truncation=True, return_tensors="pt")
     with torch.no_grad():
         tokens = t5.eval()(**enc).last_hidden_state[0]

@@ -23,6 +23,7 @@ def open_dataset(spec: str, split: str = "train") -> LatentDataset:
 
     A folder either holds `index.json` itself (one split) or one subfolder per split (`FOLDER/<split>/index.json`).
     """
+    spec = str(spec)
     if spec.startswith("builtin:"):
         from .digits import SPLITS, builtin_folder
 

@@ -132,14 +132,16 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.specs: dict | None = None
         self._pending: list[dict] = []
-        self._captions: list[str] | None = None
+        self._captions: list[str] | None = None  # a list once the first batch brought captions
         self._count = 0
+        self._batches = 0
 
     def add(self, captions: list[str] | None = None, **tensors: torch.Tensor) -> None:
-        if self._count == 0 and not self.shards:
-            self._captions = [] if captions is not None else None
-        if (captions is None) != (self._captions is None):
+        if self._batches and (captions is None) != (self._captions is None):
             raise ValueError("either every batch or no batch has captions")
+        if not self._batches and captions is not None:
+            self._captions = []
+        self._batches += 1
         self._pending.append(tensors)
         self._count += next(iter(tensors.values())).shape[0]
         if captions is not None:
