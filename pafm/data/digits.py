@@ -23,7 +23,7 @@ SPLITS = ("train", "heldout")
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
 NEIGHBORS_K = 8
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # bump whenever the built content changes: caches are keyed by it
 TEXT_EMBEDDER = {"dim": 32, "max_len": 16, "vocab_size": 4096, "seed": 0}
 
 
@@ -39,15 +39,18 @@ def _all_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_ids(labels: np.ndarray, split: str) -> np.ndarray:
-    """Sorted ids of `split`: per class, a fixed-seed permutation's first round(20%) items are held out."""
+    """Sorted ids of `split`. ceil(20%) of all items are held out (360 of 1797, as scikit-learn's
+    train_test_split counts), spread over classes by largest remainder; within a class a fixed-seed permutation
+    picks them."""
     if split not in SPLITS:
         raise ValueError(f"digits split must be one of {SPLITS}, got {split!r}")
+    counts = np.bincount(labels, minlength=10)
+    exact = HELDOUT_FRACTION * counts
+    take = np.floor(exact).astype(np.int64)
+    extra = int(np.ceil(HELDOUT_FRACTION * len(labels))) - int(take.sum())
+    take[np.argsort(-(exact - take), kind="stable")[:extra]] += 1
     rng = np.random.default_rng(SPLIT_SEED)
-    heldout = []
-    for c in range(10):
-        members = np.nonzero(labels == c)[0]
-        heldout.append(rng.permutation(members)[: int(round(HELDOUT_FRACTION * len(members)))])
-    heldout = np.sort(np.concatenate(heldout))
+    heldout = np.sort(np.concatenate([rng.permutation(np.nonzero(labels == c)[0])[: take[c]] for c in range(10)]))
     if split == "heldout":
         return heldout
     return np.setdiff1d(np.arange(len(labels)), heldout)
