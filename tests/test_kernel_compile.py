@@ -13,9 +13,9 @@ import pytest
 from pafm_kernels import compile_check, per_row_pool, shared_pool
 
 
-def _compile(arch, dtype, first_only=False):
+def _compile(arch, dtypes, first_only=False):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pafm_kernels.compile_check", "--json", "--arch", str(arch), "--dtype", dtype]
+    cmd = [sys.executable, "-m", "pafm_kernels.compile_check", "--json", "--arch", str(arch), "--dtype", *dtypes]
     out = subprocess.run(cmd + (["--first-only"] if first_only else []), capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -25,10 +25,13 @@ def _compile(arch, dtype, first_only=False):
 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_every_configuration_compiles(arch):
-    # Every tuned configuration at bf16 (the training dtype); fp16 and fp32 for the first configuration per kernel.
-    builds = _compile(arch, "bf16") + _compile(arch, "fp16", True) + _compile(arch, "fp32", True)
+    # Every tuned configuration at bf16 (the training dtype); on sm_90 also fp16 and fp32 for the first
+    # configuration of each kernel (the CI time budget does not allow every dtype x configuration x arch).
+    builds = _compile(arch, ["bf16"])
+    if arch == 90:
+        builds += _compile(arch, ["fp16", "fp32"], first_only=True)
     n_configs = len(shared_pool.LOGITS_CONFIGS) + len(shared_pool.MIX_CONFIGS) + len(per_row_pool.PER_ROW_CONFIGS)
-    assert len(builds) == n_configs + 2 * 3
+    assert len(builds) == n_configs + (2 * 3 if arch == 90 else 0)
     assert {b.kernel for b in builds} == {"shared_logits", "shared_mix", "per_row"}
     for b in builds:
         print(b.row())
