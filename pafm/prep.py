@@ -58,6 +58,26 @@ def _open_image(source):
     return image
 
 
+def load_images(sources: list, resolution: int, threads: int, where: str = "") -> tuple[list[np.ndarray], list[int]]:
+    """Decode and centre-crop images on a thread pool (PIL releases the GIL); (crops, indices of the sources that
+    could be read). Unreadable images are skipped with a warning."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def one(source):
+        try:
+            return center_crop(_open_image(source), resolution)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            warnings.warn(f"skipping unreadable image {source}{where}: {err}")
+            return None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        crops = list(pool.map(one, sources))
+    kept = [i for i, c in enumerate(crops) if c is not None]
+    return [crops[i] for i in kept], kept
+
+
 def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     """uint8 HWC images -> float32 (N, 3, H, W) in [-1, 1]."""
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
@@ -251,6 +271,29 @@ def _encode_unit(args, vae, images: list, flip: bool):
     return {"mean": mean, "std": std}, _latent_sums(mean)  # stats of the values as stored
 
 
+RUN_KEYS = ("command", "source", "vae", "resolution", "shard_size", "dtype", "no_flip", "split", "text_encoder",
+            "pooled_encoder", "max_text_len", "text_dtype")
+
+
+def check_run(args, out: Path) -> None:
+    """Record the settings that decide the shards' content in OUT/prep.json; a resumed run must use the same ones,
+    else finished shards from the old settings would be mixed with new ones."""
+    settings = {k: str(getattr(args, k, None)) for k in RUN_KEYS}
+    for k in ("source", "vae", "text_encoder", "pooled_encoder"):
+        if getattr(args, k, None):
+            settings[k] = str(Path(getattr(args, k)).resolve())
+    path = out / "prep.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise DataError(f"{out} was started with other settings (then, now): "
+                            + ", ".join(f"{k}={a}/{b}" for k, (a, b) in diff.items())
+                            + ": use the same settings to resume, or a new output folder")
+    else:  # every rank writes the same content, so concurrent writes are harmless
+        atomic_write_text(path, json.dumps(settings, indent=1))
+
+
 def _run_units(args, out: Path, units: list, process) -> None:
     """Run `process(unit_index, unit) -> (tensors, captions, sums, skipped)` for this rank's unfinished units."""
     from tqdm import tqdm
@@ -315,17 +358,12 @@ def prep_imagenet(args) -> dict | None:
     source, out = Path(args.source), Path(args.out)
     classes, units = imagenet_units(source, args.shard_size)
     out.mkdir(parents=True, exist_ok=True)
+    check_run(args, out)
     vae = load_vae(args.vae, args.device)
 
     def process(u, unit):
-        images, labels, skipped = [], [], 0
-        for path, label in unit:
-            try:
-                images.append(center_crop(_open_image(path), args.resolution))
-                labels.append(label)
-            except OSError as err:
-                warnings.warn(f"skipping unreadable image {path}: {err}")
-                skipped += 1
+        images, kept = load_images([path for path, _ in unit], args.resolution, args.threads)
+        labels, skipped = [unit[i][1] for i in kept], len(unit) - len(kept)
         if not images:
             return None, None, None, skipped
         tensors, sums = _encode_unit(args, vae, images, not args.no_flip)
@@ -341,20 +379,15 @@ def prep_captions(args) -> dict | None:
     source, out = Path(args.source), Path(args.out)
     units = caption_units(source, args.shard_size)
     out.mkdir(parents=True, exist_ok=True)
+    check_run(args, out)
     vae = load_vae(args.vae, args.device)
     text = TransformersTextEmbedder(args.text_encoder, args.max_text_len, args.pooled_encoder, args.device)
 
     def process(u, unit):
         kind, payload = unit
         pairs = read_tar(payload) if kind == "tar" else [(img, txt.read_text().strip()) for img, txt in payload]
-        images, captions, skipped = [], [], 0
-        for image, caption in pairs:
-            try:
-                images.append(center_crop(_open_image(image), args.resolution))
-                captions.append(caption)
-            except OSError as err:
-                warnings.warn(f"skipping unreadable image {image} in unit {u}: {err}")
-                skipped += 1
+        images, kept = load_images([image for image, _ in pairs], args.resolution, args.threads, f" (shard {u})")
+        captions, skipped = [pairs[i][1] for i in kept], len(pairs) - len(kept)
         if not images:
             return None, None, None, skipped
         tensors, sums = _encode_unit(args, vae, images, not args.no_flip)
@@ -434,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vae: the VAE config's shift/scale (SD: 0, 0.18215); stats: per-channel mean/std")
         p.add_argument("--split", default="train", help="split name recorded in the index")
         p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+        p.add_argument("--threads", type=int, default=8, help="image decoding threads per rank")
         p.add_argument("--rank", type=int, default=None, help="this job's part, without torchrun")
         p.add_argument("--world-size", type=int, default=None, help="number of parts, without torchrun")
 
@@ -465,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "neighbors":
         run_neighbors(args)
         return 0
-    for name in ("shard_size", "batch_size", "resolution"):
+    for name in ("shard_size", "batch_size", "resolution", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     args.rank, args.world_size, args.device = _dist(args)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pafm.data import LatentLoader, open_dataset, text_embedder_from_info
+from pafm.data import DataError, LatentLoader, open_dataset, text_embedder_from_info
 from pafm.data.loader import flip_views
 from pafm.prep import TransformersTextEmbedder, center_crop, main
 
@@ -135,6 +135,8 @@ def test_imagenet_prep_resume_and_ranks(image_folder, vae_path, tmp_path, capsys
     assert after["shard-00001.safetensors"] == stamps["shard-00001.safetensors"]
     assert after["shard-00002.safetensors"] != stamps["shard-00002.safetensors"]
     open_dataset(str(out)).validate()
+    with pytest.raises(DataError, match="shard_size"):  # resuming with other settings would mix shards
+        main(base[:-4] + ["--shard-size", "5", "--batch-size", "3"])
     batch = next(LatentLoader(open_dataset(str(out)), 4, seed=0))
     ids = batch["index"].numpy()
     assert batch["x"].shape == (4, 4, 8, 8)
@@ -205,6 +207,8 @@ def _caption_source(root, rng, n, tar):
         for i, cap in enumerate(captions):
             random_image(rng, (20 + i, 24)).save(root / f"{i:03d}.png")
             (root / f"{i:03d}.txt").write_text(cap + "\n")
+        (root / "999.png").write_bytes(b"not a png")  # unreadable: skipped with a warning, counted in the index
+        (root / "999.txt").write_text("a broken image")
         return captions
     for t in range(2):
         with tarfile.open(root / f"part-{t}.tar", "w") as f:
@@ -221,6 +225,7 @@ def _caption_source(root, rng, n, tar):
 
 
 @pytest.mark.parametrize("tar", [False, True])
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
 def test_captions_prep(tmp_path, vae_path, clip_path, tar):
     rng = np.random.default_rng(2)
     captions = _caption_source(tmp_path / "src", rng, 5, tar)
@@ -233,6 +238,7 @@ def test_captions_prep(tmp_path, vae_path, clip_path, tar):
     assert info["kind"] == "text" and len(ds) == 5 and len(ds.shards) == 2
     assert info["text_dim"] == 16 and info["max_text_len"] == 10 and info["pooled_dim"] == 16
     assert ds.captions(range(5)) == captions
+    assert info["skipped"] == (0 if tar else 1)
     # The stored embeddings are what the CLIP text model gives for the caption, run directly here.
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -252,6 +258,7 @@ def test_captions_prep(tmp_path, vae_path, clip_path, tar):
     assert json.loads((out / "index.json").read_text())["text_encoder"]["path"] == clip_path
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
 def test_t5_tokens_with_clip_pooled(tmp_path, vae_path, clip_path):
     """SD3's pairing: token embeddings from T5, the pooled vector from CLIP (--pooled-encoder)."""
     from transformers import AutoTokenizer, CLIPTextModel, T5Config, T5EncoderModel

@@ -65,8 +65,8 @@ def add_neighbors(folder, k: int = 8, chunk: int = 4096, device: str = "cpu", dt
         groups = [torch.arange(len(dataset))]
     for members in groups:
         if len(members) <= k:
-            raise DataError(f"{folder}: class {int(labels[members[0]])} has {len(members)} items: too few for {k} "
-                            f"same-class neighbours (lower k)")
+            raise DataError(f"{folder}: a group (class, or the whole text dataset) of {len(members)} items, starting "
+                            f"at item {int(members[0])}, is too small for {k} neighbours: lower k")
         x = normalized_view0(dataset, members.numpy()).to(device)
         ids[members] = members[knn(x, k, chunk, dtype).cpu()]
     folder = dataset.folder
