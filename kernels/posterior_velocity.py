@@ -50,8 +50,9 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
         log_prior: (B, K) added to the logits.
         temperature: positive float or (B,) tensor dividing the likelihood term.
         endpoint, noise: (B, *S), both or neither: selects the residual form.
-        backend: "torch" (memory-bounded reference), "triton" (fused kernels; CUDA, or CPU tensors when
-            TRITON_INTERPRET=1), or "auto" (Triton on CUDA tensors, the reference elsewhere).
+        backend: "torch" (memory-bounded float64-grade reference), "triton" (fused kernels; CUDA, or CPU tensors
+            when TRITON_INTERPRET=1), or "auto" (Triton on CUDA tensors except float64, the reference elsewhere).
+            The op has no autograd: it builds a stop-gradient target.
 
     Returns:
         PosteriorTarget(velocity (B, *S), lse (B,), ess (B,)), float32 (float64 for float64 inputs). A row without

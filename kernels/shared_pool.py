@@ -10,6 +10,11 @@ fp32 logits are small (2B/D of the input bytes), so it runs as two GEMM launches
   K2 `_mix_kernel`: combines the partials into lse and ESS, then mu = exp(S - lse) @ X with the velocity epilogue.
 
 Only B x K logits and B x (K / BLOCK_N) partials are written: extra memory O(B K); no B x K x D tensor exists.
+
+The fp32 expansion cannot resolve near-duplicate candidates as sigma -> 0 (its terms grow like 1/sigma^2). Between
+K1 and K2 the wrapper bounds each row's logit error; rows above REFINE_NATS get exact float64 direct distances for
+the few candidates within reach of their best one and a float64 velocity (`_refine_uncertain_rows`). This costs a
+host sync and O(refined rows x D) work, and keeps the kernel path exact down to sigma = 1e-4.
 """
 from __future__ import annotations
 
