@@ -139,10 +139,9 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             from .shared_pool import shared_pool_posterior as run
         else:
             from .per_row_pool import per_row_posterior as run
+    else:
+        run = posterior_velocity_reference
+    with torch.no_grad():  # a stop-gradient target on either backend
         velocity, lse, ess = run(z2, pool2, alpha, sigma, d_alpha, d_sigma, tau, row_labels=row_labels,
                                  pool_labels=pool_labels, log_prior=log_prior, endpoint=end2, noise=noise2)
-    else:
-        velocity, lse, ess = posterior_velocity_reference(
-            z2, pool2, alpha, sigma, d_alpha, d_sigma, tau, row_labels=row_labels, pool_labels=pool_labels,
-            log_prior=log_prior, endpoint=end2, noise=noise2)
     return PosteriorTarget(velocity.reshape(z.shape), lse, ess)

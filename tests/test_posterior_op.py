@@ -253,3 +253,10 @@ def test_import_touches_no_gpu_driver():
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_target_carries_no_gradient():
+    args, kw = make_case(3, 5, (8,), residual=True)
+    z = args[0].clone().requires_grad_(True)
+    out = posterior_velocity(z, *args[1:], **kw, backend="torch")
+    assert not out.velocity.requires_grad and not out.lse.requires_grad
