@@ -61,7 +61,7 @@ def kernel_variants(dtype: str):
     Every optional feature is switched on (labels, prior, residual), the variant with the most live state.
     """
     t = _TL_DTYPE[dtype]
-    precision = "tf32x3"
+    precision = shared_pool.DOT_PRECISION
     logits_sig = {"Z": f"*{t}", "X": f"*{t}", "ALPHA": "*fp32", "SIGMA": "*fp32", "TAU": "*fp32", "ROW_LAB": "*i64",
                   "POOL_LAB": "*i64", "LOG_PRIOR": "*fp32", "S": "*fp32", "ZSQ": "*fp32", "XSQ": "*fp32",
                   "PART": "*fp32",

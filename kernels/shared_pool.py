@@ -202,10 +202,9 @@ _mix_tuned = triton.autotune(MIX_CONFIGS, key=["B", "K", "D", "RESIDUAL"])(_mix_
 BLOCK_T = 32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: "tf32x3" keeps ~fp32 accuracy on the tensor cores (plain TF32 would put 1e-3 relative error
-    # into logits that are divided by 2 sigma^2). 16-bit inputs ignore it.
-    return "tf32x3"
+# fp32 inputs: "tf32x3" keeps ~fp32 accuracy on the tensor cores (plain TF32 would put 1e-3 relative error into
+# logits that are divided by 2 sigma^2). 16-bit dots ignore it.
+DOT_PRECISION = "tf32x3"
 
 
 def _interpret_block(n: int, cap: int) -> int:
@@ -298,7 +297,7 @@ def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_l
     alpha, sigma, d_alpha, d_sigma, tau = map(f32, (alpha, sigma, d_alpha, d_sigma, tau))
     dev = z.device
     upcast = INTERPRET
-    precision = dot_precision(z.dtype)
+    precision = DOT_PRECISION
 
     block_n = _interpret_block(K, 64) if INTERPRET else LOGITS_BLOCK_N
     nt = triton.cdiv(K, block_n)

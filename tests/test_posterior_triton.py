@@ -1,5 +1,4 @@
 """Triton kernels (run by the interpreter on the CPU) against the float64 oracle and the op's contract."""
-import warnings
 
 import pytest
 import torch
