@@ -116,7 +116,7 @@ def test_digits_splits_values_and_flip(digits_cache):
     info = train.info
     assert info["kind"] == "class" and info["latent_shape"] == [1, 8, 8] and info["num_classes"] == 10
     assert info["class_names"][7] == "seven" and info["encoder"] == {"kind": "identity"}
-    assert info["normalization"] == {"shift": [0.0], "scale": [1.0]} and info["has_flip"] and not info["has_moments"]
+    assert info["normalization"] == {"shift": [0.0], "scale": [1.0]} and info["has_flip"] and info["has_moments"]
     assert info["neighbors_k"] >= 8
     # Stratified: every class is held out at 20% (+- rounding).
     counts = np.bincount(raw.target, minlength=10)
@@ -126,8 +126,10 @@ def test_digits_splits_values_and_flip(digits_cache):
     for ds in (train, held):
         x, labels = load_digits_split(ds.info["split"])
         assert x.dtype == torch.float32 and x.shape == (len(ds), 1, 8, 8) and labels.dtype == torch.int64
-        assert torch.equal(ds.gather("latent", range(len(ds)), np.zeros(len(ds), int)), x)
-        assert torch.equal(ds.gather("latent", range(len(ds)), np.ones(len(ds), int)), x.flip(-1))
+        assert torch.equal(ds.gather("mean", range(len(ds)), np.zeros(len(ds), int)), x)
+        assert torch.equal(ds.gather("mean", range(len(ds)), np.ones(len(ds), int)), x.flip(-1))
+        std = ds.gather("std", range(len(ds)), np.zeros(len(ds), int))
+        assert ds.info["has_moments"] and torch.allclose(std, torch.full_like(std, 0.125 / 12**0.5))
         assert torch.equal(ds.gather("label", range(len(ds))), labels)
     flat = raw.images.reshape(1797, -1).astype(np.float64) / 8.0 - 1.0
     keys = {tuple(r) + (t,) for r, t in zip(flat, raw.target)}

@@ -138,7 +138,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path):
 
 
 def test_every_candidate_source_reports_ess(env, tmp_path):
-    for source in ["batch", "global", "bank", "neighbors"]:
+    for source in ["batch", "global", "bank", "neighbors", "resample"]:
         run = tmp_path / source
         train(env, run, f"objective.source={source}", "objective.candidates=4", "train.steps=2",
               "checkpoint.every=100", "objective.temperature=20.0")
