@@ -268,7 +268,8 @@ def _refine_uncertain_rows(logits, part, zsq, xsq, z, pool, alpha, sigma, tau, l
     return rows, pair_row, pair_col, torch.exp(exact - lse[pair_row])
 
 
-def _refined_velocity(refined, velocity, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint, noise, pair_chunk=1 << 22):
+def _refined_velocity(refined, velocity, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint, noise,
+                      pair_chunk=1 << 22):
     """Velocity of the refined rows in float64 from their few candidates: mu - x_own = sum_j w_j (x_j - x_own) is
     multiplied by ~1/sigma there, which an fp32 GEMM accumulation of mu (error ~2^-24 |x|) cannot afford."""
     rows, pair_row, pair_col, w = refined
@@ -316,7 +317,8 @@ def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_l
 
     args = (z, pool, alpha, sigma, tau, row_lab, pool_lab, prior, logits, zsq, xsq, part, B, K, D, nt, z.stride(0),
             pool.stride(0))
-    flags = dict(HAS_LABELS=has_labels, LABELS_2D=has_labels and pool_lab.dim() == 2, HAS_PRIOR=has_prior, UPCAST=upcast, PRECISION=precision, BLOCK_N=block_n)
+    flags = dict(HAS_LABELS=has_labels, LABELS_2D=has_labels and pool_lab.dim() == 2, HAS_PRIOR=has_prior,
+                 UPCAST=upcast, PRECISION=precision, BLOCK_N=block_n)
     if INTERPRET:
         bm, bd = _interpret_block(B, 32), _interpret_block(D, 128)
         _logits_kernel[(triton.cdiv(B, bm), nt)](*args, **flags, BLOCK_M=bm, BLOCK_D=bd)
