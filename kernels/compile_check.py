@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel configuration for NVIDIA targets, without a GPU.
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` lowers a kernel to PTX and a cubin on any
-machine; cuobjdump's resource usage of the cubin gives registers and the stack frame (spills), the compiler's metadata the shared memory.
+machine; cuobjdump's resource usage of the cubin gives registers and the stack frame (spills), the compiler's
+metadata the shared memory.
 Run as `python -m pafm_kernels.compile_check [--arch 90 80] [--dtype bf16]` to print the table.
 """
 from __future__ import annotations
