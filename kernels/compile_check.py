@@ -85,7 +85,7 @@ def kernel_variants(dtype: str):
                "ESS": "*fp32", "K": "i32", "D": "i32", "stride_z": "i32", "stride_xb": "i32", "stride_xk": "i32",
                "stride_pl": "i32", "stride_lp": "i32"}
     for cfg in per_row_pool.PER_ROW_CONFIGS:
-        const = dict(HAS_LABELS=True, HAS_PRIOR=True, RESIDUAL=True, **cfg.kwargs)
+        const = dict(HAS_LABELS=True, HAS_PRIOR=True, RESIDUAL=True, EMULATE_FMA=False, **cfg.kwargs)
         yield "per_row", per_row_pool._per_row_kernel, row_sig, const, cfg
 
 

@@ -23,7 +23,7 @@ def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
                     LOGITS, V, LSE, ESS,
                     K, D, stride_z, stride_xb, stride_xk, stride_pl, stride_lp,
                     HAS_LABELS: tl.constexpr, HAS_PRIOR: tl.constexpr, RESIDUAL: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                    EMULATE_FMA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rd = tl.arange(0, BLOCK_D)
@@ -48,7 +48,13 @@ def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
             z = tl.load(z_row + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
             x = tl.load(x_row + (k0 + rk)[:, None] * stride_xk + (d0 + rd)[None, :],
                         mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            diff = z[None, :] - a * x
+            # On a GPU, z - a x contracts to one fused multiply-add (triton's default fp fusion): the product is
+            # exact, which matters when z - a x_j is O(sigma) and sigma -> 0. numpy (the interpreter) has no fma,
+            # so emulate it there with an exact float64 product.
+            if EMULATE_FMA:
+                diff = (z.to(tl.float64)[None, :] - a.to(tl.float64) * x.to(tl.float64)).to(tl.float32)
+            else:
+                diff = z[None, :] - a * x
             dist += tl.sum(diff * diff, axis=1)
         logit = -dist * inv
         valid = mask_k
@@ -136,7 +142,7 @@ def per_row_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_label
             endpoint.contiguous() if residual else z, noise.contiguous() if residual else z,
             logits, velocity, lse, ess, K, D, z.stride(0), pool.stride(0), pool.stride(1), stride_pl,
             K if has_prior else 0)
-    flags = dict(HAS_LABELS=has_labels, HAS_PRIOR=has_prior, RESIDUAL=residual)
+    flags = dict(HAS_LABELS=has_labels, HAS_PRIOR=has_prior, RESIDUAL=residual, EMULATE_FMA=INTERPRET)
     if INTERPRET:
         bk = max(2, min(16, triton.next_power_of_2(K)))
         bd = max(16, min(128, triton.next_power_of_2(D)))

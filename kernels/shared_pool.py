@@ -224,23 +224,24 @@ def _refine_uncertain_rows(logits, part, zsq, xsq, z, pool, alpha, sigma, tau, l
     K1's logits (2 a z.x - a^2 ||x||^2) / (2 sigma^2 tau) cancel as sigma -> 0: the terms grow like 1/sigma^2 while
     the differences that matter stay O(D), so near-duplicate candidates at small sigma would get weights off by
     whole nats. With u = 2^-24, |error| <= u (sqrt(D) + 8)(2|a| ||z|| max||x|| + a^2 max||x||^2) / (2 sigma^2 tau)
-    per row (fp32 accumulation with random rounding). Rows whose bound exceeds REFINE_NATS and which have two or
-    more candidates within 2 * bound + REFINE_MARGIN of their best approximate logit keep only those, with exact
-    float64 direct distances ||z - a x_j||^2 (full logits, so that row's ZSQ becomes 0), and their softmax partials
-    are rebuilt. O(pairs * D) extra work and one host sync per call; REFINE_NATS = inf switches it off.
+    per row (fp32 accumulation with random rounding; ||z||^2 added for the lse). Rows whose bound exceeds REFINE_NATS
+    keep only the candidates within 2 * bound + REFINE_MARGIN of their best approximate logit (usually one or a
+    few), with exact float64 direct distances ||z - a x_j||^2 (full logits, so that row's ZSQ becomes 0); their
+    softmax partials are rebuilt and their velocity recomputed in float64 (`_refined_velocity`).
+    O(pairs * D) extra work and one host sync per call; REFINE_NATS = inf switches it off.
     """
     B, K = logits.shape
     D = z.shape[1]
     inv = 1.0 / (2.0 * sigma * sigma * tau)
     xmax2 = xsq.max()
-    magnitude = 2.0 * alpha.abs() * zsq.sqrt() * xmax2.sqrt() + alpha * alpha * xmax2
+    # ||z||^2 enters through the reported lse = lse' - ||z||^2 / (2 sigma^2 tau).
+    magnitude = zsq + 2.0 * alpha.abs() * zsq.sqrt() * xmax2.sqrt() + alpha * alpha * xmax2
     bound = 2.0 ** -24 * (D ** 0.5 + 8.0) * magnitude * inv
     best = part[0].max(dim=1).values
     reach = best - 2.0 * bound - REFINE_MARGIN
-    # A row with a single candidate in reach is one-hot whatever the error: only rows with two or more need exact
-    # logits. One host sync decides; most rows of real data (distinct candidates) have one.
-    contenders = (logits >= reach[:, None]).sum(1)
-    rows = ((bound > REFINE_NATS) & torch.isfinite(best) & (contenders > 1)).nonzero()[:, 0]
+    # Rows with one candidate in reach are refined too: their weights are right, but their lse (which the trainer
+    # compares with the own endpoint's closed-form logit) and their mu - x_own / sigma are not. Usually one pair.
+    rows = ((bound > REFINE_NATS) & torch.isfinite(best)).nonzero()[:, 0]
     if rows.numel() == 0:
         return None
     sub = logits[rows]
