@@ -187,9 +187,9 @@ def readme_row(report: dict) -> str:
     cfg = f"{s['cfg_scale']:g}" + (f" [{s['cfg_interval'][0]:g}, {s['cfg_interval'][1]:g}]"
                                    if tuple(s["cfg_interval"]) != (0.0, 1.0) and s["cfg_scale"] != 1 else "")
     head = f"| {report['model']} | {report['step']} | {report['sampler_label']} | {cfg} | {report['num_samples']} |"
-    if "accuracy" in m:
-        return head + f" acc {m['accuracy']:.3f} | FD(pixels) {m['frechet_pixels']:.2f} | " \
-                      f"memorised {m['memorization']:.3f} |"
+    if "frechet_pixels" in m:
+        acc = f"acc {m['accuracy']:.3f}" if "accuracy" in m else "acc n/a"
+        return head + f" {acc} | FD(pixels) {m['frechet_pixels']:.2f} | memorised {m['memorization']:.3f} |"
     parts = [f"FID {m['fid']:.2f}" if "fid" in m else "", f"IS {m['isc']:.1f}" if "isc" in m else "",
              f"P {m['precision']:.3f} / R {m['recall']:.3f}" if "precision" in m else "",
              f"KID {m['kid']:.4f}" if "kid" in m else ""]

@@ -51,6 +51,7 @@ class Conditions:
 
     def __init__(self, model, meta: dict, labels: list[int] | None = None, prompts: list[str] | None = None):
         self.kind = model.cond_kind
+        self.caption_labels = None  # class of each held-out caption, where the text dataset has labels
         data = meta.get("data") or {}
         self.info = data.get("info") or {}
         if self.kind == "class":
@@ -70,7 +71,10 @@ class Conditions:
                 from pafm.data import open_dataset
 
                 heldout = open_dataset(data["spec"], "heldout")
-                prompts = heldout.captions(np.arange(len(heldout)))
+                ids = np.arange(len(heldout))
+                prompts = heldout.captions(ids)
+                if "label" in heldout.index.get("tensors", {}):  # captioned class data (digits-captions)
+                    self.caption_labels = heldout.gather("label", ids).numpy().astype(np.int64)
             self.prompts = list(prompts)
         else:
             raise ValueError(f"unknown model.cond_kind {self.kind!r}")
@@ -87,9 +91,11 @@ class Conditions:
         return cond, captions
 
     def class_ids(self, indices) -> np.ndarray:
-        """Intended class of each sample (-1 for text models)."""
+        """Intended class of each sample (text models: the caption's class where known, else -1)."""
         if self.kind != "class":
-            return np.full(len(indices), -1, dtype=np.int64)
+            if self.caption_labels is None:
+                return np.full(len(indices), -1, dtype=np.int64)
+            return np.array([self.caption_labels[int(i) % len(self.prompts)] for i in indices], dtype=np.int64)
         return np.array([self.labels[int(i) % len(self.labels)] for i in indices], dtype=np.int64)
 
 

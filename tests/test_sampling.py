@@ -9,6 +9,18 @@ from pafm.paths import build_path
 from pafm.sampling import (SamplerConfig, diffusion_coefficient, dopri5, euler, euler_maruyama, guided_velocity,
                            heun, sample, time_grid)
 
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tensors here are tiny: with several threads every op pays OpenMP synchronisation, which on a busy shared
+    # machine made one test 10x slower.  Restored afterwards for the other test files.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Data: x ~ sum_k pi_k N(m_k, s_k^2 I) in 2-D.
 WEIGHTS = torch.tensor([0.3, 0.7], dtype=torch.float64)
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=torch.float64)
