@@ -129,3 +129,17 @@ def test_digits_metrics():
     assert judge.score(noise_images)["frechet_pixels"] == pytest.approx(independent, rel=1e-6)
     with pytest.raises(MetricError, match="8x8"):
         judge.score(np.zeros((2, 3, 8, 8)))
+
+
+def test_inception_download_failure_says_how_to_provide_the_file(monkeypatch):
+    import urllib.error
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    with pytest.raises(MetricError, match="eval.inception_weights=") as err:
+        InceptionFeatures(None)
+    assert "weights-inception-2015-12-05" in str(err.value)
