@@ -252,3 +252,21 @@ def test_bf16_autocast_returns_float32_close_to_fp32():
         out[precision], _ = sample(fn, x, path, cfg)
     assert out["bf16"].dtype == torch.float32
     assert (out["bf16"] - out["fp32"]).abs().max() < 5e-2 and not torch.equal(out["bf16"], out["fp32"])
+
+
+def test_guidance_interval_with_the_real_sit():
+    from pafm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("SiT-T/2", input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32,
+                        num_heads=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # adaLN-Zero starts at zero output
+        x, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4])
+        t = torch.tensor([0.1, 0.4, 0.6, 0.95])
+        c, u = model(x, t, y), model(x, t, torch.full_like(y, 10))
+        inside = ((t >= 0.3) & (t <= 0.9))[:, None, None, None]
+        v = guided_velocity(model, y, 3.0, (0.3, 0.9))(x, t)
+        assert torch.allclose(v, torch.where(inside, u + 3.0 * (c - u), c), atol=1e-6)
+        assert torch.equal(guided_velocity(model, y, 1.0)(x, t), c)
