@@ -40,12 +40,12 @@ INCEPTION_METRICS = ("fid", "isc", "prc", "kid")
 
 @dataclasses.dataclass
 class EvalSection:
-    """num_samples: total N (ImageNet protocol: 50000, 50 per class).  batch_size: samples per chunk (per rank at a
+    """num_samples: total N (null: the ImageNet protocol's 50000, 50 per class; 1000 for the built-in digits).  batch_size: samples per chunk (per rank at a
     time).  metrics: any of fid, isc, prc, kid, digits; null picks 'digits' for builtin:digits* data and
     [fid, isc, prc] otherwise.  reference: a folder of images, an .npz with arr_0 (uint8 NHWC) and/or mu, sigma.
     inception_weights: local torch-fidelity Inception file (else torch-fidelity downloads it)."""
 
-    num_samples: int = 50000
+    num_samples: Optional[int] = None
     batch_size: int = 125
     seed: int = 0
     out_dir: Optional[str] = None
@@ -68,11 +68,13 @@ class EvalConfig:
 def check_eval_config(cfg: EvalConfig, meta: dict) -> list[str]:
     """Validate; returns the metric list (auto-filled)."""
     e = cfg.eval
+    spec = str((meta.get("data") or {}).get("spec", ""))
+    if e.num_samples is None:
+        e.num_samples = 1000 if spec.startswith("builtin:digits") else 50000
     if e.num_samples < 1:
         raise ConfigError(f"eval.num_samples must be >= 1, got {e.num_samples}")
     if e.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {e.batch_size}")
-    spec = str((meta.get("data") or {}).get("spec", ""))
     metrics = list(e.metrics) if e.metrics is not None else (
         ["digits"] if spec.startswith("builtin:digits") else ["fid", "isc", "prc"])
     unknown = set(metrics) - set(INCEPTION_METRICS) - {"digits"}
