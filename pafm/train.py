@@ -261,6 +261,9 @@ def train(cfg: Config, world: World) -> dict:
             save_training_grid(export, {**export_meta, "step": step}, run_dir / "samples" / f"step_{step:07d}.png",
                                steps=cfg.log.sample_steps, cfg_scale=cfg.log.sample_cfg, seed=cfg.train.seed)
 
+    # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
+    bf16 = cfg.train.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     stop = StopSignal()
     data_iter = iter(loader)
     window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fm loss, grad norm, steps
@@ -281,7 +284,8 @@ def train(cfg: Config, world: World) -> dict:
             draws = objective.draw(gen, micro, world.rank, world.size, device)
             z = objective.path.interpolate(x, draws.noise, draws.t)
             objective.start_candidates(x, batch, draws)
-            pred = model(z, draws.t, condition(batch, device), drop=draws.drop)
+            with autocast:
+                pred = model(z, draws.t, condition(batch, device), drop=draws.drop)
             target, u, diagnostics = objective.target(x, batch, draws)
             fm_loss = flow_loss(pred, u)
             if cfg.objective.kind == "fm":

@@ -95,6 +95,9 @@ def test_two_fsdp_ranks_match_one_process(env, tmp_path):
     assert len(one) == len(two) == 5
     assert one[0] != one[-1]  # it trains
     assert one == pytest.approx(two, rel=1e-5, abs=1e-7)
+    # bf16 (FSDP2 mixed precision + autocast) with activation checkpointing follows the fp32 trajectory closely.
+    train(env, tmp_path / "bf16", *args, "train.precision=bf16", "train.activation_checkpointing=true", nproc=2)
+    assert losses(tmp_path / "bf16") == pytest.approx(one, rel=3e-2)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
