@@ -83,7 +83,7 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every: int = 50
-    sample_every: int = 0  # 0: only at the end
+    sample_every: int = 0  # a grid every N steps and at the end; 0: only at the end; -1: never
     sample_steps: int = 32  # Heun steps of the sample grid
     sample_cfg: float = 1.0
     tensorboard: bool = True
@@ -367,11 +367,11 @@ def train(cfg: Config, world: World) -> dict:
 
     if bar is not None:
         bar.close()
-    if step == cfg.train.steps and (cfg.log.sample_every >= 0):
+    if step == cfg.train.steps and cfg.log.sample_every >= 0:
         sample_grid()
     if writer is not None:
         writer.close()
-    return {"step": step, "run_dir": run_dir, "checkpoint": last_checkpoint, "skipped": skipped,
+    return {"step": step, "run_dir": run_dir, "checkpoint": last_checkpoint or latest_checkpoint(ckpt_dir), "skipped": skipped,
             "stopped": stop.requested}
 
 
