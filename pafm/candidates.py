@@ -87,7 +87,9 @@ class ClassBank:
             raise ValueError("objective.source=bank needs a class-conditional dataset (num_classes > 0)")
         if per_class <= 0:
             raise ValueError(f"objective.bank_per_class must be positive, got {per_class}")
-        self.entries = torch.zeros((num_classes, per_class) + tuple(shape), device=device, dtype=dtype)
+        # One scratch slot per class past the FIFO absorbs the rows a batch overwrites within itself.
+        self._padded = torch.zeros((num_classes, per_class + 1) + tuple(shape), device=device, dtype=dtype)
+        self.entries = self._padded[:, :per_class]
         self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)  # items ever pushed per class
 
     def start(self, x, ids, pooled, batch, draws):
@@ -102,13 +104,22 @@ class ClassBank:
 
     @torch.no_grad()
     def update(self, x, ids):
-        """Push the minibatch: each item overwrites the oldest entry of its class."""
-        per_class = self.entries.shape[1]
-        for c in ids.unique().tolist():
-            rows = x[ids == c]
-            slots = (self.count[c] + torch.arange(len(rows), device=x.device)) % per_class
-            self.entries[c, slots] = rows.to(self.entries.dtype)  # later rows win when a batch wraps the FIFO
-            self.count[c] += len(rows)
+        """Push the minibatch: each item overwrites the oldest entry of its class (later rows win).
+
+        Vectorised without host syncs: rows are grouped by class with a stable sort, each gets its rank within its
+        class in this batch, and rows that the same batch would overwrite again (more than per_class rows of one
+        class) are sent to a scratch slot, so every kept write hits a distinct entry.
+        """
+        num_classes, per_class = self.entries.shape[:2]
+        counts = torch.bincount(ids, minlength=num_classes)
+        order = torch.argsort(ids, stable=True)
+        sorted_ids = ids[order]
+        first = counts.cumsum(0) - counts
+        rank = torch.arange(len(ids), device=ids.device) - first[sorted_ids]
+        keep = rank >= counts[sorted_ids] - per_class
+        slots = torch.where(keep, (self.count[sorted_ids] + rank) % per_class, per_class)
+        self._padded[sorted_ids, slots] = x[order].to(self.entries.dtype)
+        self.count += counts
 
     def state_dict(self):
         return {"entries": self.entries, "count": self.count}

@@ -6,6 +6,7 @@ One code path for every launch: under torchrun the environment names the rank an
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -14,6 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+# Rank 0 alone validates the dataset and draws the preview grids while the other ranks wait in a collective; NCCL's
+# 10-minute default would abort a run whose dataset takes longer to hash.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass
@@ -50,7 +56,8 @@ def init_distributed(device: str = "auto") -> World:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None,
+                                timeout=COLLECTIVE_TIMEOUT)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
@@ -64,6 +71,10 @@ def shard_model(model: torch.nn.Module, world: World, bf16: bool, activation_che
 
     mesh = init_device_mesh(world.device.type, (world.size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # The root keeps its inputs in fp32: t must reach the time embedding unrounded (bf16 has 128 values in [0.5, 1)),
+    # and the prediction must come back in fp32. Autocast in the trainer runs the root's own matmuls in bf16.
+    root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=torch.float32,
+                                       cast_forward_inputs=False)
     for i, block in enumerate(model.blocks):
         if activation_checkpointing:
             block = checkpoint_wrapper(block)  # its state-dict hooks keep the parameter names unchanged
@@ -71,7 +82,7 @@ def shard_model(model: torch.nn.Module, world: World, bf16: bool, activation_che
             block.compile()
         model.blocks[i] = block
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
     return model
 
 

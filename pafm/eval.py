@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -241,7 +242,9 @@ def evaluate(checkpoint, overrides: list[str] | None = None, config_file=None) -
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Ranks wait at the barrier for the slowest rank's whole share of chunks on a resume: allow hours, not NCCL's
+        # default 10 minutes.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     try:
         export_path = resolve_export(checkpoint)
         model, meta = load_export(export_path, device=device)

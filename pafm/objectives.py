@@ -138,15 +138,17 @@ class Objective:
         return None, F.normalize(batch["pooled"].to(device).float(), dim=-1)
 
     def start_candidates(self, x, batch, draws: Draws):
-        """Kick off the candidate pool (the `global` source's gathers overlap the model's forward)."""
+        """Kick off the candidate pool (the `global` source's gathers overlap the model's forward).
+
+        The prior's ids are moved to the device once here and reused by `target` and `finish_candidates`.
+        """
         if self.source is not None:
-            ids, pooled = self.prior_ids(batch, x.device)
-            self.source.start(x, ids, pooled, batch, draws.resample)
+            self._ids, self._pooled = self.prior_ids(batch, x.device)
+            self.source.start(x, self._ids, self._pooled, batch, draws.resample)
 
     def finish_candidates(self, x, batch):
         if self.source is not None:
-            ids, _ = self.prior_ids(batch, x.device)
-            self.source.update(x, ids)
+            self.source.update(x, self._ids)
 
     # --- targets -----------------------------------------------------------------------------------------------
     def target(self, x: torch.Tensor, batch: dict, draws: Draws):
@@ -155,7 +157,7 @@ class Objective:
         if self.source is None:
             return u, u, None
         cand = self.source.candidates()
-        ids, pooled = self.prior_ids(batch, x.device)
+        ids, pooled = self._ids, self._pooled
         alpha, sigma, d_alpha, d_sigma = self.path.coefficients(draws.t)
         z = self.path.interpolate(x, draws.noise, draws.t)
         per_row = cand.pool.dim() == x.dim() + 1

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from pafm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pafm.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from pafm.config import ConfigError, load_config, save_config, to_dict
 from pafm.distributed import World, all_reduce, cleanup, init_distributed, shard_model
 from pafm.ema import EMA
@@ -223,9 +223,17 @@ def train(cfg: Config, world: World) -> dict:
         ckpt = Path(cfg.train.resume)
         if not ckpt.is_dir():
             raise SetupError(f"train.resume={cfg.train.resume}: no such checkpoint folder")
+    existing = complete_checkpoints(ckpt_dir)
+    if ckpt is None and existing:
+        raise SetupError(f"{ckpt_dir} already holds checkpoints (up to step {existing[-1][0]}) and train.resume=none: "
+                         "use train.resume=auto to continue, or a new run.dir")
     if ckpt is not None:
         meta, tensors = load_checkpoint(ckpt, model, optimizer, ema)
         step, skipped, bad_in_row = meta["step"], meta["skipped"], meta["bad_in_row"]
+        later = [s for s, _ in existing if s > step]
+        if later:  # continuing would interleave two runs' checkpoints and let resume=auto pick the abandoned one
+            raise SetupError(f"resuming from step {step}, but {ckpt_dir} holds a later checkpoint (step {later[-1]}): "
+                             "resume from an older step in a new run.dir")
         loader.load_state_dict(meta["loader"])
         if bank is not None:
             bank.load_state_dict({"entries": tensors["bank.entries"], "count": tensors["bank.count"]})

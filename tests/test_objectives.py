@@ -163,6 +163,10 @@ def test_class_bank_is_a_per_class_fifo():
     assert sorted(zip(cand.ids.tolist()[:4], cand.pool[:4, 0].tolist())) == [(0, 1.0), (0, 2.0), (1, 3.0), (2, 4.0)]
     bank.update(torch.tensor([[7.0]]), torch.tensor([0]))  # overwrites the oldest of class 0 (1.0)
     assert sorted(bank.entries[0, :, 0].tolist()) == [2.0, 7.0]
+    # A batch with more rows of one class than the FIFO holds: the last per_class rows land, in order.
+    bank.update(torch.tensor([[20.0], [21.0], [22.0], [23.0], [24.0]]), torch.tensor([1, 1, 1, 2, 1]))
+    assert sorted(bank.entries[1, :, 0].tolist()) == [22.0, 24.0] and bank.count.tolist() == [4, 5, 2]
+    assert sorted(bank.entries[2, :, 0].tolist()) == [4.0, 23.0]
     with pytest.raises(ValueError, match="class-conditional"):
         ClassBank(num_classes=0, per_class=2, shape=(1,), device="cpu")
 

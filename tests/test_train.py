@@ -138,6 +138,9 @@ def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path):
     assert (run / "ema.safetensors").is_file()
     proc = train(env, run, f"train.steps={stopped_at + 2}", "checkpoint.every=100000")
     assert f"at step {stopped_at}" in proc.stdout and metrics(run)[-1]["step"] == stopped_at + 2
+    # Starting afresh in a folder that holds checkpoints would interleave two runs: refused.
+    proc = train(env, run, "train.resume=none", "train.steps=1", check=False)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_every_candidate_source_reports_ess(env, tmp_path):
