@@ -27,11 +27,9 @@ class Candidates:
     pooled: torch.Tensor | None = None  # (K, P) pooled text embeddings of the shared pool (similarity prior)
 
 
-class BatchSource:
-    """The rank's own minibatch as a shared pool (the co-author prototype's in-batch pool)."""
-
-    def start(self, x, ids, pooled, batch, draws):
-        self._out = Candidates(x, ids, pooled)
+class Source:
+    """`start` builds the pool (kicking off any communication), `candidates` returns it, `update` runs after the
+    step (only the bank keeps state)."""
 
     def candidates(self) -> Candidates:
         return self._out
@@ -40,7 +38,15 @@ class BatchSource:
         pass
 
 
-class GlobalSource:
+class BatchSource(Source):
+    """The rank's own minibatch as a shared pool (the co-author prototype's in-batch pool)."""
+
+    def start(self, x, ids, pooled, batch, draws):
+        self._out = Candidates(x, ids, pooled)
+
+
+
+class GlobalSource(Source):
     """Every data-parallel rank's minibatch, all-gathered.
 
     `start` issues the gathers asynchronously (no gradient flows through the pool) and `candidates` waits for
@@ -71,11 +77,8 @@ class GlobalSource:
         self._pending = None
         return Candidates(*outs)
 
-    def update(self, x, ids):
-        pass
 
-
-class ClassBank:
+class ClassBank(Source):
     """A per-class FIFO of past latents kept on the device (StableVM), plus the current minibatch.
 
     Endpoints are fixed data, so old entries never go stale (unlike MoCo's features).  Each rank keeps its own bank,
@@ -98,9 +101,6 @@ class ClassBank:
         classes = torch.arange(self.entries.shape[0], device=x.device)[:, None].expand_as(filled)
         pool = torch.cat([self.entries[filled].to(x.dtype), x])
         self._out = Candidates(pool, torch.cat([classes[filled], ids]))
-
-    def candidates(self) -> Candidates:
-        return self._out
 
     @torch.no_grad()
     def update(self, x, ids):
@@ -129,7 +129,7 @@ class ClassBank:
         self.count.copy_(state["count"])
 
 
-class NeighborSource:
+class NeighborSource(Source):
     """Per-row pools: the row's own endpoint and its k precomputed same-class nearest neighbours."""
 
     def __init__(self, k: int):
@@ -146,14 +146,9 @@ class NeighborSource:
             pool = torch.cat([x[:, None], neighbors], dim=1)
         self._out = Candidates(pool, None)
 
-    def candidates(self) -> Candidates:
-        return self._out
-
-    def update(self, x, ids):
-        pass
 
 
-class ResampleSource:
+class ResampleSource(Source):
     """Per-row pools: the row's own endpoint and fresh draws mean + std * n from the item's own VAE posterior."""
 
     def __init__(self, draws: int):
@@ -170,11 +165,6 @@ class ResampleSource:
             pool = torch.cat([x[:, None], mean + std * draws], dim=1)
         self._out = Candidates(pool, None)
 
-    def candidates(self) -> Candidates:
-        return self._out
-
-    def update(self, x, ids):
-        pass
 
 
 def build_source(kind: str, *, candidates: int, bank_per_class: int, num_classes: int, shape, device):
