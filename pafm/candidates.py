@@ -37,6 +37,12 @@ class Source:
     def update(self, x, ids):
         pass
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]):
+        pass
+
 
 class BatchSource(Source):
     """The rank's own minibatch as a shared pool (the co-author prototype's in-batch pool)."""

@@ -1,24 +1,38 @@
-"""Checkpoints: torch.distributed.checkpoint folders that are either complete or invisible.
+"""Checkpoints: torch.distributed.checkpoint folders that are complete, verified and tied to their run, or invisible.
 
 A checkpoint is written into `step_NNNNNNN.tmp/` by every rank and renamed to `step_NNNNNNN/` by rank 0 only after
 all ranks finished, so a run killed mid-write leaves the previous checkpoint as the newest complete one.  Contents:
-- DCP: the model, optimizer and EMA state (sharded: each rank writes its shards; loads reshard as needed);
+- DCP (`.metadata`, `__R_0.distcp`): the model, optimizer and EMA state (sharded: each rank writes its shards;
+  loads reshard as needed);
 - `rank{R}.json`: step, counters and the data loader's position of rank R;
-- `rank{R}.safetensors`: rank R's RNG states and any per-rank device state (the class bank).
-No pickles: DCP's own format, JSON and safetensors.
+- `rank{R}.safetensors`: rank R's RNG states and any per-rank device state (the class bank);
+- `run.json`: what the checkpoint belongs to (model config, objective, state keys, world size); a load refuses a
+  run that differs, naming the first differing field;
+- `manifest.json`, written last: name, size and sha256 of every other file.  A folder without it is not a complete
+  checkpoint; a load verifies it first, so a truncated or bit-flipped file is refused by name, and resume=auto
+  falls back to the newest checkpoint that verifies.  The hashing is split over the ranks.
+Loading executes no code from the folder: DCP's `.metadata` pickle is read by an unpickler that admits only DCP's
+own metadata classes, and its non-tensor values are decoded with `torch.load(weights_only=True)`.
+Every function here that touches a checkpoint is a collective when torch.distributed is initialised.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
-from pathlib import Path
+import sys
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -26,27 +40,274 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+MANIFEST = "manifest.json"
+RUN = "run.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
+_CHUNK = 1 << 20
+_FIX = "resume in a new run.dir or with the original settings"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt, unsafe, or written by a different run."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _from_rank0(fn):
+    """fn() computed on rank 0 and sent to every rank, so that all ranks act on the same view of the filesystem."""
+    if not _distributed():
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(fn(), None)]
+        except OSError as e:  # sent on too, so that the other ranks raise instead of waiting forever
+            box = [(None, f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
+    if error is not None:
+        raise CheckpointError(f"rank 0 could not read the checkpoint folder: {error}")
+    return value
+
+
+# --- finding checkpoints ------------------------------------------------------------------------------------------
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint under root, oldest first."""
+    """(step, folder) of every complete checkpoint (named step_N, with a manifest) under root, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = _COMPLETE.match(child.name)
-        if match and child.is_dir() and (child / ".metadata").is_file():
+        if match and child.is_dir() and (child / MANIFEST).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
+    """The newest complete checkpoint under root that verifies; newer ones that fail are skipped with a warning."""
+    found = _from_rank0(lambda: [str(folder) for _, folder in complete_checkpoints(root)])
+    for folder in map(Path, reversed(found)):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except CheckpointError as e:
+            if _rank() == 0:
+                print(f"warning: {e}; falling back to an older checkpoint", file=sys.stderr, flush=True)
+    return None
 
 
+# --- the manifest -------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    """{relative name: size} of every file in folder except the manifest."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    files.pop(MANIFEST, None)
+    return files
+
+
+def _hash_split(folder: Path, sizes: dict[str, int]) -> dict[str, str | None]:
+    """sha256 of the named files, each rank hashing a share (largest first, round-robin) and all ranks getting all."""
+    names = sorted(sizes, key=lambda n: (-sizes[n], n))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    mine = {name: _sha256(folder / name) for name in names[rank::world]}
+    if not _distributed():
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
+def _write_manifest(folder: Path):
+    sizes = _from_rank0(lambda: _listing(folder))
+    digests = _hash_split(folder, sizes)
+    unreadable = sorted(n for n, d in digests.items() if d is None)
+    if unreadable:  # every rank holds the same digests, so every rank raises
+        raise CheckpointError(f"checkpoint {folder}: {unreadable[0]} could not be read back for its manifest")
+    if _rank() == 0:
+        files = {name: {"size": sizes[name], "sha256": digests[name]} for name in sorted(sizes)}
+        (folder / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def _plain(name) -> bool:
+    """A relative name inside the folder (no absolute path, no '..')."""
+    path = PurePosixPath(name) if isinstance(name, str) else None
+    return path is not None and not path.is_absolute() and ".." not in path.parts and path.as_posix() == name
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """{name: {"size", "sha256"}} of the manifest, or None when it is not a well-formed manifest."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    well_formed = isinstance(files, dict) and all(
+        _plain(name) and name != MANIFEST and isinstance(entry, dict) and type(entry.get("size")) is int
+        and isinstance(entry.get("sha256"), str) for name, entry in files.items())
+    return files if well_formed else None
+
+
+def _listing_problem(folder: Path) -> tuple[str | None, dict]:
+    """(what is wrong with the manifest or the file list, or None; the manifest's files)."""
+    if not (folder / MANIFEST).is_file():
+        return f"is not a complete checkpoint (no {MANIFEST})", {}
+    files = _read_manifest(folder)
+    if files is None:
+        return f"is corrupt: {MANIFEST} is not a valid manifest", {}
+    present = _listing(folder)
+    for name in sorted(files):
+        if name not in present:
+            return f"is corrupt: {name} is missing", files
+        if present[name] != files[name]["size"]:
+            return f"is corrupt: {name} has size {present[name]} bytes, expected {files[name]['size']}", files
+    unlisted = sorted(set(present) - set(files))
+    return (f"is corrupt: {unlisted[0]} is an unlisted file" if unlisted else None), files
+
+
+def verify_checkpoint(folder: str | Path):
+    """Raise CheckpointError unless folder's files match its manifest exactly (names, sizes, sha256)."""
+    folder = Path(folder)
+    # Rank 0's view of the file list decides for everyone and the digests are shared, so all ranks agree.
+    problem, files = _from_rank0(lambda: _listing_problem(folder))
+    if problem is None:
+        digests = _hash_split(folder, {name: entry["size"] for name, entry in files.items()})
+        bad = next((name for name in sorted(files) if digests[name] != files[name]["sha256"]), None)
+        if bad is not None:
+            problem = f"is corrupt: {bad} " + ("has a checksum mismatch" if digests[bad] else "could not be read")
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {folder} {problem}")
+
+
+# --- reading DCP without executing code ---------------------------------------------------------------------------
+# Everything a `.metadata` written by dcp.save references (found by unpickling real ones), plus torch's dtypes.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                                              "TensorProperties", "ChunkStorageMetadata", "BytesStorageMetadata",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # how a torch.layout is pickled
+    "torch": {"Size"},
+    "pathlib": {"PosixPath"},  # StorageMeta.checkpoint_id
+    "pathlib._local": {"PosixPath"},  # the same class under python >= 3.13
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = name in _METADATA_GLOBALS.get(module, ())
+        is_dtype = module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype)
+        if not (allowed or is_dtype):
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which is not checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def _read_metadata(folder: Path) -> Metadata:
+    try:
+        with open(folder / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except Exception as e:  # whatever fails, the file is not metadata this module can trust
+        raise CheckpointError(f"checkpoint {folder}: refusing to load .metadata: {e}") from e
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint {folder}: .metadata holds a {type(metadata).__name__}, not DCP metadata")
+    paths = [getattr(info, "relative_path", None) for info in (metadata.storage_data or {}).values()]
+    if not all(_plain(p) for p in paths):  # DCP opens these files: keep it inside the folder
+        raise CheckpointError(f"checkpoint {folder}: .metadata points at files outside the checkpoint")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, with `.metadata` read by the restricted unpickler instead of pickle.load."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = _read_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's planner, with non-tensor values decoded by torch.load(weights_only=True).
+
+    DCP itself decodes them with weights_only=False; re-encoding the restricted result keeps its own code path
+    (nesting, flattening) while what it unpickles can only be plain data.
+    """
+
+    def load_bytes(self, read_item, value):
+        safe = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), safe)
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
+
+
+def _dcp_load(state: dict, folder: Path):
+    try:
+        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafePlanner())
+    except CheckpointException as e:  # a BaseException with a traceback per rank: make it one line, catchable
+        rank, (error, _) = min(e.failures.items(), key=lambda item: item[0])
+        reason = (str(error).splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {folder} could not be loaded (rank {rank}): "
+                              f"{type(error).__name__}: {reason}") from e
+
+
+# --- what the checkpoint belongs to -------------------------------------------------------------------------------
+_ABSENT = object()
+
+
+def _first_difference(saved, expected, key=""):
+    """(dotted key, saved value, expected value) of the first difference, or None."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        for k in [*saved, *(k for k in expected if k not in saved)]:
+            found = _first_difference(saved.get(k, _ABSENT), expected.get(k, _ABSENT), f"{key}.{k}" if key else k)
+            if found:
+                return found
+        return None
+    return None if saved == expected else (key, saved, expected)
+
+
+def _show(value) -> str:
+    return "(not set)" if value is _ABSENT else json.dumps(value)
+
+
+def _check_run(folder: Path, expected_run_meta: dict | None):
+    saved_world, world = len(list(folder.glob("rank*.json"))), dist.get_world_size()
+    if saved_world != world:
+        raise CheckpointError(f"checkpoint {folder} was written by {saved_world} ranks, this run has {world}: the "
+                              "data position and RNG streams are per rank, so an exact resume needs the same world "
+                              f"size; resume with {saved_world} ranks or in a new run.dir")
+    if expected_run_meta is None:
+        return
+    if not (folder / RUN).is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {RUN}, so its run cannot be checked: {_FIX}")
+    try:
+        saved = json.loads((folder / RUN).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder}: {RUN} is not valid JSON ({e})") from e
+    # Through JSON like the saved side, so that a tuple and the list it was saved as compare equal.
+    found = _first_difference(saved, json.loads(json.dumps(expected_run_meta)))
+    if found:
+        key, was, now = found
+        raise CheckpointError(f"checkpoint {folder} was written with {key}={_show(was)}, this run has {_show(now)}: "
+                              f"{_FIX}")
+
+
+# --- save and load ------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -68,9 +329,11 @@ def _distributed_state(model, optimizer, ema) -> dict:
     }
 
 
-def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, rank_tensors: dict, keep: int):
+def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, rank_tensors: dict, keep: int,
+                    run_meta: dict) -> Path:
     """Write a complete checkpoint of `step` (a collective: every rank calls it). Returns its folder."""
     rank = dist.get_rank()
+    run_json = json.dumps(run_meta, indent=1)  # on every rank, so that unserialisable meta fails everywhere at once
     root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
@@ -79,12 +342,23 @@ def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, ran
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while writing
         tmp.mkdir()
     dist.barrier()
-    dcp.save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp))
-    (tmp / f"rank{rank}.json").write_text(json.dumps(rank_meta))
-    tensors = {f"rng.{k}": v for k, v in rng_state().items()}
-    tensors.update({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()})
-    save_file(tensors, str(tmp / f"rank{rank}.safetensors"))
-    dist.barrier()
+    error = None
+    try:
+        dcp.save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    except CheckpointException as e:  # raised on every rank alike
+        rank_failed, (err, _) = min(e.failures.items(), key=lambda item: item[0])
+        error = f"rank {rank_failed}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    try:
+        if error is None:
+            _write_rank_files(tmp, rank, rank_meta, rank_tensors, run_json)
+    except OSError as e:  # a full disk or a file-size limit on this rank only: every rank must hear of it
+        error = f"rank {rank}: {e}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # also the barrier before the manifest lists every rank's files
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise CheckpointError(f"writing checkpoint {tmp} failed ({first}); the newest complete checkpoint is intact")
+    _write_manifest(tmp)
     if rank == 0:
         if final.exists():  # the same step saved twice (a stop signal right after a periodic save)
             shutil.rmtree(final)
@@ -97,18 +371,28 @@ def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, ran
     return final
 
 
-def load_checkpoint(folder, model, optimizer, ema) -> tuple[dict, dict]:
-    """Load a checkpoint into model, optimizer and EMA; return this rank's (meta, tensors)."""
+def _write_rank_files(tmp: Path, rank: int, rank_meta: dict, rank_tensors: dict, run_json: str):
+    (tmp / f"rank{rank}.json").write_text(json.dumps(rank_meta))
+    tensors = {f"rng.{k}": v for k, v in rng_state().items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()})
+    save_file(tensors, str(tmp / f"rank{rank}.safetensors"))
+    if rank == 0:
+        (tmp / RUN).write_text(run_json)
+
+
+def load_checkpoint(folder, model, optimizer, ema, expected_run_meta: dict | None = None,
+                    verified: bool = False) -> tuple[dict, dict]:
+    """Verify a checkpoint (unless `verified`: latest_checkpoint just did), check it belongs to this run, load it
+    into model, optimizer and EMA; return this rank's (meta, tensors).  Raises CheckpointError, on every rank
+    alike, for anything it refuses."""
     folder = Path(folder)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if not (folder / ".metadata").is_file():
-        raise FileNotFoundError(f"{folder} is not a complete checkpoint (no .metadata)")
-    saved_world = len(list(folder.glob("rank*.json")))
-    if saved_world != world:
-        raise ValueError(f"checkpoint {folder} was written by {saved_world} ranks and this run has {world}: "
-                         "the data position and RNG streams are per rank, so an exact resume needs the same world size")
+    rank = dist.get_rank()
+    if not verified:
+        verify_checkpoint(folder)
+    _check_run(folder, expected_run_meta)
+    _read_metadata(folder)  # a refused .metadata raises here with its reason, not wrapped by DCP's error handling
     state = _distributed_state(model, optimizer, ema)
-    dcp.load(state, checkpoint_id=str(folder))
+    _dcp_load(state, folder)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     meta = json.loads((folder / f"rank{rank}.json").read_text())

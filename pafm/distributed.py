@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,8 +43,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_launcher():
+    """Under torchrun, ask the kernel to send SIGTERM when the launcher dies: a killed torchrun must not leave its
+    ranks training as orphans (SIGTERM makes the trainer checkpoint and exit)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def init_distributed(device: str = "auto") -> World:
     """Initialise the default process group (nccl on GPUs, gloo on the CPU) and pick this rank's device."""
+    die_with_launcher()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -99,3 +116,27 @@ def barrier():
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _communication_threads_alive() -> bool:
+    try:
+        names = [(Path("/proc/self/task") / t / "comm").read_text() for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: assume the worst
+        return True
+    return any(n.startswith(("gloo", "pt_gloo", "pt_nccl", "pt_cuda")) for n in names)
+
+
+def exit_process(code: int):
+    """End a CLI process that used torch.distributed, without interpreter finalization.
+
+    destroy_process_group does not free the process group: DTensor's caches keep the device mesh, and with it the
+    group and its gloo / NCCL threads, alive.  Interpreter finalization then frees that group while those threads
+    run, and a thread that releases a tensor on a finalized interpreter aborts the process ("terminate called
+    without an active exception", SIGABRT) after the work is done: a finished run reported as failed.  Every file
+    is written and closed by now, so the process flushes its streams and ends at once."""
+    cleanup()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _communication_threads_alive():
+        os._exit(code)
+    sys.exit(code)

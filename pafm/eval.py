@@ -4,15 +4,25 @@
         eval.inception_weights=weights-inception-2015-12-05-6726825d.pth sampler.method=sde sampler.steps=250
     python -m pafm.eval RUN_DIGITS sampler.cfg_scale=2.0          # the digits: accuracy, pixel FD, memorisation
 
-Samples are drawn in chunks of eval.batch_size (classes balanced: sample i has class i % num_classes); chunk c goes to
-rank c % world_size and is written to OUT/chunks/chunk_<c>.npz when done, so a stopped evaluation resumes by skipping
-finished chunks, and a chunk's samples do not depend on the number of ranks.  Rank 0 then writes OUT/samples.npz
-(ADM format: arr_0 uint8 NHWC, arr_1 class ids), computes the metrics and writes OUT/eval.json.
+Samples are drawn in chunks of eval.batch_size; chunk c goes to rank c % world_size and is written to
+OUT/chunks/chunk_<c>.npz when done, so a stopped evaluation resumes by skipping finished chunks.  Rank 0 then writes
+OUT/samples.npz (ADM format: arr_0 uint8 NHWC, arr_1 class ids), computes the metrics and writes OUT/eval.json.
 OUT is eval.out_dir, by default RUN/eval/<sampler>-cfg<scale>-n<N>-seed<seed>-<hash of the settings>.
+
+Conditions (eval.labels): `random` (the default) follows DiT's and SiT's sample_ddp.py, which draw each label i.i.d.
+uniformly (torch.randint); `balanced` gives sample i the class i % num_classes, which lowers FID, so its numbers do not
+compare with published ones.  Text models are conditioned on captions of the dataset's held-out split (its train
+split where it has none, as data made by `pafm.prep captions`): drawn uniformly with replacement (random) or in order
+(balanced).  Seed rule: chunk c draws its conditions, initial noise and SDE noise from CPU generators seeded by
+sha256(eval.seed, c, stream).  SiT seeds one generator per rank instead; both draw i.i.d. labels and noise, so the
+protocol is statistically the same, but here a chunk's samples depend on neither the number of ranks nor the order
+chunks run in, which keeps a resumed evaluation exact.
+
+Every check (config, export, reference, Inception weights, conditions, output folder) runs on every rank before any
+sampling; a user error stops every rank with exit code 2 and rank 0 prints it in one line.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -23,17 +33,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from pafm.config import ConfigError, load_config, to_dict
-from pafm.export import load_export, resolve_export
-from pafm.metrics import DigitsJudge, InceptionFeatures, inception_metrics, load_images, load_statistics, to_uint8
+from pafm.export import export_staleness, load_export, read_export_meta, resolve_export
+from pafm.metrics import (DigitsJudge, InceptionFeatures, check_reference, inception_metrics, load_images,
+                          load_statistics, to_uint8)
 from pafm.paths import build_path
-from pafm.sample import Conditions, Decoder, generate, latent_shape, pick_device
+from pafm.sample import (USER_ERRORS, Conditions, Decoder, OneLineParser, SharedError, all_ranks_agree, generate,
+                         latent_shape, one_line, parse_args, pick_device, report_error)
 from pafm.sampling import SamplerConfig
 
 INCEPTION_METRICS = ("fid", "isc", "prc", "kid")
@@ -41,14 +53,16 @@ INCEPTION_METRICS = ("fid", "isc", "prc", "kid")
 
 @dataclasses.dataclass
 class EvalSection:
-    """num_samples: total N (null: the ImageNet protocol's 50000, 50 per class; 1000 for the built-in digits).  batch_size: samples per chunk (per rank at a
-    time).  metrics: any of fid, isc, prc, kid, digits; null picks 'digits' for builtin:digits* data and
-    [fid, isc, prc] otherwise.  reference: a folder of images, an .npz with arr_0 (uint8 NHWC) and/or mu, sigma.
-    inception_weights: local torch-fidelity Inception file (else torch-fidelity downloads it)."""
+    """num_samples: total N (null: the ImageNet protocol's 50000; 1000 for the built-in digits).  batch_size: samples
+    per chunk (per rank at a time).  labels: random (i.i.d. uniform, DiT's and SiT's protocol) or balanced (sample i
+    gets class i % num_classes).  metrics: any of fid, isc, prc, kid, digits; null picks 'digits' for builtin:digits*
+    data and [fid, isc, prc] otherwise.  reference: a folder of images, an .npz with arr_0 (uint8 NHWC) and/or mu,
+    sigma.  inception_weights: local torch-fidelity Inception file (else torch-fidelity downloads it)."""
 
     num_samples: Optional[int] = None
     batch_size: int = 125
     seed: int = 0
+    labels: Literal["random", "balanced"] = "random"
     out_dir: Optional[str] = None
     metrics: Optional[list[str]] = None
     reference: Optional[str] = None
@@ -66,10 +80,15 @@ class EvalConfig:
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
 
 
+SEED_RULE = ("chunk c (eval.batch_size samples) draws its conditions, initial noise and SDE noise from CPU generators "
+             "seeded by sha256(eval.seed, c, stream)")
+
+
 def check_eval_config(cfg: EvalConfig, meta: dict) -> list[str]:
-    """Validate; returns the metric list (auto-filled)."""
+    """Validate against the export's meta, before anything is sampled; returns the metric list (auto-filled)."""
     e = cfg.eval
-    spec = str((meta.get("data") or {}).get("spec", ""))
+    data = meta.get("data") or {}
+    spec, info = str(data.get("spec", "")), data.get("info") or {}
     if e.num_samples is None:
         e.num_samples = 1000 if spec.startswith("builtin:digits") else 50000
     if e.num_samples < 1:
@@ -81,11 +100,23 @@ def check_eval_config(cfg: EvalConfig, meta: dict) -> list[str]:
     unknown = set(metrics) - set(INCEPTION_METRICS) - {"digits"}
     if unknown:
         raise ConfigError(f"eval.metrics: unknown {sorted(unknown)}; valid: {list(INCEPTION_METRICS) + ['digits']}")
+    if "digits" in metrics and (list(info.get("latent_shape") or []) != [1, 8, 8]
+                                or (info.get("encoder") or {"kind": "identity"}).get("kind") != "identity"):
+        raise ConfigError(f"eval.metrics 'digits' needs a model of 8x8 single-channel digits (builtin:digits), not "
+                          f"of {spec or 'this dataset'}")
+    wanted = [m for m in metrics if m in INCEPTION_METRICS]
     if any(m in metrics for m in ("fid", "prc", "kid")) and e.reference is None:
         raise ConfigError("eval.reference is required for fid/prc/kid: a folder of images, an .npz with arr_0 "
                           "(uint8 NHWC), or an .npz with mu and sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
-    if e.reference is not None and not Path(e.reference).expanduser().exists():
-        raise ConfigError(f"eval.reference: {e.reference} does not exist")
+    if e.reference is not None:
+        check_reference(e.reference, wanted)
+    if e.inception_weights is not None and wanted and not Path(e.inception_weights).expanduser().is_file():
+        raise ConfigError(f"eval.inception_weights: {e.inception_weights} does not exist (needed for "
+                          f"{', '.join(wanted)}); download weights-inception-2015-12-05-6726825d.pth from "
+                          f"torch-fidelity's releases and point eval.inception_weights at it")
+    if "isc" in metrics and e.num_samples < e.isc_splits:
+        raise ConfigError(f"eval.isc_splits={e.isc_splits} needs at least as many samples, eval.num_samples is "
+                          f"{e.num_samples}")
     return metrics
 
 
@@ -107,11 +138,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def settings_of(cfg: EvalConfig, export_path: Path, meta: dict) -> dict:
+def settings_of(cfg: EvalConfig, export_path: Path, meta: dict, conditions: Conditions) -> dict:
     """Everything that determines the samples; a resumed evaluation must match it exactly."""
     return {"checkpoint": str(export_path.resolve()), "step": meta.get("step"), "model": meta.get("model"),
             "num_samples": cfg.eval.num_samples, "batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed,
-            "sampler": to_dict(cfg.sampler)}
+            "labels": cfg.eval.labels, "conditions": conditions.describe(), "sampler": to_dict(cfg.sampler)}
 
 
 def default_out_dir(cfg: EvalConfig, export_path: Path, settings: dict) -> Path:
@@ -122,27 +153,26 @@ def default_out_dir(cfg: EvalConfig, export_path: Path, settings: dict) -> Path:
     return export_path.parent / "eval" / name
 
 
-def run_chunks(model, meta, cfg: EvalConfig, out: Path, rank: int, world: int, device) -> None:
+def run_chunks(job: "Job", cfg: EvalConfig, rank: int, world: int, device) -> None:
     """Draw this rank's unfinished chunks and save each one atomically."""
     from tqdm import tqdm
 
-    e, n = cfg.eval, cfg.eval.num_samples
+    e, n, out, conditions = cfg.eval, cfg.eval.num_samples, job.out, job.conditions
     chunks = list(range(rank, math.ceil(n / e.batch_size), world))
     todo = [c for c in chunks if not (out / "chunks" / f"chunk_{c:06d}.npz").is_file()]
-    conditions = Conditions(model, meta)
-    decoder = Decoder((meta.get("data") or {}).get("info") or {}, device)
-    path, shape = build_path(meta.get("path", "linear")), latent_shape(model, meta)
+    path, shape = build_path(job.meta.get("path", "linear")), latent_shape(job.model, job.meta)
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="sampling chunks", disable=rank != 0,
                dynamic_ncols=True)
     for c in todo:
         indices = list(range(c * e.batch_size, min(n, (c + 1) * e.batch_size)))
         start = time.perf_counter()
-        x, names, nfe = generate(model, path, conditions, indices, shape, cfg.sampler, e.seed, device)
-        images = to_uint8(decoder(x)).permute(0, 2, 3, 1).cpu().numpy()
+        x, names, nfe = generate(job.model, path, conditions, indices, shape, cfg.sampler, e.seed, device, key=c)
+        images = to_uint8(job.decoder(x)).permute(0, 2, 3, 1).cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        _atomic_savez(out / "chunks" / f"chunk_{c:06d}.npz", images=images, labels=conditions.class_ids(indices),
+        _atomic_savez(out / "chunks" / f"chunk_{c:06d}.npz", images=images,
+                      labels=conditions.class_ids(indices, key=c),
                       captions=np.array(names if conditions.kind == "text" else [], dtype=str),
                       nfe=np.int64(nfe), seconds=np.float64(seconds))
         bar.update(1)
@@ -189,7 +219,9 @@ def readme_row(report: dict) -> str:
     m, s = report["metrics"], report["sampler"]
     cfg = f"{s['cfg_scale']:g}" + (f" [{s['cfg_interval'][0]:g}, {s['cfg_interval'][1]:g}]"
                                    if tuple(s["cfg_interval"]) != (0.0, 1.0) and s["cfg_scale"] != 1 else "")
-    head = f"| {report['model']} | {report['step']} | {report['sampler_label']} | {cfg} | {report['num_samples']} |"
+    labels = " (balanced labels)" if report.get("labels") == "balanced" else ""  # FID of balanced labels is lower
+    head = (f"| {report['model']} | {report['step']} | {report['sampler_label']} | {cfg} | "
+            f"{report['num_samples']}{labels} |")
     if "frechet_pixels" in m:
         acc = f"acc {m['accuracy']:.3f}" if "accuracy" in m else "acc n/a"
         return head + f" {acc} | FD(pixels) {m['frechet_pixels']:.2f} | memorised {m['memorization']:.3f} |"
@@ -199,8 +231,9 @@ def readme_row(report: dict) -> str:
     return head + " " + " | ".join(p for p in parts if p) + " |"
 
 
-def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device) -> tuple[dict, dict]:
-    """(metrics of the samples, metrics of the reference row or {})."""
+def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device,
+          net: InceptionFeatures | None = None) -> tuple[dict, dict]:
+    """(metrics of the samples, metrics of the reference row or {}); `net`: the Inception network, if built already."""
     result, reference = {}, {}
     if "digits" in metrics:
         images = samples["images"]
@@ -213,7 +246,9 @@ def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device)
         reference.update(judge.reference())
     wanted = [m for m in metrics if m in INCEPTION_METRICS]
     if wanted:
-        net = InceptionFeatures(cfg.eval.inception_weights, device=device, batch_size=cfg.eval.inception_batch_size)
+        if net is None:
+            net = InceptionFeatures(cfg.eval.inception_weights, device="cpu", batch_size=cfg.eval.inception_batch_size)
+        net = net.to(device)
         weights_key = hashlib.sha1(str(cfg.eval.inception_weights).encode()).hexdigest()[:8]
         # kept, so metrics against another reference skip the extraction
         cache = out / f"sample_features_{weights_key}.npz"
@@ -232,12 +267,76 @@ def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device)
     return result, reference
 
 
+@dataclasses.dataclass
+class Job:
+    """What the checks produced: the export, its model, the conditions and decoder, and where samples go."""
+
+    export_path: Path
+    meta: dict
+    metrics: list[str]
+    model: torch.nn.Module
+    conditions: Conditions
+    decoder: Decoder
+    settings: dict
+    out: Path
+    export_warning: Optional[str]
+    inception: Optional[InceptionFeatures]
+
+
+def prepare(checkpoint, cfg: EvalConfig, rank: int, device) -> Job:
+    """Every check before sampling (cheapest first), on every rank; rank 0 also builds the Inception network now, so
+    a wrong or undownloadable weight file stops the evaluation before sampling rather than after it."""
+    export_path = resolve_export(checkpoint)
+    metrics = check_eval_config(cfg, read_export_meta(export_path))
+    model, meta = load_export(export_path, device=device)
+    conditions = Conditions(model, meta, order=cfg.eval.labels, seed=cfg.eval.seed)
+    decoder = Decoder((meta.get("data") or {}).get("info") or {}, device)
+    settings = settings_of(cfg, export_path, meta, conditions)
+    out = Path(cfg.eval.out_dir).expanduser() if cfg.eval.out_dir else default_out_dir(cfg, export_path, settings)
+    stored = out / "settings.json"  # every rank checks, so a mismatch stops all of them
+    if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(settings)):
+        raise ConfigError(f"{out} holds chunks of a different evaluation (settings.json differs); choose "
+                          f"another eval.out_dir or delete {out}")
+    inception = None
+    if rank == 0 and any(m in INCEPTION_METRICS for m in metrics):
+        inception = InceptionFeatures(cfg.eval.inception_weights, device="cpu",
+                                      batch_size=cfg.eval.inception_batch_size)
+    warning = export_staleness(export_path)
+    if rank == 0:
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        if conditions.kind == "text" and conditions.caption_split not in (None, "heldout"):
+            print(f"note: {conditions.describe()['items']}: the samples are conditioned on training captions",
+                  file=sys.stderr, flush=True)
+        (out / "chunks").mkdir(parents=True, exist_ok=True)  # here, so an unwritable eval.out_dir stops every rank
+    return Job(export_path, meta, metrics, model, conditions, decoder, settings, out, warning, inception)
+
+
+def sample_everywhere(job: Job, cfg: EvalConfig, rank: int, world: int, device) -> None:
+    """Every rank draws its chunks into job.out/chunks (rank 0 records the settings first)."""
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if not (job.out / "settings.json").is_file():
+            _atomic_write_text(job.out / "settings.json", json.dumps(job.settings, indent=2))
+    if world > 1:
+        dist.barrier()
+    run_chunks(job, cfg, rank, world, device)
+    if world > 1:
+        dist.barrier()
+
+
 def evaluate(checkpoint, overrides: list[str] | None = None, config_file=None) -> dict | None:
     """Run the evaluation (all ranks); returns the report on rank 0, None elsewhere."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    cfg = load_config(EvalConfig, config_file, overrides)
-    device = pick_device(cfg.eval.device)
+    try:
+        cfg = load_config(EvalConfig, config_file, overrides)
+        device = pick_device(cfg.eval.device)
+    except USER_ERRORS as err:  # the same arguments on every rank: every rank stops here, rank 0 reports
+        if world > 1:
+            raise SharedError(one_line(err)) from None
+        raise
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -246,48 +345,38 @@ def evaluate(checkpoint, overrides: list[str] | None = None, config_file=None) -
         # default 10 minutes.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     try:
-        export_path = resolve_export(checkpoint)
-        model, meta = load_export(export_path, device=device)
-        metrics = check_eval_config(cfg, meta)
-        settings = settings_of(cfg, export_path, meta)
-        out = Path(cfg.eval.out_dir).expanduser() if cfg.eval.out_dir else default_out_dir(cfg, export_path, settings)
-        stored = out / "settings.json"  # every rank checks, so a mismatch stops all of them
-        if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(settings)):
-            raise ConfigError(f"{out} holds chunks of a different evaluation (settings.json differs); choose "
-                              f"another eval.out_dir or delete {out}")
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            (out / "chunks").mkdir(parents=True, exist_ok=True)
-            if not stored.is_file():
-                _atomic_write_text(stored, json.dumps(settings, indent=2))
-        if world > 1:
-            dist.barrier()
-        run_chunks(model, meta, cfg, out, rank, world, device)
-        if world > 1:
-            dist.barrier()
+        job = all_ranks_agree(prepare, checkpoint, cfg, rank, device)
+        sample_everywhere(job, cfg, rank, world, device)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if rank != 0:
         return None
+    return finish(job, cfg, device)
 
+
+def finish(job: Job, cfg: EvalConfig, device) -> dict:
+    """Rank 0: gather the chunks, score them, write samples.npz and eval.json; returns the report."""
+    out, meta, model = job.out, job.meta, job.model
     samples = collect(out, cfg)
     if cfg.eval.save_npz:
         _atomic_savez(out / "samples.npz", arr_0=samples["images"], arr_1=samples["labels"])
     start = time.perf_counter()
-    result, reference = score(cfg, metrics, samples, out, device)
+    result, reference = score(cfg, job.metrics, samples, out, device, net=job.inception)
     n, num_cls = cfg.eval.num_samples, (getattr(model, "num_classes", None) if model.cond_kind == "class" else None)
     report = {
-        "checkpoint": str(export_path), "step": meta.get("step"), "model": (meta.get("model") or {}).get("name"),
+        "checkpoint": str(job.export_path), "step": meta.get("step"), "export_step": meta.get("step"),
+        "export_warning": job.export_warning, "model": (meta.get("model") or {}).get("name"),
         "data": (meta.get("data") or {}).get("spec"), "path": meta.get("path", "linear"),
-        "num_samples": n, "classes_balanced": bool(num_cls) and n % num_cls == 0,
+        "num_samples": n, "labels": cfg.eval.labels, "seed_rule": SEED_RULE,
+        "conditions": job.conditions.describe(),
+        "classes_balanced": cfg.eval.labels == "balanced" and bool(num_cls) and n % num_cls == 0,
         "batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed,
         "sampler": to_dict(cfg.sampler), "sampler_label": cfg.sampler.describe(),
         "cfg_scale": cfg.sampler.cfg_scale, "cfg_interval": list(cfg.sampler.cfg_interval),
         "model_evaluations_per_sample": samples["nfe"],
         "metrics": result, "reference_metrics": reference, "reference": cfg.eval.reference,
-        "inception_weights": cfg.eval.inception_weights if any(m in INCEPTION_METRICS for m in metrics) else None,
+        "inception_weights": cfg.eval.inception_weights if any(m in INCEPTION_METRICS for m in job.metrics) else None,
         "out_dir": str(out), "samples_npz": str(out / "samples.npz") if cfg.eval.save_npz else None,
         "timings": {"sampling_s": samples["seconds"], "sampling_s_per_sample": samples["seconds"] / n,
                     "metrics_s": time.perf_counter() - start},
@@ -297,13 +386,19 @@ def evaluate(checkpoint, overrides: list[str] | None = None, config_file=None) -
     return report
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="torchrun -m pafm.eval", description=__doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    """Exit code: 0 when the report was written, 2 for a user error (one line on stderr, rank 0 under torchrun)."""
+    p = OneLineParser(prog="torchrun -m pafm.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="run folder (uses RUN/ema.safetensors) or an export .safetensors file")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value (eval.*, sampler.*)")
     p.add_argument("--config", default=None, help="YAML file with eval: and sampler: sections")
-    args = p.parse_args(argv)
-    report = evaluate(args.checkpoint, args.overrides, args.config)
+    args, code = parse_args(p, argv)
+    if args is None:
+        return code
+    try:
+        report = evaluate(args.checkpoint, args.overrides, args.config)
+    except USER_ERRORS as err:
+        return report_error(err)
     if report is not None:
         print(json.dumps(report["metrics"], indent=2))
         print(report["readme_row"])
@@ -312,4 +407,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pafm.distributed import exit_process
+
+    exit_process(main())

@@ -4,11 +4,13 @@ the model (architecture, dataset spec and info, path, step).  Sampling, evaluati
     save_export("RUN/ema.safetensors", model.state_dict(), {"model": model.config, "data": {...}, "path": "linear",
                 "step": 1000})
     model, meta = load_export("RUN")            # a run folder means RUN/ema.safetensors
+    export_staleness("RUN")                     # a warning line when RUN/checkpoints holds a newer step, else None
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from safetensors.torch import load_file, save_file
 
 EXPORT_NAME = "ema.safetensors"
 META_KEY = "pafm"  # the safetensors metadata key holding the JSON meta
+CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside a run folder
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_CHECKPOINT_MARKERS = ("manifest.json", ".metadata")  # a complete checkpoint holds one (.metadata: older ones)
 
 
 class ExportError(ValueError):
@@ -55,17 +60,32 @@ def save_export(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     return path
 
 
+def _checkpoint_hint(path: Path) -> str | None:
+    """The run folder to pass instead, when `path` is a training checkpoint (or the folder holding them)."""
+    if (path / EXPORT_NAME).is_file():
+        return None
+    if any((path / marker).is_file() for marker in _CHECKPOINT_MARKERS) or re.match(r"^step_\d+(\.tmp)?$", path.name):
+        return str(path.parent.parent if path.parent.name == CHECKPOINTS else path.parent)
+    if path.name == CHECKPOINTS and any(_STEP_DIR.match(p.name) for p in path.iterdir()):
+        return str(path.parent)
+    return None
+
+
 def resolve_export(path_or_run_dir) -> Path:
     """A run folder -> RUN/ema.safetensors; a file is returned as is.  Raises ExportError with a hint otherwise."""
     path = Path(path_or_run_dir).expanduser()
+    if not path.exists():
+        raise ExportError(f"{path} does not exist: pass a run folder holding {EXPORT_NAME} (written by the trainer) "
+                          f"or the path of a .safetensors export")
     if path.is_dir():
-        if (path / ".metadata").is_file():
-            raise ExportError(f"{path} is a torch.distributed.checkpoint folder; sampling and evaluation read the EMA "
-                              f"export: pass the run folder or RUN/{EXPORT_NAME}")
+        run = _checkpoint_hint(path)
+        if run is not None:
+            raise ExportError(f"{path} is a training checkpoint (torch.distributed.checkpoint), not an EMA export: "
+                              f"pass the run folder {run} or {Path(run) / EXPORT_NAME}")
         path = path / EXPORT_NAME
     if not path.is_file():
-        raise ExportError(f"no EMA export at {path}: pass a run folder holding {EXPORT_NAME} (written by the trainer) "
-                          f"or the path of a .safetensors export")
+        raise ExportError(f"no EMA export at {path}: pass a run folder holding {EXPORT_NAME} (the trainer writes it "
+                          f"at every checkpoint) or the path of a .safetensors export")
     return path
 
 
@@ -79,7 +99,25 @@ def read_export_meta(path_or_run_dir) -> dict:
         raise ExportError(f"{path} is not a readable safetensors file: {err}") from None
     if raw is None:
         raise ExportError(f"{path} has no '{META_KEY}' metadata: it was not written by pafm.export.save_export")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise ExportError(f"{path}: its '{META_KEY}' metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: its '{META_KEY}' metadata is not a JSON object")
+    return meta
+
+
+def _check_weights(path: Path, name: str, state: dict, expected: dict) -> None:
+    """ExportError summarising missing, unexpected and reshaped weights (torch's own message lists every key)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", reshaped))
+             if keys]
+    if parts:
+        raise ExportError(f"{path}: weights do not match {name}: {'; '.join(parts)}")
 
 
 def load_export(path_or_run_dir, device="cpu"):
@@ -89,12 +127,52 @@ def load_export(path_or_run_dir, device="cpu"):
     path = resolve_export(path_or_run_dir)
     meta = read_export_meta(path)
     config = meta.get("model") or {}
-    if "name" not in config:
+    if not isinstance(config, dict) or "name" not in config:
         raise ExportError(f"{path}: meta has no model config ({{'name', 'kwargs'}})")
-    model = build_model(config["name"], **config.get("kwargs", {}))
-    state = load_file(str(path), device="cpu")
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ExportError(f"{path}: weights do not match {config['name']}: {err}") from None
+        model = build_model(config["name"], **config.get("kwargs", {}))
+    except (ValueError, TypeError) as err:
+        raise ExportError(f"{path}: cannot rebuild its model: {err}") from None
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors' own error types for truncated files
+        raise ExportError(f"{path} is not a readable safetensors file: {err}") from None
+    _check_weights(path, config["name"], state, model.state_dict())
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False), meta
+
+
+def newest_checkpoint_step(run_dir) -> int | None:
+    """Step of the newest complete checkpoint in RUN/checkpoints (step_NNNNNNN/ with manifest.json or .metadata)."""
+    root = Path(run_dir).expanduser() / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    steps = [int(m.group(1)) for child in root.iterdir() if (m := _STEP_DIR.match(child.name))
+             and any((child / marker).is_file() for marker in _CHECKPOINT_MARKERS)]
+    return max(steps, default=None)
+
+
+def export_staleness(run_dir_or_export) -> str | None:
+    """A one-line warning when the run's EMA export is older than its newest complete checkpoint, else None.
+
+    The trainer rewrites RUN/ema.safetensors at every checkpoint; a failed write leaves the previous export in
+    place, and sampling it would silently score an older model.  Also warns when the export is missing or unreadable
+    while checkpoints exist.  An export outside a run folder (no checkpoints beside it) gives None.
+    """
+    path = Path(run_dir_or_export).expanduser()
+    export = path / EXPORT_NAME if path.is_dir() else path
+    run_dir = export.parent
+    newest = newest_checkpoint_step(run_dir)
+    if newest is None:
+        return None
+    holds = f"{run_dir / CHECKPOINTS} holds step {newest}"
+    if not export.is_file():
+        return f"warning: {export} is missing but {holds}: rerun the trainer to write the export"
+    try:
+        step = read_export_meta(export).get("step")
+    except ExportError as err:
+        return f"warning: {export} is unreadable ({err}) but {holds}: rerun the trainer to refresh it"
+    if isinstance(step, int) and step < newest:
+        return (f"warning: {export} is from step {step} but {holds}: the export is stale (a failed export write?); "
+                f"rerun the trainer to refresh it")
+    return None

@@ -71,6 +71,34 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def check_reference(path, metrics) -> None:
+    """MetricError naming eval.reference when `path` cannot serve `metrics` (fid, isc, prc, kid); cheap: reads an
+    npz's key list and mu/sigma shapes, or finds one image in a folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MetricError(f"eval.reference: {path} does not exist")
+    needs_images = any(m in metrics for m in ("prc", "kid"))
+    if path.is_dir():
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
+            raise MetricError(f"eval.reference: {path} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+        return
+    if path.suffix != ".npz":
+        raise MetricError(f"eval.reference: {path} is neither an .npz file nor a folder of images")
+    try:
+        with np.load(path) as data:
+            keys = set(data.files)
+            shapes = {k: data[k].shape for k in ("mu", "sigma") if k in keys}
+    except (OSError, ValueError) as err:
+        raise MetricError(f"eval.reference: {path} is not a readable .npz file ({err})") from None
+    has_stats = len(shapes) == 2
+    if has_stats and (shapes["mu"] != (2048,) or shapes["sigma"] != (2048, 2048)):
+        raise MetricError(f"eval.reference: {path} has mu {shapes['mu']} and sigma {shapes['sigma']}; Inception pool3 "
+                          f"statistics are (2048,) and (2048, 2048)")
+    if "arr_0" not in keys and (needs_images or ("fid" in metrics and not has_stats)):
+        what = "prc/kid need reference images" if needs_images else "fid needs images or mu and sigma"
+        raise MetricError(f"eval.reference: {path} holds {sorted(keys)}, no 'arr_0' image array: {what}")
+
+
 def load_images(path) -> np.ndarray:
     """Reference images as uint8 NHWC: an .npz with `arr_0` (ADM format) or a folder of png/jpg files (sorted)."""
     path = Path(path).expanduser()
@@ -107,7 +135,10 @@ class InceptionFeatures:
     """
 
     def __init__(self, weights: str | None = None, device="cpu", batch_size: int = 64):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as err:
+            raise MetricError(f"Inception metrics need torch-fidelity ({err}): pip install torch-fidelity") from None
 
         if weights is not None:
             weights = str(Path(weights).expanduser())
@@ -129,6 +160,11 @@ class InceptionFeatures:
                               f"eval.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth") from None
         self.net = net.to(device)
         self.device, self.batch_size = torch.device(device), batch_size
+
+    def to(self, device) -> "InceptionFeatures":
+        self.net = self.net.to(device)
+        self.device = torch.device(device)
+        return self
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, progress=None) -> dict[str, torch.Tensor]:

@@ -108,6 +108,7 @@ class Objective:
         self.text = data_info["kind"] == "text"
         self.shape = tuple(data_info["latent_shape"])
         self.source = None
+        self._staged = []
         if cfg.kind == "pafm":
             if cfg.source == "bank" and self.text:
                 raise ValueError("objective.source=bank needs class labels; use batch/global/resample for captions")
@@ -147,8 +148,23 @@ class Objective:
             self.source.start(x, self._ids, self._pooled, batch, draws.resample)
 
     def finish_candidates(self, x, batch):
+        """Stage the source's update (the bank's push); `end_step` applies it only if the optimizer step is kept,
+        so a skipped non-finite step leaves the bank as it was."""
         if self.source is not None:
-            self.source.update(x, self._ids)
+            self._staged.append((x, self._ids))
+
+    def end_step(self, kept: bool):
+        for x, ids in self._staged if kept else []:
+            self.source.update(x, ids)
+        self._staged = []
+
+    # --- state (the bank's contents, for an exact resume) -------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.source is None else {f"source.{k}": v for k, v in self.source.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]):
+        if self.source is not None:
+            self.source.load_state_dict({k[len("source."):]: v for k, v in state.items() if k.startswith("source.")})
 
     # --- targets -----------------------------------------------------------------------------------------------
     def target(self, x: torch.Tensor, batch: dict, draws: Draws):

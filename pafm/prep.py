@@ -10,6 +10,10 @@ of webdataset tar shards (one output shard per tar). Both store the VAE posterio
 its horizontal flip. Under `torchrun` the shards are split across ranks (shard u goes to rank u % world_size);
 a shard whose `.json` sidecar exists is skipped, so an interrupted run resumes where it stopped; rank 0 writes
 `index.json` once every shard is done.
+
+Inputs, encoders and settings are checked on every rank before anything is encoded; a user error (a missing folder,
+a --max-text-len beyond the text encoder's positions, an output folder started with other settings) stops every rank
+with exit code 2 and one line on stderr.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from pafm.data.shards import INDEX, DataError, atomic_write_text, read_header, write_index, write_shard
+from pafm.sample import USER_ERRORS, OneLineParser, all_ranks_agree, parse_args, positive_int, report_error
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe", ".tif", ".tiff")
 
@@ -119,15 +124,41 @@ def encode_moments(vae, x: torch.Tensor, batch_size: int, flip: bool):
     return torch.cat(means), torch.cat(stds)
 
 
+def text_position_limit(path) -> tuple[int | None, str]:
+    """(longest token sequence the encoder at `path` can embed, its model type): CLIP's max_position_embeddings (77),
+    None for relative positions (T5).  Reads only its config.json."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    text = getattr(config, "text_config", None) or config  # a full CLIP checkpoint: its text tower decides
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return (int(limit) if limit else None), str(config.model_type)
+
+
+def check_text_len(path, max_len: int) -> None:
+    """Refuse a token length beyond the text encoder's position table (CLIP: 77), which would fail mid-encoding."""
+    limit, kind = text_position_limit(path)
+    if limit is not None and max_len > limit:
+        raise DataError(f"--max-text-len {max_len} exceeds the {limit} positions (max_position_embeddings) of the "
+                        f"text encoder {path} ({kind}): use --max-text-len {limit} or less")
+
+
 class TransformersTextEmbedder:
     """Token embeddings, mask and pooled vector from a local transformers text encoder (CLIP or T5, or any model
     with `last_hidden_state`). The pooled vector is CLIP's pooled output (from `pooled_path` if given, as SD3 pairs
-    T5 tokens with a CLIP pooled vector), else the masked mean of the token embeddings."""
+    T5 tokens with a CLIP pooled vector), else the masked mean of the token embeddings. `max_len` beyond the
+    encoder's positions is refused; the pooled encoder reads at most its own positions (its vector sits at the end
+    token, so truncation is what SD3 does)."""
 
     def __init__(self, path, max_len: int = 77, pooled_path=None, device="cpu"):
         self.path, self.max_len, self.pooled_path, self.device = str(path), max_len, pooled_path, device
+        check_text_len(path, max_len)
         self.tokenizer, self.model = self._load(path)
-        self.pooled = self._load(pooled_path) if pooled_path else None
+        self.pooled, self.pooled_len = None, max_len
+        if pooled_path:
+            self.pooled = self._load(pooled_path)
+            pooled_limit = text_position_limit(pooled_path)[0] or max_len
+            self.pooled_len = min(max_len, self.pooled[0].model_max_length, pooled_limit)
 
     def _load(self, path):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
@@ -155,7 +186,7 @@ class TransformersTextEmbedder:
         tokens = out.last_hidden_state.float()
         if self.pooled is not None:
             tok, model = self.pooled
-            pooled_out, _ = self._run(tok, model, captions, min(self.max_len, tok.model_max_length), self.device)
+            pooled_out, _ = self._run(tok, model, captions, self.pooled_len, self.device)
             pooled = pooled_out.pooler_output.float()
         elif getattr(out, "pooler_output", None) is not None:
             pooled = out.pooler_output.float()
@@ -230,7 +261,7 @@ def _dist(args):
     if args.rank is not None or args.world_size is not None:
         rank, world = args.rank or 0, args.world_size or 1
         if not 0 <= rank < world:
-            raise SystemExit(f"--rank {rank} must lie in [0, --world-size {world})")
+            raise ValueError(f"--rank {rank} must lie in [0, --world-size {world})")
     else:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if world > 1 and not torch.distributed.is_initialized():
@@ -275,9 +306,9 @@ RUN_KEYS = ("command", "source", "vae", "resolution", "shard_size", "dtype", "no
             "pooled_encoder", "max_text_len", "text_dtype")
 
 
-def check_run(args, out: Path) -> None:
+def check_run(args, out: Path, write: bool = True) -> None:
     """Record the settings that decide the shards' content in OUT/prep.json; a resumed run must use the same ones,
-    else finished shards from the old settings would be mixed with new ones."""
+    else finished shards from the old settings would be mixed with new ones.  write=False only compares."""
     settings = {k: str(getattr(args, k, None)) for k in RUN_KEYS}
     for k in ("source", "vae", "text_encoder", "pooled_encoder"):
         if getattr(args, k, None):
@@ -290,7 +321,7 @@ def check_run(args, out: Path) -> None:
             raise DataError(f"{out} was started with other settings (then, now): "
                             + ", ".join(f"{k}={a}/{b}" for k, (a, b) in diff.items())
                             + ": use the same settings to resume, or a new output folder")
-    else:  # every rank writes the same content, so concurrent writes are harmless
+    elif write:  # every rank writes the same content, so concurrent writes are harmless
         atomic_write_text(path, json.dumps(settings, indent=1))
 
 
@@ -354,12 +385,51 @@ def _common_info(args, vae) -> dict:
     }
 
 
-def prep_imagenet(args) -> dict | None:
-    source, out = Path(args.source), Path(args.out)
-    classes, units = imagenet_units(source, args.shard_size)
-    out.mkdir(parents=True, exist_ok=True)
-    check_run(args, out)
+def _check_folder(flag: str, path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{flag} {path} {'does not exist' if not path.exists() else 'is not a folder'} ({what})")
+    return path
+
+
+def _check_inputs(args) -> None:
+    """The cheap checks of a converter's inputs, before its output folder or any model is touched."""
+    _check_folder("input folder", args.source, "the images to encode")
+    _check_folder("--vae", args.vae, "a local diffusers AutoencoderKL folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output folder {out} exists and is not a folder")
+    if args.command == "captions":
+        _check_folder("--text-encoder", args.text_encoder, "a local transformers CLIP or T5 folder")
+        if args.pooled_encoder:
+            _check_folder("--pooled-encoder", args.pooled_encoder, "a local transformers CLIP folder")
+        check_text_len(args.text_encoder, args.max_text_len)
+    if (out / "prep.json").is_file():
+        check_run(args, out, write=False)
+
+
+def _setup_imagenet(args):
+    _check_inputs(args)
+    classes, units = imagenet_units(Path(args.source), args.shard_size)
     vae = load_vae(args.vae, args.device)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    check_run(args, Path(args.out))  # written once the models load, so a failed start leaves no settings behind
+    return classes, units, vae
+
+
+def _setup_captions(args):
+    _check_inputs(args)
+    units = caption_units(Path(args.source), args.shard_size)
+    vae = load_vae(args.vae, args.device)
+    text = TransformersTextEmbedder(args.text_encoder, args.max_text_len, args.pooled_encoder, args.device)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    check_run(args, Path(args.out))
+    return units, vae, text
+
+
+def prep_imagenet(args) -> dict | None:
+    out = Path(args.out)
+    classes, units, vae = all_ranks_agree(_setup_imagenet, args)
 
     def process(u, unit):
         images, kept = load_images([path for path, _ in unit], args.resolution, args.threads)
@@ -376,12 +446,8 @@ def prep_imagenet(args) -> dict | None:
 
 
 def prep_captions(args) -> dict | None:
-    source, out = Path(args.source), Path(args.out)
-    units = caption_units(source, args.shard_size)
-    out.mkdir(parents=True, exist_ok=True)
-    check_run(args, out)
-    vae = load_vae(args.vae, args.device)
-    text = TransformersTextEmbedder(args.text_encoder, args.max_text_len, args.pooled_encoder, args.device)
+    out = Path(args.out)
+    units, vae, text = all_ranks_agree(_setup_captions, args)
 
     def process(u, unit):
         kind, payload = unit
@@ -450,16 +516,16 @@ def run_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pafm.prep", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m pafm.prep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def encode_args(p):
         p.add_argument("source", help="input folder")
         p.add_argument("out", help="output dataset folder")
         p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
-        p.add_argument("--resolution", type=int, default=256)
-        p.add_argument("--shard-size", type=int, default=1024, help="items per shard (folder inputs)")
-        p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward")
+        p.add_argument("--resolution", type=positive_int, default=256)
+        p.add_argument("--shard-size", type=positive_int, default=1024, help="items per shard (folder inputs)")
+        p.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder forward")
         p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                        help="storage dtype of the posterior mean and std")
         p.add_argument("--no-flip", action="store_true", help="do not store a flipped copy of each item")
@@ -467,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vae: the VAE config's shift/scale (SD: 0, 0.18215); stats: per-channel mean/std")
         p.add_argument("--split", default="train", help="split name recorded in the index")
         p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
-        p.add_argument("--threads", type=int, default=8, help="image decoding threads per rank")
+        p.add_argument("--threads", type=positive_int, default=8, help="image decoding threads per rank")
         p.add_argument("--rank", type=int, default=None, help="this job's part, without torchrun")
         p.add_argument("--world-size", type=int, default=None, help="number of parts, without torchrun")
 
@@ -477,13 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     encode_args(p)
     p.add_argument("--text-encoder", required=True, help="local transformers text encoder (CLIP or T5)")
     p.add_argument("--pooled-encoder", default=None, help="local CLIP text encoder for the pooled vector")
-    p.add_argument("--max-text-len", type=int, default=77)
+    p.add_argument("--max-text-len", type=positive_int, default=77)
     p.add_argument("--text-dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     p = sub.add_parser("neighbors", help="exact same-class k-nearest neighbours, written into the dataset")
     p.add_argument("dataset")
     p.add_argument("--split", default="train")
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--chunk", type=int, default=4096, help="rows per distance block")
+    p.add_argument("--k", type=positive_int, default=8)
+    p.add_argument("--chunk", type=positive_int, default=4096, help="rows per distance block")
     p.add_argument("--device", default=None)
     p = sub.add_parser("inspect", help="print what a dataset holds and validate it")
     p.add_argument("dataset", help="dataset folder or builtin:digits / builtin:digits-captions")
@@ -492,24 +558,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     if args.command == "inspect":
         return run_inspect(args)
     if args.command == "neighbors":
         run_neighbors(args)
         return 0
-    for name in ("shard_size", "batch_size", "resolution", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     args.rank, args.world_size, args.device = _dist(args)
     index = prep_imagenet(args) if args.command == "imagenet" else prep_captions(args)
     if index is not None:
         print(f"wrote {index['num_items']} items in {len(index['shards'])} shards to {args.out}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0 done, 1 `inspect` found the dataset invalid, 2 a user error (one line on stderr)."""
+    args, code = parse_args(build_parser(), argv)
+    if args is None:
+        return code
+    try:
+        return run(args)
+    except USER_ERRORS as err:
+        return report_error(err)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from pafm.distributed import exit_process
+
+    exit_process(main())

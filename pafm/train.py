@@ -5,12 +5,10 @@ resume -> the step loop (micro-batches, clipping, skip of non-finite steps, EMA)
 """
 from __future__ import annotations
 
-import json
 import math
-import resource
+import os
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -18,11 +16,15 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from pafm.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from pafm.checkpoint import (CheckpointError, complete_checkpoints, latest_checkpoint, load_checkpoint,
+                             save_checkpoint)
 from pafm.config import ConfigError, load_config, save_config, to_dict
 from pafm.distributed import World, all_reduce, cleanup, init_distributed, shard_model
 from pafm.ema import EMA
+from pafm.export import EXPORT_NAME, save_export
+from pafm.logger import MetricsLogger, SideWork
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, flow_loss, step_generator, t_bin_stats
+from pafm.run_lock import RunDirInUse, RunLock
 
 USAGE = "usage: [torchrun --nproc_per_node=N] python -m pafm.train CONFIG.yaml [key.sub=value ...]"
 
@@ -73,11 +75,23 @@ class TrainConfig:
     ema_decay: float = 0.9999
     max_bad_steps: int = 20  # this many non-finite steps in a row stop the run (after a checkpoint)
 
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+
 
 @dataclass
 class CheckpointConfig:
     every: int
-    keep: int = 2
+    keep: int = 2  # the newest N complete checkpoints are kept; 0 keeps all
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"checkpoint.every must be >= 1 (steps between checkpoints), got {self.every}")
+        if self.keep < 0:
+            raise ValueError(f"checkpoint.keep must be >= 0, got {self.keep}")
 
 
 @dataclass
@@ -86,8 +100,18 @@ class LogConfig:
     sample_every: int = 0  # a grid every N steps and at the end; 0: only at the end; -1: never
     sample_steps: int = 32  # Heun steps of the sample grid
     sample_cfg: float = 1.0
+    sample_prompts: Optional[list[str]] = None  # text models: captions of the grid (default: held-out captions,
+    #                                             else the first training captions)
     tensorboard: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"log.every must be >= 1, got {self.every}")
+        if self.sample_every < -1:
+            raise ValueError(f"log.sample_every must be >= -1 (-1: never, 0: at the end), got {self.sample_every}")
+        if self.sample_steps < 1:
+            raise ValueError(f"log.sample_steps must be >= 1, got {self.sample_steps}")
 
 
 @dataclass
@@ -103,11 +127,18 @@ class Config:
 
 
 class SetupError(RuntimeError):
-    """A problem with the run's inputs that the user must fix (reported without a traceback)."""
+    """A problem with the run's inputs that the user must fix (reported in one line, exit code 2)."""
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped itself (too many non-finite steps); a checkpoint was written first."""
+    """The run stopped itself (too many non-finite steps); a checkpoint was written first (exit code 3)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    skipped: int = 0  # non-finite steps skipped so far
+    bad_in_row: int = 0
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -137,14 +168,9 @@ def condition(batch: dict, device):
     return batch["label"].to(device, non_blocking=True)
 
 
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 class StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits cleanly."""
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits cleanly.  A repeated signal
+    changes nothing: Ctrl-C or a scheduler reaches the ranks both directly and through torchrun."""
 
     def __init__(self):
         self.requested = None
@@ -152,7 +178,7 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name
 
 
 def rank0_error_check(world: World, fn):
@@ -161,31 +187,32 @@ def rank0_error_check(world: World, fn):
     if world.is_main:
         try:
             fn()
-        except (ValueError, FileNotFoundError) as err:
-            message[0] = f"{type(err).__name__}: {err}"
+        except (ValueError, OSError, RunDirInUse) as err:
+            message[0] = str(err) if isinstance(err, RunDirInUse) else f"{type(err).__name__}: {err}"
     dist.broadcast_object_list(message, src=0)
     if message[0] is not None:
         raise SetupError(message[0])
 
 
-# --- the run ------------------------------------------------------------------------------------------------------
-def train(cfg: Config, world: World) -> dict:
+def check_settings(cfg: Config, info: dict):
+    """Settings that are valid one by one but not together with this dataset."""
+    obj = cfg.objective
+    if obj.kind == "pafm" and info["kind"] == "text" and obj.text_prior == "self" and obj.source in ("batch", "global"):
+        raise SetupError(f"objective.text_prior=self with source={obj.source}: each caption is its own class, so a "
+                         "shared pool admits only the row's own endpoint and the target is FM's (except for rows "
+                         "whose caption was dropped); use source=resample or text_prior=similarity")
+    if cfg.log.sample_prompts and info["kind"] != "text":
+        raise SetupError(f"log.sample_prompts is for text models; {cfg.data.spec} has class labels")
+
+
+# --- building the run ---------------------------------------------------------------------------------------------
+def build_data(cfg: Config, world: World):
+    """The training split (validated on rank 0 before anything expensive) and this rank's loader."""
     from pafm.data import LatentLoader, open_dataset
-    from pafm.export import save_export
-    from pafm.models import build_model
 
-    run_dir = Path(cfg.run.dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    device = world.device
-
-    # Data: validated on rank 0 before anything expensive.
     dataset = open_dataset(cfg.data.spec, split="train")
     if cfg.data.validate:
         rank0_error_check(world, dataset.validate)
-    info = dataset.info
     if cfg.data.batch_size % world.size:
         raise SetupError(f"data.batch_size={cfg.data.batch_size} is not divisible by the world size {world.size}")
     micro = cfg.data.micro_batch_size or cfg.data.batch_size // world.size
@@ -197,206 +224,254 @@ def train(cfg: Config, world: World) -> dict:
     loader = LatentLoader(dataset, micro, rank=world.rank, world_size=world.size, seed=cfg.train.seed,
                           flip=cfg.data.flip, num_workers=cfg.data.num_workers,
                           neighbors=cfg.objective.candidates if use_neighbors else 0)
+    return dataset.info, loader, micro, accum
 
-    # Model: identical initialisation on every rank, then FSDP2.
+
+def build_model_and_optimizer(cfg: Config, world: World, info: dict):
+    """Identical initialisation on every rank, FSDP2 per block, AdamW on the shards, and the sharded EMA."""
+    from pafm.models import build_model
+
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, **model_kwargs(cfg.model, info))
+    try:
+        model = build_model(cfg.model.name, **model_kwargs(cfg.model, info))
+    except ValueError as err:
+        raise SetupError(f"model: {err}") from None
     if (model.cond_kind == "text") != (info["kind"] == "text"):
         raise SetupError(f"model {cfg.model.name} is {model.cond_kind}-conditional but dataset {cfg.data.spec} "
                          f"has {info['kind']} conditions")
-    model_config = model.config
-    model.to(device)
+    model.to(world.device)
     shard_model(model, world, bf16=cfg.train.precision == "bf16",
                 activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
-    ema = EMA(model, cfg.train.ema_decay)
-    objective = Objective(cfg.objective, info, device)
-    bank = objective.source if cfg.objective.kind == "pafm" and cfg.objective.source == "bank" else None
+    return model, optimizer, EMA(model, cfg.train.ema_decay)
 
-    # Resume.
-    step, skipped, bad_in_row = 0, 0, 0
-    ckpt = None
-    if cfg.train.resume == "auto":
-        ckpt = latest_checkpoint(ckpt_dir)
-    elif cfg.train.resume != "none":
-        ckpt = Path(cfg.train.resume)
-        if not ckpt.is_dir():
-            raise SetupError(f"train.resume={cfg.train.resume}: no such checkpoint folder")
-    existing = complete_checkpoints(ckpt_dir)
-    if ckpt is None and existing:
-        raise SetupError(f"{ckpt_dir} already holds checkpoints (up to step {existing[-1][0]}) and train.resume=none: "
-                         "use train.resume=auto to continue, or a new run.dir")
-    if ckpt is not None:
-        meta, tensors = load_checkpoint(ckpt, model, optimizer, ema)
-        step, skipped, bad_in_row = meta["step"], meta["skipped"], meta["bad_in_row"]
-        later = [s for s, _ in existing if s > step]
-        if later:  # continuing would interleave two runs' checkpoints and let resume=auto pick the abandoned one
-            raise SetupError(f"resuming from step {step}, but {ckpt_dir} holds a later checkpoint (step {later[-1]}): "
-                             "resume from an older step in a new run.dir")
-        loader.load_state_dict(meta["loader"])
-        if bank is not None:
-            bank.load_state_dict({"entries": tensors["bank.entries"], "count": tensors["bank.count"]})
+
+def build_objective(cfg: Config, info: dict, device) -> Objective:
+    try:
+        return Objective(cfg.objective, info, device)
+    except ValueError as err:
+        raise SetupError(f"objective: {err}") from None
+
+
+# --- one optimizer step -------------------------------------------------------------------------------------------
+def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Objective, data_iter, state: TrainState,
+               micro: int, accum: int, autocast):
+    """Micro-batches with gradient accumulation, clipping, the skip of a non-finite step, AdamW and EMA.
+
+    A skipped step changes nothing but the counters: no weight, EMA or bank update (the loader still moves on).
+    Returns (loss, fm loss, grad norm, kept, t-bin sums)."""
+    device = world.device
+    step_loss = torch.zeros(2, dtype=torch.float64, device=device)
+    bins = torch.zeros(3, T_BINS, dtype=torch.float64, device=device)
+    for m in range(accum):
+        batch = next(data_iter)
+        model.set_requires_gradient_sync(m == accum - 1)
+        gen = step_generator(cfg.train.seed, state.step, m, device)
+        x = batch["x"].to(device, non_blocking=True)
+        draws = objective.draw(gen, micro, world.rank, world.size, device)
+        z = objective.path.interpolate(x, draws.noise, draws.t)
+        objective.start_candidates(x, batch, draws)
+        with autocast:
+            pred = model(z, draws.t, condition(batch, device), drop=draws.drop)
+        target, u, diagnostics = objective.target(x, batch, draws)
+        fm_loss = flow_loss(pred, u)
+        if cfg.objective.kind == "fm":
+            loss = fm_loss
+        else:
+            loss = (1 - cfg.objective.fm_weight) * flow_loss(pred, target) + cfg.objective.fm_weight * fm_loss
+        (loss / accum).backward()
+        objective.finish_candidates(x, batch)
+        step_loss += torch.stack([loss.detach(), fm_loss.detach()]).double() / accum
+        bins += t_bin_stats(draws.t, diagnostics)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    all_reduce(step_loss)
+    step_loss /= world.size
+    kept = bool(torch.isfinite(step_loss).all() and torch.isfinite(grad_norm))
+    if kept:
+        optimizer.step()
+        ema.update(model)
+        state.bad_in_row = 0
+    else:
+        state.skipped += 1
+        state.bad_in_row += 1
         if world.is_main:
-            print(f"resumed from {ckpt} at step {step}", flush=True)
+            print(f"step {state.step}: non-finite loss {step_loss[0].item()} or gradient norm {grad_norm.item()}; "
+                  f"step skipped ({state.bad_in_row} in a row)", flush=True)
+    objective.end_step(kept)
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return step_loss[0], step_loss[1], grad_norm, kept, bins
 
-    export_meta = {"model": model_config, "data": {"spec": cfg.data.spec, "info": info},
-                   "path": cfg.objective.path, "objective": cfg.objective.kind, "config": to_dict(cfg)}
-    metrics_path = run_dir / "metrics.jsonl"
-    if world.is_main:
-        _truncate_metrics(metrics_path, step)
-    writer = _tensorboard(run_dir) if world.is_main and cfg.log.tensorboard else None
-    bar = None
-    if world.is_main and cfg.log.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
+# --- checkpoints, exports and preview grids -----------------------------------------------------------------------
+class Checkpointer:
+    """The resume policy, checkpoint saves with rotation, and the EMA export and preview grids written beside them.
 
-    def checkpoint():
-        rank_meta = {"step": step, "skipped": skipped, "bad_in_row": bad_in_row, "loader": loader.state_dict()}
-        rank_tensors = {"bank." + k: v for k, v in bank.state_dict().items()} if bank is not None else {}
-        folder = save_checkpoint(ckpt_dir, step, model, optimizer, ema, rank_meta, rank_tensors, cfg.checkpoint.keep)
-        export = ema.full_state_dict()
-        if world.is_main:
-            save_export(run_dir / "ema.safetensors", export, {**export_meta, "step": step})
+    A checkpoint records what it belongs to (model config, objective, its state keys, world size): resuming with
+    other settings is refused.  The export and the grids are side work: a failure is reported and counted, never
+    fatal, and never skips a checkpoint."""
+
+    def __init__(self, cfg: Config, world: World, run_dir: Path, model, optimizer, ema, objective: Objective, loader,
+                 info: dict, side: SideWork):
+        self.cfg, self.world, self.run_dir, self.root = cfg, world, run_dir, run_dir / "checkpoints"
+        self.model, self.optimizer, self.ema, self.objective, self.loader, self.side = (
+            model, optimizer, ema, objective, loader, side)
+        pafm = cfg.objective.kind == "pafm"
+        self.run_meta = {"model": model.config,
+                         "objective": {"kind": cfg.objective.kind, "source": cfg.objective.source if pafm else None},
+                         "state_keys": sorted(objective.state_dict()), "world_size": world.size}
+        self.export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info},
+                            "path": cfg.objective.path, "objective": cfg.objective.kind, "config": to_dict(cfg)}
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def resume(self, policy: str) -> TrainState:
+        explicit = policy not in ("auto", "none")
+        if explicit and not Path(policy).is_dir():
+            raise SetupError(f"train.resume={policy}: no such checkpoint folder")
+        ckpt = Path(policy) if explicit else self.latest() if policy == "auto" else None
+        existing = complete_checkpoints(self.root)
+        if ckpt is None and existing and policy == "none":
+            raise SetupError(f"{self.root} already holds checkpoints (up to step {existing[-1][0]}) and "
+                             "train.resume=none: use train.resume=auto to continue, or a new run.dir")
+        if ckpt is None and existing:
+            raise SetupError(f"no checkpoint in {self.root} passes its integrity check (see the warnings above); "
+                             "resume from a folder with train.resume=PATH or start a new run.dir")
+        unverifiable = [p.parent for p in self.root.glob("step_*/.metadata") if p.parent.name[5:].isdigit()]
+        if ckpt is None and unverifiable:
+            raise SetupError(f"{self.root} holds checkpoints without a manifest (written by an older version of "
+                             "this trainer): resume them with that version or start a new run.dir")
+        if ckpt is None:
+            return TrainState()
+        meta, tensors = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, expected_run_meta=self.run_meta,
+                                        verified=policy == "auto")
+        state = TrainState(meta["step"], meta["skipped"], meta["bad_in_row"])
+        later = [folder for s, folder in existing if s > state.step]
+        if later and explicit:  # continuing would interleave two runs' checkpoints
+            raise SetupError(f"resuming from step {state.step}, but {self.root} holds a later checkpoint "
+                             f"({later[-1].name}): resume from an older step in a new run.dir")
+        self._set_aside(later)  # resume=auto skipped them: they failed their integrity check
+        self.loader.load_state_dict(meta["loader"])
+        self.objective.load_state_dict(tensors)
+        if self.world.is_main:
+            print(f"resumed from {ckpt} at step {state.step}", flush=True)
+        return state
+
+    def _set_aside(self, folders: list[Path]):
+        """Rename checkpoints that failed verification to step_N.corrupt: kept for inspection, never loaded."""
+        if self.world.is_main:
+            for folder in folders:
+                target, n = folder.with_name(folder.name + ".corrupt"), 1
+                while target.exists():  # the same step failed before
+                    target, n = folder.with_name(f"{folder.name}.corrupt{n}"), n + 1
+                os.replace(folder, target)
+                print(f"warning: set {folder} aside as {target.name}", file=sys.stderr, flush=True)
+        dist.barrier()
+
+    def save(self, state: TrainState) -> Path:
+        rank_meta = {"step": state.step, "skipped": state.skipped, "bad_in_row": state.bad_in_row,
+                     "loader": self.loader.state_dict()}
+        folder = save_checkpoint(self.root, state.step, self.model, self.optimizer, self.ema, rank_meta,
+                                 self.objective.state_dict(), self.cfg.checkpoint.keep, self.run_meta)
+        weights = self.ema.full_state_dict()  # a collective: outside the side-work guard so no rank waits alone
+        if self.world.is_main:
+            self.side.run("writing the EMA export", save_export, self.run_dir / EXPORT_NAME, weights,
+                          {**self.export_meta, "step": state.step})
         return folder
 
-    def sample_grid():
-        export = ema.full_state_dict()
-        if world.is_main:
+    def sample_grid(self, step: int):
+        weights = self.ema.full_state_dict()
+        if self.world.is_main:
             from pafm.sample import save_training_grid
 
-            save_training_grid(export, {**export_meta, "step": step}, run_dir / "samples" / f"step_{step:07d}.png",
-                               steps=cfg.log.sample_steps, cfg_scale=cfg.log.sample_cfg, seed=cfg.train.seed)
+            log = self.cfg.log
+            self.side.run(f"the preview grid of step {step}", save_training_grid, weights,
+                          {**self.export_meta, "step": step}, self.run_dir / "samples" / f"step_{step:07d}.png",
+                          steps=log.sample_steps, cfg_scale=log.sample_cfg, seed=self.cfg.train.seed,
+                          prompts=log.sample_prompts)
 
+
+# --- the run ------------------------------------------------------------------------------------------------------
+def train(cfg: Config, world: World) -> dict:
+    run_dir = Path(cfg.run.dir)
+    lock = RunLock(run_dir)
+    rank0_error_check(world, lock.acquire)
+    try:
+        return _train(cfg, world, run_dir)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, world: World, run_dir: Path) -> dict:
+    info, loader, micro, accum = build_data(cfg, world)
+    check_settings(cfg, info)
+    model, optimizer, ema = build_model_and_optimizer(cfg, world, info)
+    objective = build_objective(cfg, info, world.device)
+    side = SideWork(world)
+    checkpointer = Checkpointer(cfg, world, run_dir, model, optimizer, ema, objective, loader, info, side)
+    state = checkpointer.resume(cfg.train.resume)
+    if world.is_main:  # only now: a refused launch must not overwrite the run's config
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, world, every=cfg.log.every, total_steps=cfg.train.steps, start_step=state.step,
+                           batch_size=cfg.data.batch_size, pafm=cfg.objective.kind == "pafm",
+                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, side=side)
     # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
-    bf16 = cfg.train.precision == "bf16"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     stop = StopSignal()
     data_iter = iter(loader)
-    window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fm loss, grad norm, steps
-    bins = torch.zeros(3, T_BINS, dtype=torch.float64, device=device)
-    window_start, window_images = time.perf_counter(), 0
     last_checkpoint = None
-
-    while step < cfg.train.steps:
-        lr = learning_rate(cfg.optim, step, cfg.train.steps)
+    while state.step < cfg.train.steps:
+        lr = learning_rate(cfg.optim, state.step, cfg.train.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros(2, dtype=torch.float64, device=device)
-        for m in range(accum):
-            batch = next(data_iter)
-            model.set_requires_gradient_sync(m == accum - 1)
-            gen = step_generator(cfg.train.seed, step, m, device)
-            x = batch["x"].to(device, non_blocking=True)
-            draws = objective.draw(gen, micro, world.rank, world.size, device)
-            z = objective.path.interpolate(x, draws.noise, draws.t)
-            objective.start_candidates(x, batch, draws)
-            with autocast:
-                pred = model(z, draws.t, condition(batch, device), drop=draws.drop)
-            target, u, diagnostics = objective.target(x, batch, draws)
-            fm_loss = flow_loss(pred, u)
-            if cfg.objective.kind == "fm":
-                loss = fm_loss
-            else:
-                loss = (1 - cfg.objective.fm_weight) * flow_loss(pred, target) + cfg.objective.fm_weight * fm_loss
-            (loss / accum).backward()
-            objective.finish_candidates(x, batch)
-            step_loss += torch.stack([loss.detach(), fm_loss.detach()]).double() / accum
-            bins += t_bin_stats(draws.t, diagnostics)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        all_reduce(step_loss)
-        step_loss /= world.size
-        finite = bool(torch.isfinite(step_loss).all() and torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-            ema.update(model)
-            bad_in_row = 0
-            window += torch.stack([step_loss[0], step_loss[1], grad_norm.double(), torch.ones((), device=device,
-                                                                                                dtype=torch.float64)])
-        else:
-            skipped += 1
-            bad_in_row += 1
-            if world.is_main:
-                print(f"step {step}: non-finite loss {step_loss[0].item()} or gradient norm {grad_norm.item()}; "
-                      f"step skipped ({bad_in_row} in a row)", flush=True)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_images += cfg.data.batch_size
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss[0].item():.4f}")
-
-        if step % cfg.log.every == 0 or step == cfg.train.steps:
-            all_reduce(bins)
-            elapsed = time.perf_counter() - window_start
-            n = max(window[3].item(), 1.0)
-            record = {
-                "step": step, "loss": window[0].item() / n, "fm_loss": window[1].item() / n,
-                "grad_norm": window[2].item() / n, "lr": lr, "images_per_s": window_images / elapsed,
-                "sec_per_step": elapsed / max(1, window_images // cfg.data.batch_size),
-                "peak_memory_gb": peak_memory_gb(device), "skipped_steps": skipped,
-            }
-            if cfg.objective.kind == "pafm":
-                count = bins[0].clamp_min(1)
-                record["ess_by_t"] = (bins[1] / count).tolist()
-                record["own_weight_by_t"] = (bins[2] / count).tolist()
-                record["rows_by_t"] = bins[0].long().tolist()
-            if world.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for key, value in record.items():
-                        if isinstance(value, list):
-                            for i, v in enumerate(value):
-                                writer.add_scalar(f"{key}/bin{i}", v, step)
-                        elif key != "step":
-                            writer.add_scalar(key, value, step)
-            window.zero_()
-            bins.zero_()
-            window_start, window_images = time.perf_counter(), 0
-
-        if cfg.log.sample_every > 0 and step % cfg.log.sample_every == 0 and step < cfg.train.steps:
-            sample_grid()
-        stop_flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
-        stop_now = all_reduce(stop_flag, op=dist.ReduceOp.MAX).item() > 0
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop_now:
-            last_checkpoint = checkpoint()
-        if bad_in_row >= cfg.train.max_bad_steps:
-            last_checkpoint = checkpoint()
-            raise TrainingStopped(f"stopped at step {step}: {bad_in_row} non-finite losses or gradients in a row "
-                                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); checkpoint {last_checkpoint}")
+        loss, fm_loss, grad_norm, kept, bins = train_step(cfg, world, model, optimizer, ema, objective, data_iter,
+                                                          state, micro, accum, autocast)
+        logger.step(state.step, lr, loss, fm_loss, grad_norm, kept, bins, state.skipped)
+        stop_now = all_reduce(torch.tensor([1.0 if stop.requested else 0.0], device=world.device),
+                              op=dist.ReduceOp.MAX).item() > 0
+        last = state.step == cfg.train.steps
+        if state.step % cfg.checkpoint.every == 0 or last or stop_now or state.bad_in_row >= cfg.train.max_bad_steps:
+            last_checkpoint = checkpointer.save(state)
+        if cfg.log.sample_every > 0 and state.step % cfg.log.sample_every == 0 and not last:
+            checkpointer.sample_grid(state.step)
+        if state.bad_in_row >= cfg.train.max_bad_steps:
+            raise TrainingStopped(f"stopped at step {state.step}: {state.bad_in_row} non-finite losses or gradients "
+                                  f"in a row (train.max_bad_steps={cfg.train.max_bad_steps}); checkpoint "
+                                  f"{last_checkpoint}")
         if stop_now:
             if world.is_main:
-                print(f"\nstopped by {stop.requested or 'a signal on another rank'} at step {step}; "
+                print(f"\nstopped by {stop.requested or 'a signal on another rank'} at step {state.step}; "
                       f"checkpoint {last_checkpoint}", flush=True)
             break
-
-    if bar is not None:
-        bar.close()
-    if step == cfg.train.steps and cfg.log.sample_every >= 0:
-        sample_grid()
-    if writer is not None:
-        writer.close()
-    return {"step": step, "run_dir": run_dir, "checkpoint": last_checkpoint or latest_checkpoint(ckpt_dir), "skipped": skipped,
-            "stopped": stop.requested}
+    logger.close()
+    loader.close()
+    if state.step == cfg.train.steps and cfg.log.sample_every >= 0:
+        checkpointer.sample_grid(state.step)
+    return {"step": state.step, "run_dir": run_dir, "checkpoint": last_checkpoint or checkpointer.latest(),
+            "skipped": state.skipped, "stopped": stop.requested, "side_work_failures": side.failures}
 
 
-def _truncate_metrics(path: Path, step: int):
-    """On resume, drop log lines past the resumed step so that the file reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+def _report(result: dict):
+    from pafm.export import EXPORT_NAME, export_staleness
 
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    run_dir = result["run_dir"]
+    print(f"\ndone: step {result['step']} ({result['skipped']} skipped"
+          + (f", {result['side_work_failures']} side-work failures" if result["side_work_failures"] else "") + ")")
+    print(f"  run folder     {run_dir}")
+    print(f"  config         {run_dir / 'config.yaml'}")
+    print(f"  metrics        {run_dir / 'metrics.jsonl'}")
+    print(f"  checkpoint     {result['checkpoint']}")
+    if (run_dir / EXPORT_NAME).is_file():
+        print(f"  EMA weights    {run_dir / EXPORT_NAME}")
+    stale = export_staleness(run_dir)
+    if stale:
+        print(stale)
+    samples = sorted((run_dir / "samples").glob("*.png"))
+    if samples:
+        print(f"  sample grid    {samples[-1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,32 +486,35 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:  # dataclass __post_init__ checks raise ValueError
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    # Writing past the file-size limit must raise an OSError (reported below), not kill the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     world = init_distributed(cfg.train.device)
+    where = "" if world.size == 1 else f" (rank {world.rank})"
     try:
         result = train(cfg, world)
-    except (SetupError, DataError, ConfigError) as err:
+    except (SetupError, DataError, ConfigError, CheckpointError) as err:
         if world.is_main:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as err:  # a read-only folder, a full disk, a file-size limit: the newest checkpoint is intact
+        print(f"error{where}: {err}; the newest complete checkpoint is intact", file=sys.stderr, flush=True)
         return 2
     except TrainingStopped as err:
         if world.is_main:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr, flush=True)
         return 3
+    except dist.DistError as err:  # a peer rank failed or was killed: its own message is the one that matters
+        print(f"error{where}: a collective failed, most likely because another rank stopped: "
+              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
+        return 1
     finally:
         cleanup()
     if world.is_main:
-        run_dir = result["run_dir"]
-        print(f"\ndone: step {result['step']} ({result['skipped']} skipped)")
-        print(f"  run folder     {run_dir}")
-        print(f"  config         {run_dir / 'config.yaml'}")
-        print(f"  metrics        {run_dir / 'metrics.jsonl'}")
-        print(f"  checkpoint     {result['checkpoint']}")
-        print(f"  EMA weights    {run_dir / 'ema.safetensors'}")
-        samples = sorted((run_dir / 'samples').glob('*.png'))
-        if samples:
-            print(f"  sample grid    {samples[-1]}")
+        _report(result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pafm.distributed import exit_process
+
+    exit_process(main())

@@ -4,6 +4,16 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """The environment of the subprocess runs (trainer, CLIs): a private data cache, one thread per process."""
+    cache = tmp_path_factory.mktemp("pafm-cache")
+    out = {**os.environ, "PAFM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out.pop("TRITON_INTERPRET", None)  # the trainer uses the reference op on the CPU ("auto")
+    return out

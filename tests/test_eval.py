@@ -86,11 +86,15 @@ def test_digits_eval_resumes_after_a_stop_and_matches_two_ranks(tmp_path, monkey
     assert set(m) == {"accuracy", "frechet_pixels", "memorization"} and 0 <= m["accuracy"] <= 1
     assert full["reference_metrics"]["accuracy"] > 0.95  # held-out real digits: the reference row
     assert m["frechet_pixels"] > full["reference_metrics"]["frechet_pixels"]  # a random model is far from digits
-    assert full["classes_balanced"] and full["model_evaluations_per_sample"] == 3
+    assert full["labels"] == "random" and not full["classes_balanced"] and full["model_evaluations_per_sample"] == 3
+    assert full["export_step"] == 7 and full["export_warning"] is None and "sha256" in full["seed_rule"]
     assert "acc" in full["readme_row"] and "euler-3" in full["readme_row"] and "2 [0.2, 1]" in full["readme_row"]
+    assert "balanced" not in full["readme_row"]
     with np.load(tmp_path / "full" / "samples.npz") as data:
         assert data["arr_0"].shape == (30, 8, 8, 1) and data["arr_0"].dtype == np.uint8
-        assert data["arr_1"].tolist() == [i % 10 for i in range(30)]  # classes balanced
+        full_labels = data["arr_1"]
+    # Random labels (SiT's protocol): drawn per chunk, not the balanced i % 10.
+    assert full_labels.tolist() != [i % 10 for i in range(30)] and len(set(full_labels.tolist())) >= 5
     assert json.loads((tmp_path / "full" / "eval.json").read_text()) == full
 
     # Stop during the second chunk, then resume: the first chunk is kept, the report is the uninterrupted one.
@@ -127,6 +131,8 @@ def test_digits_eval_resumes_after_a_stop_and_matches_two_ranks(tmp_path, monkey
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((two / "eval.json").read_text())
     assert without_run_specific(report) == without_run_specific(full)
+    with np.load(two / "samples.npz") as data:
+        assert np.array_equal(data["arr_1"], full_labels)  # the random labels do not depend on the world size
 
 
 def random_inception_file(path: Path) -> Path:
@@ -179,13 +185,11 @@ def test_sample_cli_writes_a_labelled_grid(tmp_path):
     from PIL import Image
 
     run = write_run(tmp_path / "run")
-    out = sample_main([str(run), "--num", "12", "--cfg", "3.0", "--steps", "2", "--labels", "3,7",
-                       "--out", str(tmp_path / "grid.png"), "--cols", "4"])
-    img = np.asarray(Image.open(out))
+    assert sample_main([str(run), "--num", "12", "--cfg", "3.0", "--steps", "2", "--labels", "3,seven",
+                        "--out", str(tmp_path / "grid.png"), "--cols", "4"]) == 0
+    img = np.asarray(Image.open(tmp_path / "grid.png"))
     assert img.shape[0] > 3 * 96 and img.shape[1] == 4 * (96 + 4)  # 3 rows of 96 px tiles with labels, 4 columns
     assert (img < 50).any() and (img > 200).any()  # dark label text and light background
-    with pytest.raises(ValueError, match="class labels"):
-        sample_main([str(run), "--num", "2", "--labels", "12", "--out", str(tmp_path / "x.png")])
 
 
 def test_training_grid_from_a_state_dict(tmp_path):
@@ -199,6 +203,106 @@ def test_training_grid_from_a_state_dict(tmp_path):
                              cfg_scale=1.5, seed=0)
     img = np.asarray(Image.open(out))
     assert img.shape[1] == 10 * (96 + 4) and img.shape[0] > 96  # one row: one sample per digit class
+
+
+def test_random_labels_per_chunk_and_the_balanced_option(tmp_path):
+    from pafm.sample import Conditions, model_skeleton
+
+    meta = read_export_meta(write_run(tmp_path / "run"))
+    skeleton = model_skeleton(meta, "test")
+    random = Conditions(skeleton, meta, order="random", seed=3)
+    chunks = [random.class_ids(range(c * 125, (c + 1) * 125), key=c) for c in range(200)]
+    # A chunk's labels depend only on (seed, chunk): drawn again, alone and in another order, they are the same.
+    again = Conditions(skeleton, meta, order="random", seed=3)
+    assert all(np.array_equal(again.class_ids(range(c * 125, (c + 1) * 125), key=c), chunks[c]) for c in (199, 0, 57))
+    assert not np.array_equal(chunks[0], chunks[1])
+    other_seed = Conditions(skeleton, meta, order="random", seed=4).class_ids(range(125), key=0)
+    assert not np.array_equal(other_seed, chunks[0])
+    # i.i.d. uniform over the 10 classes: 25,000 labels pass a chi-square test (9 dof; 1e-6 tail: 42.3) and are not
+    # balanced within a chunk.
+    counts = np.bincount(np.concatenate(chunks), minlength=10)
+    expected = 25000 / 10
+    assert ((counts - expected) ** 2 / expected).sum() < 42.3 and len(counts) == 10
+    assert any(len(set(np.bincount(c, minlength=10))) > 1 for c in chunks)
+    balanced = Conditions(skeleton, meta, order="balanced")
+    assert balanced.class_ids(range(250, 275), key=2).tolist() == [i % 10 for i in range(250, 275)]
+
+
+def test_eval_json_records_balanced_labels_and_a_stale_export(tmp_path, capsys):
+    run = write_run(tmp_path / "run", step=5)
+    (run / "checkpoints" / "step_0000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000010" / "manifest.json").write_text("{}")
+    report = evaluate(run, ["eval.num_samples=20", "eval.batch_size=10", "eval.labels=balanced",
+                            "sampler.method=euler", "sampler.steps=1", f"eval.out_dir={tmp_path / 'out'}"])
+    assert report["labels"] == "balanced" and report["classes_balanced"] and "balanced" in report["readme_row"]
+    with np.load(tmp_path / "out" / "samples.npz") as data:
+        assert data["arr_1"].tolist() == [i % 10 for i in range(20)]
+    assert report["export_step"] == 5 and "stale" in report["export_warning"] and "step 10" in report["export_warning"]
+    assert report["export_warning"] in capsys.readouterr().err
+
+
+def test_export_staleness(tmp_path):
+    from pafm.export import export_staleness
+
+    run = write_run(tmp_path / "run", step=5)
+    assert export_staleness(run) is None  # no checkpoints
+    ckpts = run / "checkpoints"
+    (ckpts / "step_0000005").mkdir(parents=True)
+    (ckpts / "step_0000005" / ".metadata").write_bytes(b"")  # an older checkpoint's marker
+    (ckpts / "step_0000010.tmp").mkdir()  # incomplete writes never count
+    (ckpts / "step_0000020").mkdir()  # no manifest.json: incomplete
+    assert export_staleness(run) is None and export_staleness(run / "ema.safetensors") is None
+    (ckpts / "step_0000010").mkdir()
+    (ckpts / "step_0000010" / "manifest.json").write_text("{}")
+    warning = export_staleness(run)
+    assert warning == (f"warning: {run / 'ema.safetensors'} is from step 5 but {ckpts} holds step 10: the export is "
+                       f"stale (a failed export write?); rerun the trainer to refresh it")
+    assert export_staleness(run / "ema.safetensors") == warning
+    (run / "ema.safetensors").unlink()
+    assert "missing" in export_staleness(run)
+
+
+def write_train_only_captions(folder: Path) -> list[str]:
+    """A text dataset laid out as `pafm.prep captions` writes it: one index.json, split 'train', no held-out split."""
+    from pafm.data import BuiltinTextEmbedder, ShardWriter
+
+    captions = [f"caption number {i}" for i in range(24)]
+    embedder = BuiltinTextEmbedder(dim=32, max_len=8)
+    tokens, mask, pooled = embedder.embed(captions)
+    x = torch.randn(24, 1, 1, 8, 8)
+    writer = ShardWriter(folder, shard_size=10)
+    writer.add(captions=captions, latent=x, tokens=tokens.half(), mask=mask, pooled=pooled.half())
+    writer.close({"kind": "text", "split": "train", "latent_shape": [1, 8, 8], "captions": True,
+                  "normalization": {"shift": [0.0], "scale": [1.0]}, "encoder": {"kind": "identity"},
+                  "text_encoder": embedder.config})
+    return captions
+
+
+def test_text_grid_and_sampling_without_a_heldout_split(tmp_path):
+    from PIL import Image
+
+    from pafm.data import open_dataset
+    from pafm.sample import Conditions, save_training_grid
+
+    data = tmp_path / "captions"
+    captions = write_train_only_captions(data)
+    torch.manual_seed(0)
+    model = build_model("MMDiT-T/2", input_size=8, in_channels=1, text_dim=32, pooled_dim=32, max_text_len=8, depth=1,
+                        hidden_size=32, num_heads=2)
+    meta = {"model": model.config, "data": {"spec": str(data), "info": open_dataset(str(data)).info},
+            "path": "linear", "step": 3}
+    state = model.state_dict()
+    out = save_training_grid(state, meta, tmp_path / "grid.png", steps=1)  # the trainer's call: no prompts
+    assert np.asarray(Image.open(out)).shape[1] == 10 * (96 + 4)  # 16 train captions, 10 columns
+    out = save_training_grid(state, meta, tmp_path / "prompts.png", 1, 1.0, 0, prompts=["a", "b", "c"])
+    assert np.asarray(Image.open(out)).shape[1] == 3 * (96 + 4)  # the caller's prompts win: one tile each
+    conditions = Conditions(model, meta)
+    assert conditions.caption_split == "train" and conditions(range(3), "cpu")[1] == captions[:3]
+    random = Conditions(model, meta, order="random", seed=0)
+    drawn = random(range(40), "cpu", key=0)[1]
+    assert set(drawn) <= set(captions) and len(set(drawn)) > 10 and "no heldout split" in random.describe()["items"]
+    save_export(tmp_path / "run" / "ema.safetensors", state, meta)
+    assert sample_main([str(tmp_path / "run"), "--num", "2", "--steps", "1", "--out", str(tmp_path / "s.png")]) == 0
 
 
 class EmpiricalOracle(torch.nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pafm.data import DataError, LatentLoader, open_dataset, text_embedder_from_info
+from pafm.data import LatentLoader, open_dataset, text_embedder_from_info
 from pafm.data.loader import flip_views
 from pafm.prep import TransformersTextEmbedder, center_crop, main
 
@@ -135,8 +135,11 @@ def test_imagenet_prep_resume_and_ranks(image_folder, vae_path, tmp_path, capsys
     assert after["shard-00001.safetensors"] == stamps["shard-00001.safetensors"]
     assert after["shard-00002.safetensors"] != stamps["shard-00002.safetensors"]
     open_dataset(str(out)).validate()
-    with pytest.raises(DataError, match="shard_size"):  # resuming with other settings would mix shards
-        main(base[:-4] + ["--shard-size", "5", "--batch-size", "3"])
+    capsys.readouterr()
+    # Resuming with other settings would mix shards: refused in one line, exit code 2.
+    assert main(base[:-4] + ["--shard-size", "5", "--batch-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "shard_size=4/5" in err and len(err.strip().splitlines()) == 1
     batch = next(LatentLoader(open_dataset(str(out)), 4, seed=0))
     ids = batch["index"].numpy()
     assert batch["x"].shape == (4, 4, 8, 8)

@@ -23,14 +23,6 @@ TINY = ["model.kwargs={depth: 2, hidden_size: 64, num_heads: 2}", "log.every=1",
         "optim.schedule=constant"]
 
 
-@pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("pafm-cache")
-    out = {**os.environ, "PAFM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out.pop("TRITON_INTERPRET", None)  # the trainer uses the reference op on the CPU ("auto")
-    return out
-
-
 def train(env, run_dir, *overrides, nproc=1, config="configs/digits_sit.yaml", check=True, timeout=300):
     launcher = [sys.executable, "-m", "pafm.train"]
     if nproc > 1:
@@ -156,11 +148,12 @@ def test_every_candidate_source_reports_ess(env, tmp_path):
         assert max(last["ess_by_t"]) > 1.01, source  # tau = 20 spreads the weight over several candidates
 
 
-@pytest.mark.parametrize("prior", ["self", "similarity"])
-def test_text_path_with_mmdit(env, tmp_path, prior):
+@pytest.mark.parametrize("prior,source", [("self", "resample"), ("similarity", "batch")])
+def test_text_path_with_mmdit(env, tmp_path, prior, source):
     run = tmp_path / prior
-    train(env, run, f"objective.text_prior={prior}", "train.steps=2", "checkpoint.every=100",
-          "model.kwargs={depth: 2, hidden_size: 64, num_heads: 2}", config="configs/digits_mmdit.yaml")
+    train(env, run, f"objective.text_prior={prior}", f"objective.source={source}", "objective.candidates=4",
+          "train.steps=2", "checkpoint.every=100", "model.kwargs={depth: 2, hidden_size: 64, num_heads: 2}",
+          config="configs/digits_mmdit.yaml")
     last = metrics(run)[-1]
     assert len(last["ess_by_t"]) == 5 and all(e >= 1.0 for e, n in zip(last["ess_by_t"], last["rows_by_t"]) if n)
 

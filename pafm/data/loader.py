@@ -164,6 +164,10 @@ class LatentLoader:
         self.step += 1
         return batch
 
+    def close(self):
+        """Stop the background workers (a later `next` starts them again)."""
+        self._it = None
+
     def _pipeline(self, start: int):
         if self.num_workers == 0:
             return map(self.maker.__getitem__, itertools.count(start))

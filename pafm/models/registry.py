@@ -6,6 +6,8 @@ twice a SiT block's parameters). The tiny T sizes (4/128/4, head size 32) are fo
 digits recipes: SiT-T/2 on 8x8x1 digits (1.2M parameters) reaches 87% SVC accuracy on conditional samples after
 about 430 steps of batch 128 (3 minutes on one CPU thread, linear path, 50 Euler steps, no guidance).
 """
+import difflib
+
 from .mmdit import MMDiT
 from .sit import SiT
 
@@ -61,7 +63,9 @@ def build_model(name, **kwargs):
     then `model.to_empty(device=...)` and `model.init_weights()`.
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+        close = difflib.get_close_matches(str(name), list(MODELS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown model {name!r}; {hint}valid names: {', '.join(MODELS)}")
     cls, patch_size, dims = MODELS[name]
     defaults = {**_ARGS[cls], **dict(zip(_SIZE_ARGS, dims))}
     unknown = sorted(set(kwargs) - set(defaults))

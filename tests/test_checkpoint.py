@@ -1,0 +1,338 @@
+"""Checkpoints: exact round trip, integrity manifest, fallback of resume=auto, run identity, no code execution."""
+import hashlib
+import io
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from pafm.checkpoint import (
+    CheckpointError,
+    _dcp_load,
+    _MetadataUnpickler,
+    _write_manifest,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from pafm.ema import EMA
+
+RUN_META = {"model": {"name": "tiny", "kwargs": {"hidden": 8, "num_heads": 2}},
+            "objective": {"kind": "pafm", "source": "bank", "candidates": 4},
+            "state_keys": ["bank.count", "bank.entries"], "world_size": 1}
+FIX = "resume in a new run.dir or with the original settings"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", world_size=1, rank=0)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def _setup(mesh, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(model, 0.9)
+    return model, optimizer, ema
+
+
+def _train(model, optimizer, ema, steps=2):
+    for _ in range(steps):
+        model(torch.randn(5, 4)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model)
+
+
+def _local(t):
+    return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _snapshot(model, optimizer, ema):
+    return {"params": [_local(p) for p in model.parameters()],
+            "optim": [_local(v) for state in optimizer.state.values() for v in state.values()],
+            "lr": [g["lr"] for g in optimizer.param_groups],
+            "ema": [_local(t) for t in ema.shadow.values()]}
+
+
+def _assert_equal(a, b):
+    assert a["lr"] == b["lr"]
+    for key in ("params", "optim", "ema"):
+        assert len(a[key]) == len(b[key]) > 0
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y), key
+
+
+def _save(root, mesh, step=3, keep=0, run_meta=RUN_META):
+    model, optimizer, ema = _setup(mesh)
+    _train(model, optimizer, ema)
+    meta = {"step": step, "skipped": 0, "bad_in_row": 0, "loader": {"epoch": 0, "index": 7}}
+    tensors = {"bank.count": torch.arange(3)}
+    return save_checkpoint(root, step, model, optimizer, ema, meta, tensors, keep, run_meta)
+
+
+def _load(folder, mesh, expected=RUN_META):
+    return load_checkpoint(folder, *_setup(mesh, seed=1), expected_run_meta=expected)
+
+
+class _Payload:
+    """Unpickling this runs `touch marker` (what a crafted checkpoint would do with something worse)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_round_trip_restores_exactly(tmp_path, mesh):
+    model, optimizer, ema = _setup(mesh)
+    _train(model, optimizer, ema)
+    saved, rng = _snapshot(model, optimizer, ema), torch.get_rng_state()
+    meta = {"step": 3, "skipped": 1, "bad_in_row": 0, "loader": {"epoch": 2, "index": 5}}
+    folder = save_checkpoint(tmp_path, 3, model, optimizer, ema, meta, {"bank.count": torch.arange(4)}, 2, RUN_META)
+    _train(model, optimizer, ema)  # moves weights, moments, EMA and the RNG on
+    optimizer.param_groups[0]["lr"] = 0.5
+    torch.rand(3)
+    # The expected meta as the lead builds it (tuples where the saved JSON has lists) still matches.
+    expected = {**RUN_META, "state_keys": tuple(RUN_META["state_keys"])}
+    got_meta, got_tensors = load_checkpoint(folder, model, optimizer, ema, expected_run_meta=expected)
+    _assert_equal(_snapshot(model, optimizer, ema), saved)
+    assert got_meta == meta
+    assert torch.equal(got_tensors["bank.count"], torch.arange(4)) and set(got_tensors) == {"bank.count"}
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_folder_layout_and_manifest(tmp_path, mesh):
+    folder = _save(tmp_path, mesh)
+    assert folder.name == "step_0000003" and not list(tmp_path.glob("*.tmp"))
+    names = {p.name for p in folder.iterdir()}
+    assert names == {".metadata", "__0_0.distcp", "rank0.json", "rank0.safetensors", "run.json", "manifest.json"}
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert set(files) == names - {"manifest.json"}
+    for name, entry in files.items():
+        data = (folder / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert json.loads((folder / "run.json").read_text()) == RUN_META
+    assert complete_checkpoints(tmp_path) == [(3, folder)]
+    verify_checkpoint(folder)
+
+
+def test_rotation_keeps_newest(tmp_path, mesh):
+    for step in (1, 2, 3):
+        _save(tmp_path, mesh, step=step, keep=2)
+    (tmp_path / "step_0000009.tmp").mkdir()  # a killed run's partial write
+    _save(tmp_path, mesh, step=4, keep=2)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [3, 4]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_allow_list_is_exact(mesh):
+    unpickler = _MetadataUnpickler(io.BytesIO())
+    assert unpickler.find_class("torch", "bfloat16") is torch.bfloat16
+    assert unpickler.find_class("torch", "Size") is torch.Size
+    for module, name in [("pathlib", "PosixPath.touch"), ("torch", "load"), ("posix", "system"),
+                         ("builtins", "eval"), ("torch.distributed.checkpoint.metadata", "os"),
+                         ("collections", "OrderedDict")]:
+        with pytest.raises(pickle.UnpicklingError, match="not checkpoint metadata"):
+            unpickler.find_class(module, name)
+
+
+def test_crafted_metadata_is_refused_and_not_executed(tmp_path, mesh):
+    folder = _save(tmp_path / "ckpt", mesh)
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    _write_manifest(folder)  # a consistent manifest: the restricted unpickler is what must refuse
+    verify_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=r"refusing to load \.metadata: .*system.* not checkpoint metadata"):
+        _load(folder, mesh)
+    with pytest.raises(CheckpointError, match="could not be loaded"):  # nor DCP given this module's reader
+        _dcp_load({"model": {}}, folder)
+    assert not marker.exists()
+    pickle.loads((folder / ".metadata").read_bytes())  # the payload is real: plain pickle does run it
+    assert marker.exists()
+
+
+def test_crafted_non_tensor_value_is_not_executed(tmp_path, mesh):
+    folder, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    dcp.save({"x": _Payload(marker)}, checkpoint_id=str(folder))
+    with pytest.raises(CheckpointError, match=r"could not be loaded \(rank 0\): UnpicklingError: Weights only load"):
+        _dcp_load({"x": 0}, folder)
+    assert not marker.exists()
+    dcp.load({"x": 0}, checkpoint_id=str(folder))  # the payload is real: DCP's own planner runs it
+    assert marker.exists()
+
+
+def test_flipped_byte_is_refused(tmp_path, mesh):
+    folder = _save(tmp_path, mesh)
+    path = folder / "__0_0.distcp"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"checkpoint {folder} is corrupt: __0_0.distcp has a checksum mismatch"):
+        _load(folder, mesh)
+
+
+def test_truncated_file_gives_its_size(tmp_path, mesh):
+    folder = _save(tmp_path, mesh)
+    path = folder / ".metadata"
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as info:
+        _load(folder, mesh)
+    assert str(info.value) == f"checkpoint {folder} is corrupt: .metadata has size 100 bytes, expected {size}"
+
+
+def test_missing_and_unlisted_files_are_refused(tmp_path, mesh):
+    folder = _save(tmp_path, mesh)
+    (folder / "extra.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="extra.bin is an unlisted file"):
+        verify_checkpoint(folder)
+    (folder / "extra.bin").unlink()
+    (folder / "rank0.json").unlink()
+    with pytest.raises(CheckpointError, match="rank0.json is missing"):
+        _load(folder, mesh)
+
+
+def test_bad_manifest_is_refused(tmp_path, mesh):
+    folder = _save(tmp_path, mesh)
+    manifest = folder / "manifest.json"
+    for text in ["{not json", '{"files": {"../outside": {"size": 1, "sha256": "0"}}}', "[]"]:
+        manifest.write_text(text)
+        with pytest.raises(CheckpointError, match="manifest.json is not a valid manifest"):
+            verify_checkpoint(folder)
+
+
+def test_folder_without_manifest_is_not_complete(tmp_path, mesh):
+    folder = _save(tmp_path, mesh)
+    (folder / "manifest.json").unlink()
+    assert complete_checkpoints(tmp_path) == []
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match=f"checkpoint {folder} is not a complete checkpoint"):
+        _load(folder, mesh)
+
+
+def test_latest_skips_a_corrupt_newest(tmp_path, mesh, capsys):
+    older, newer = _save(tmp_path, mesh, step=1), _save(tmp_path, mesh, step=2)
+    assert latest_checkpoint(tmp_path) == newer
+    assert capsys.readouterr().err == ""
+    path = newer / "rank0.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    assert latest_checkpoint(tmp_path) == older
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ")
+    assert f"checkpoint {newer} is corrupt: rank0.safetensors has a checksum mismatch" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["model"]["kwargs"].update(num_heads=4), "model.kwargs.num_heads=2, this run has 4"),
+    (lambda m: m["objective"].update(source="neighbors"), 'objective.source="bank", this run has "neighbors"'),
+    (lambda m: m.update(state_keys=["bank.count"]),
+     'state_keys=["bank.count", "bank.entries"], this run has ["bank.count"]'),
+    (lambda m: m.update(world_size=2), "world_size=1, this run has 2"),
+    (lambda m: m["objective"].update(temperature=0.5), "objective.temperature=(not set), this run has 0.5"),
+])
+def test_run_meta_mismatch_is_refused(tmp_path, mesh, change, message):
+    folder = _save(tmp_path, mesh)
+    expected = json.loads(json.dumps(RUN_META))
+    change(expected)
+    with pytest.raises(CheckpointError) as info:
+        _load(folder, mesh, expected)
+    assert str(info.value) == f"checkpoint {folder} was written with {message}: {FIX}"
+
+
+def test_world_size_mismatch_is_refused(tmp_path, mesh):
+    folder = _save(tmp_path, mesh)
+    (folder / "rank1.json").write_text((folder / "rank0.json").read_text())
+    _write_manifest(folder)
+    with pytest.raises(CheckpointError, match=f"checkpoint {folder} was written by 2 ranks, this run has 1: "):
+        _load(folder, mesh, expected=None)
+
+
+# Two real ranks, forked after the imports so that torch is imported once (torchrun would import it three times).
+_TWO_RANKS = textwrap.dedent("""
+    import multiprocessing, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    import pafm.checkpoint as ck
+    from pafm.ema import EMA
+
+    def main(rank, port, root):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+        hashed = []
+        sha256 = ck._sha256
+        ck._sha256 = lambda path: hashed.append(path.name) or sha256(path)
+        mesh = init_device_mesh("cpu", (2,))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.AdamW(model.parameters())
+        ema = EMA(model, 0.9)
+        meta = {"model": {"name": "tiny"}, "world_size": 2}
+        folder = ck.save_checkpoint(root, 1, model, optimizer, ema, {"step": rank}, {}, 0, meta)
+        saved_hashes = list(hashed)
+        assert ck.latest_checkpoint(root) == folder
+        got, _ = ck.load_checkpoint(folder, model, optimizer, ema, expected_run_meta=meta)
+        assert got == {"step": rank}
+        everyone = [None, None]
+        dist.all_gather_object(everyone, saved_hashes)
+        assert all(everyone) and not set(everyone[0]) & set(everyone[1]), everyone
+        assert sorted(everyone[0] + everyone[1]) == sorted(ck._listing(folder)), everyone
+        dist.barrier()
+        if rank == 0:
+            (folder / "__1_0.distcp").write_bytes(b"truncated")
+        dist.barrier()
+        try:
+            ck.verify_checkpoint(folder)
+            print(f"rank {rank}: accepted", flush=True)
+        except ck.CheckpointError as e:
+            print(f"rank {rank}: {e}", flush=True)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        fork = multiprocessing.get_context("fork")
+        args = int(sys.argv[1]), sys.argv[2]
+        ranks = [fork.Process(target=main, args=(rank, *args), daemon=True) for rank in (0, 1)]
+        for p in ranks:
+            p.start()
+        for p in ranks:
+            p.join(60)  # a rank that failed leaves the other waiting in a collective: give up on it
+        sys.exit(0 if all(p.exitcode == 0 for p in ranks) else 1)
+""")
+
+
+def test_two_ranks_split_the_hashing(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path / "ckpt")],
+                            capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = tmp_path / "ckpt" / "step_0000001"
+    for rank in (0, 1):  # both ranks reach the same verdict
+        assert f"rank {rank}: checkpoint {folder} is corrupt: __1_0.distcp has size 9 bytes" in result.stdout
