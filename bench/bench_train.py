@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pafm.models import build_model
-from pafm.objectives import Objective, ObjectiveConfig, flow_loss, step_generator
+from pafm.objectives import Objective, ObjectiveConfig, step_generator
 
 VARIANTS = [("fm", "batch"), ("pafm", "batch"), ("pafm", "bank"), ("pafm", "resample")]
 
@@ -50,15 +50,11 @@ def run(args, kind: str, source: str, device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        draws = objective.draw(step_generator(0, step, 0, device), args.batch, 0, 1, device)
-        z = objective.path.interpolate(x, draws.noise, draws.t)
-        objective.start_candidates(x, batch, draws)
-        with autocast:
-            pred = model(z, draws.t, batch["label"], drop=draws.drop)
-        target, _, _ = objective.target(x, batch, draws)
-        flow_loss(pred, target).backward()
-        objective.finish_candidates(x, batch)
+        out = objective.loss(model, x, batch["label"], batch, step_generator(0, step, 0, device), autocast)
+        out.loss.backward()
         optimizer.step()
+        if out.update is not None:
+            out.update()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -26,13 +26,14 @@ class Candidates:
     ids: torch.Tensor | None  # (K,) or (B, K) int64, compared with the rows' ids; None: no label mask
     pooled: torch.Tensor | None = None  # (K, P) pooled text embeddings of the shared pool (similarity prior)
 
+    def wait(self) -> "Candidates":
+        return self  # already local; see GatheredCandidates
+
 
 class Source:
-    """`start` builds the pool (kicking off any communication), `candidates` returns it, `update` runs after the
-    step (only the bank keeps state)."""
-
-    def candidates(self) -> Candidates:
-        return self._out
+    """`pool(x, ids, pooled, batch, resample)` returns the candidates of a micro-batch (or a handle whose `wait()`
+    returns them once its communication is done); `update(x, ids)` runs after a kept step (only the bank keeps
+    state)."""
 
     def update(self, x, ids):
         pass
@@ -45,22 +46,35 @@ class Source:
 
 
 class BatchSource(Source):
-    """The rank's own minibatch as a shared pool (the co-author prototype's in-batch pool)."""
+    """The rank's own minibatch as a shared pool."""
 
-    def start(self, x, ids, pooled, batch, draws):
-        self._out = Candidates(x, ids, pooled)
+    def pool(self, x, ids, pooled, batch, resample) -> Candidates:
+        return Candidates(x, ids, pooled)
 
+
+class GatheredCandidates:
+    """All-gathers in flight: `wait()` returns the Candidates once they have arrived."""
+
+    def __init__(self, pending):
+        self.pending = pending
+
+    def wait(self) -> Candidates:
+        outs = []
+        for item in self.pending:
+            if item is not None:
+                out, work = item
+                work.wait()
+                item = out
+            outs.append(item)
+        return Candidates(*outs)
 
 
 class GlobalSource(Source):
-    """Every data-parallel rank's minibatch, all-gathered.
+    """Every data-parallel rank's minibatch, all-gathered asynchronously (no gradient flows through the pool), so the
+    gathers overlap the model's forward when the caller waits only after it."""
 
-    `start` issues the gathers asynchronously (no gradient flows through the pool) and `candidates` waits for
-    them, so the trainer calls `start` before the model's forward and `candidates` after it.
-    """
-
-    def start(self, x, ids, pooled, batch, draws):
-        self._pending = [self._gather(t) for t in (x, ids, pooled)]
+    def pool(self, x, ids, pooled, batch, resample) -> GatheredCandidates:
+        return GatheredCandidates([self._gather(t) for t in (x, ids, pooled)])
 
     @staticmethod
     def _gather(tensor):
@@ -70,18 +84,6 @@ class GlobalSource(Source):
         tensor = tensor.contiguous()
         out = tensor.new_empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]))
         return out, dist.all_gather_into_tensor(out, tensor, async_op=True)
-
-    def candidates(self) -> Candidates:
-        outs = []
-        for pending in self._pending:
-            if pending is None:
-                outs.append(None)
-                continue
-            out, work = pending
-            work.wait()
-            outs.append(out)
-        self._pending = None
-        return Candidates(*outs)
 
 
 class ClassBank(Source):
@@ -101,12 +103,12 @@ class ClassBank(Source):
         self.entries = self._padded[:, :per_class]
         self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)  # items ever pushed per class
 
-    def start(self, x, ids, pooled, batch, draws):
+    def pool(self, x, ids, pooled, batch, resample) -> Candidates:
         per_class = self.entries.shape[1]
         filled = torch.arange(per_class, device=x.device)[None, :] < self.count[:, None]  # (C, per_class)
         classes = torch.arange(self.entries.shape[0], device=x.device)[:, None].expand_as(filled)
         pool = torch.cat([self.entries[filled].to(x.dtype), x])
-        self._out = Candidates(pool, torch.cat([classes[filled], ids]))
+        return Candidates(pool, torch.cat([classes[filled], ids]))
 
     @torch.no_grad()
     def update(self, x, ids):
@@ -141,7 +143,7 @@ class NeighborSource(Source):
     def __init__(self, k: int):
         self.k = k
 
-    def start(self, x, ids, pooled, batch, draws):
+    def pool(self, x, ids, pooled, batch, resample) -> Candidates:
         if self.k == 0:
             pool = x[:, None]
         else:
@@ -150,26 +152,27 @@ class NeighborSource(Source):
                                  "`python -m pafm.prep neighbors DATASET`)")
             neighbors = batch["neighbors"][:, : self.k].to(device=x.device, dtype=x.dtype)
             pool = torch.cat([x[:, None], neighbors], dim=1)
-        self._out = Candidates(pool, None)
+        return Candidates(pool, None)
 
 
 
 class ResampleSource(Source):
     """Per-row pools: the row's own endpoint and fresh draws mean + std * n from the item's own VAE posterior."""
 
-    def __init__(self, draws: int):
-        self.draws = draws
+    def __init__(self, count: int):
+        self.count = count
 
-    def start(self, x, ids, pooled, batch, draws):
-        if self.draws == 0:
+    def pool(self, x, ids, pooled, batch, resample) -> Candidates:
+        """resample: (B, R, *S) standard normal draws (R = the number of re-samples)."""
+        if self.count == 0:
             pool = x[:, None]
         else:
             if "mean" not in batch:
                 raise ValueError("objective.source=resample needs a dataset with VAE moments (mean and std)")
             mean = batch["mean"].to(device=x.device, dtype=x.dtype)[:, None]
             std = batch["std"].to(device=x.device, dtype=x.dtype)[:, None]
-            pool = torch.cat([x[:, None], mean + std * draws], dim=1)
-        self._out = Candidates(pool, None)
+            pool = torch.cat([x[:, None], mean + std * resample], dim=1)
+        return Candidates(pool, None)
 
 
 

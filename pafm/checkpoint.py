@@ -25,6 +25,7 @@ import pickle
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -399,3 +400,84 @@ def load_checkpoint(folder, model, optimizer, ema, expected_run_meta: dict | Non
     tensors = load_file(str(folder / f"rank{rank}.safetensors"))
     set_rng_state({k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")})
     return meta, {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+
+
+# --- the trainer's checkpoint manager ----------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    step: int = 0
+    skipped: int = 0  # non-finite steps skipped so far
+    bad_in_row: int = 0
+
+
+class Checkpointer:
+    """The trainer's checkpoints: the resume policy, saves with rotation, and the EMA export written beside them.
+
+    `run_meta` (model config, objective, its state keys, world size) is recorded in every checkpoint; resuming with
+    other settings is refused.  The export is side work (`side.run`): a failure is reported and counted, never fatal,
+    and the checkpoint is written first."""
+
+    def __init__(self, run_dir: Path, world, model, optimizer, ema, objective, loader, run_meta: dict,
+                 export_meta: dict, keep: int, side):
+        self.run_dir, self.root, self.world, self.keep, self.side = run_dir, run_dir / "checkpoints", world, keep, side
+        self.model, self.optimizer, self.ema, self.objective, self.loader = model, optimizer, ema, objective, loader
+        self.run_meta, self.export_meta = run_meta, export_meta
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def resume(self, policy: str) -> TrainState:
+        explicit = policy not in ("auto", "none")
+        if explicit and not Path(policy).is_dir():
+            raise CheckpointError(f"train.resume={policy}: no such checkpoint folder")
+        ckpt = Path(policy) if explicit else self.latest() if policy == "auto" else None
+        existing = complete_checkpoints(self.root)
+        if ckpt is None and existing and policy == "none":
+            raise CheckpointError(f"{self.root} already holds checkpoints (up to step {existing[-1][0]}) and "
+                             "train.resume=none: use train.resume=auto to continue, or a new run.dir")
+        if ckpt is None and existing:
+            raise CheckpointError(f"no checkpoint in {self.root} passes its integrity check (see the warnings above); "
+                             "resume from a folder with train.resume=PATH or start a new run.dir")
+        unverifiable = [p.parent for p in self.root.glob("step_*/.metadata") if p.parent.name[5:].isdigit()]
+        if ckpt is None and unverifiable:
+            raise CheckpointError(f"{self.root} holds checkpoints without a manifest (written by an older version of "
+                             "this trainer): resume them with that version or start a new run.dir")
+        if ckpt is None:
+            return TrainState()
+        meta, tensors = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, expected_run_meta=self.run_meta,
+                                        verified=policy == "auto")
+        state = TrainState(meta["step"], meta["skipped"], meta["bad_in_row"])
+        later = [folder for s, folder in existing if s > state.step]
+        if later and explicit:  # continuing would interleave two runs' checkpoints
+            raise CheckpointError(f"resuming from step {state.step}, but {self.root} holds a later checkpoint "
+                             f"({later[-1].name}): resume from an older step in a new run.dir")
+        self._set_aside(later)  # resume=auto skipped them: they failed their integrity check
+        self.loader.load_state_dict(meta["loader"])
+        self.objective.load_state_dict(tensors)
+        if self.world.is_main:
+            print(f"resumed from {ckpt} at step {state.step}", flush=True)
+        return state
+
+    def _set_aside(self, folders: list[Path]):
+        """Rename checkpoints that failed verification to step_N.corrupt: kept for inspection, never loaded."""
+        if self.world.is_main:
+            for folder in folders:
+                target, n = folder.with_name(folder.name + ".corrupt"), 1
+                while target.exists():  # the same step failed before
+                    target, n = folder.with_name(f"{folder.name}.corrupt{n}"), n + 1
+                os.replace(folder, target)
+                print(f"warning: set {folder} aside as {target.name}", file=sys.stderr, flush=True)
+        dist.barrier()
+
+    def save(self, state: TrainState) -> Path:
+        rank_meta = {"step": state.step, "skipped": state.skipped, "bad_in_row": state.bad_in_row,
+                     "loader": self.loader.state_dict()}
+        folder = save_checkpoint(self.root, state.step, self.model, self.optimizer, self.ema, rank_meta,
+                                 self.objective.state_dict(), self.keep, self.run_meta)
+        weights = self.ema.full_state_dict()  # a collective: outside the side-work guard so no rank waits alone
+        if self.world.is_main:
+            from pafm.export import EXPORT_NAME, save_export
+
+            self.side.run("writing the EMA export", save_export, self.run_dir / EXPORT_NAME, weights,
+                          {**self.export_meta, "step": state.step})
+        return folder

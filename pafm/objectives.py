@@ -1,15 +1,24 @@
 """The training objectives: plain flow matching (FM) and posterior-augmented flow matching (PAFM).
 
 FM regresses the model onto the conditional target u = alpha' x + sigma' eps.  PAFM replaces u by its expectation
-under a self-normalised importance-sampling posterior over candidate endpoints (DESIGN.md section 1), computed by
-`pafm_kernels.posterior_velocity`; the candidates come from `pafm.candidates`.  With only the row's own endpoint
-in the pool the PAFM target is u exactly, so FM is the K = 1 case.
+under a self-normalised importance-sampling posterior over candidate endpoints,
+
+    p(x_j | z_t, c) ~ N(z_t; alpha_t x_j, sigma_t^2 I) p(c | x_j),
+
+computed by `pafm_kernels.posterior_velocity`; the candidates come from `pafm.candidates`.  With only the row's own
+endpoint in the pool the PAFM target is u exactly, so FM is the K = 1 case.
+
+One call per micro-batch, `objective.loss(model, x, cond, batch, gen)`, draws t, noise and dropout, builds z_t, starts
+the candidate pool (the `global` source's gathers overlap the forward), runs the model and returns the loss with its
+diagnostics.  `objective.targets(x, batch, draws)` gives the same targets without a model.
 """
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Optional
+from functools import partial
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -98,17 +107,36 @@ def ess_temperature(log_lik: torch.Tensor, log_prior: torch.Tensor, target: floa
     return (10.0 ** (0.5 * (lo + hi))).float()
 
 
-class Objective:
-    """Draws (t, noise, dropout), builds z_t, and returns the regression target with its diagnostics."""
+@dataclass
+class Loss:
+    """One micro-batch's loss and what the trainer logs of it."""
 
-    def __init__(self, cfg: ObjectiveConfig, data_info: dict, device):
-        self.cfg = cfg
+    loss: torch.Tensor  # what is backpropagated: the PAFM loss (mixed with FM by fm_weight), or FM's
+    fm_loss: torch.Tensor  # the FM loss of the same prediction, for comparison across objectives
+    t: torch.Tensor  # (B,) the rows' times
+    diagnostics: dict | None  # PAFM: per-row "ess" and "own_weight"
+    update: Callable[[], None] | None  # the source's state update (the bank's push), for the caller to apply
+    #                                    only if the optimizer step is kept
+
+
+@dataclass
+class Prior:
+    """What the condition prior compares: class labels or item ids (`ids`), or pooled text embeddings."""
+
+    ids: torch.Tensor | None
+    pooled: torch.Tensor | None
+
+
+class Objective:
+    """FM or PAFM for one rank of `world` ranks: draws, z_t, the candidate pool, the target and the loss."""
+
+    def __init__(self, cfg: ObjectiveConfig, data_info: dict, device, rank: int = 0, world: int = 1):
+        self.cfg, self.rank, self.world = cfg, rank, world
         self.path = build_path(cfg.path)
         self.time_sampler = TimeSampler(cfg.time_sampler, cfg.time_mean, cfg.time_std)
         self.text = data_info["kind"] == "text"
         self.shape = tuple(data_info["latent_shape"])
         self.source = None
-        self._staged = []
         if cfg.kind == "pafm":
             if cfg.source == "bank" and self.text:
                 raise ValueError("objective.source=bank needs class labels; use batch/global/resample for captions")
@@ -116,6 +144,32 @@ class Objective:
                 cfg.source, candidates=cfg.candidates, bank_per_class=cfg.bank_per_class,
                 num_classes=int(data_info.get("num_classes") or 0), shape=self.shape, device=device,
             )
+
+    # --- the one call per micro-batch --------------------------------------------------------------------------
+    def loss(self, model, x: torch.Tensor, cond, batch: dict, gen: torch.Generator, autocast=nullcontext()) -> Loss:
+        draws = self.draw(gen, len(x), self.rank, self.world, x.device)
+        z = self.path.interpolate(x, draws.noise, draws.t)
+        prior, pending = self._start_pool(x, batch, draws)
+        with autocast:
+            pred = model(z, draws.t, cond, drop=draws.drop)
+        u = self.path.velocity(x, draws.noise, draws.t)
+        fm_loss = flow_loss(pred, u)
+        if pending is None:
+            return Loss(fm_loss, fm_loss, draws.t, None, None)
+        target, diagnostics = self._target(x, z, u, draws, prior, pending.wait())
+        w = self.cfg.fm_weight
+        loss = (1 - w) * flow_loss(pred, target) + w * fm_loss
+        return Loss(loss, fm_loss, draws.t, diagnostics, partial(self.source.update, x, prior.ids))
+
+    def targets(self, x: torch.Tensor, batch: dict, draws: Draws):
+        """(target, u, diagnostics) of a micro-batch without a model: for tests and studies of the target."""
+        z = self.path.interpolate(x, draws.noise, draws.t)
+        u = self.path.velocity(x, draws.noise, draws.t)
+        prior, pending = self._start_pool(x, batch, draws)
+        if pending is None:
+            return u, u, None
+        target, diagnostics = self._target(x, z, u, draws, prior, pending.wait())
+        return target, u, diagnostics
 
     # --- randomness -------------------------------------------------------------------------------------------
     def draw(self, gen: torch.Generator, rows: int, rank: int, world: int, device) -> Draws:
@@ -130,33 +184,19 @@ class Objective:
         return Draws(t, noise, drop, resample)
 
     # --- candidates and the condition prior --------------------------------------------------------------------
-    def prior_ids(self, batch: dict, device):
-        """What the condition prior compares: class labels, item ids (text `self` prior), or pooled embeddings."""
+    def _prior(self, batch: dict, device) -> Prior:
         if not self.text:
-            return batch["label"].to(device), None
+            return Prior(batch["label"].to(device), None)
         if self.cfg.text_prior == "self":
-            return batch["index"].to(device), None
-        return None, F.normalize(batch["pooled"].to(device).float(), dim=-1)
+            return Prior(batch["index"].to(device), None)
+        return Prior(None, F.normalize(batch["pooled"].to(device).float(), dim=-1))
 
-    def start_candidates(self, x, batch, draws: Draws):
-        """Kick off the candidate pool (the `global` source's gathers overlap the model's forward).
-
-        The prior's ids are moved to the device once here and reused by `target` and `finish_candidates`.
-        """
-        if self.source is not None:
-            self._ids, self._pooled = self.prior_ids(batch, x.device)
-            self.source.start(x, self._ids, self._pooled, batch, draws.resample)
-
-    def finish_candidates(self, x, batch):
-        """Stage the source's update (the bank's push); `end_step` applies it only if the optimizer step is kept,
-        so a skipped non-finite step leaves the bank as it was."""
-        if self.source is not None:
-            self._staged.append((x, self._ids))
-
-    def end_step(self, kept: bool):
-        for x, ids in self._staged if kept else []:
-            self.source.update(x, ids)
-        self._staged = []
+    def _start_pool(self, x, batch: dict, draws: Draws):
+        """(prior, candidates or a handle on them); (None, None) for FM.  The prior's ids go to the device once."""
+        if self.source is None:
+            return None, None
+        prior = self._prior(batch, x.device)
+        return prior, self.source.pool(x, prior.ids, prior.pooled, batch, draws.resample)
 
     # --- state (the bank's contents, for an exact resume) -------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -166,23 +206,17 @@ class Objective:
         if self.source is not None:
             self.source.load_state_dict({k[len("source."):]: v for k, v in state.items() if k.startswith("source.")})
 
-    # --- targets -----------------------------------------------------------------------------------------------
-    def target(self, x: torch.Tensor, batch: dict, draws: Draws):
-        """Returns (target, u, diagnostics). diagnostics: per-row ess and own-endpoint weight (PAFM), else None."""
-        u = self.path.velocity(x, draws.noise, draws.t)
-        if self.source is None:
-            return u, u, None
-        cand = self.source.candidates()
-        ids, pooled = self._ids, self._pooled
+    # --- the posterior target ----------------------------------------------------------------------------------
+    def _target(self, x, z, u, draws: Draws, prior: Prior, cand: Candidates):
+        """(target, diagnostics): the posterior velocity inside t_range, u outside."""
         alpha, sigma, d_alpha, d_sigma = self.path.coefficients(draws.t)
-        z = self.path.interpolate(x, draws.noise, draws.t)
         per_row = cand.pool.dim() == x.dim() + 1
         row_labels = pool_labels = log_prior = None
         if not per_row and cand.ids is not None:
-            row_labels = torch.where(draws.drop, torch.full_like(ids, -1), ids)  # dropped: unconditional posterior
+            row_labels = torch.where(draws.drop, torch.full_like(prior.ids, -1), prior.ids)  # dropped: unconditional
             pool_labels = cand.ids
         if not per_row and cand.pooled is not None:
-            log_prior = (pooled @ cand.pooled.T) / self.cfg.text_temperature
+            log_prior = (prior.pooled @ cand.pooled.T) / self.cfg.text_temperature
             log_prior = torch.where(draws.drop[:, None], torch.zeros_like(log_prior), log_prior)
         temperature = self.cfg.temperature
         if self.cfg.target_ess is not None:
@@ -194,14 +228,14 @@ class Objective:
         # The own endpoint's logit is known in closed form: z - alpha x = sigma eps, so l_own = -|eps|^2 / (2 tau).
         own_logit = -draws.noise.float().flatten(1).square().sum(1) / (2.0 * torch.as_tensor(temperature))
         if log_prior is not None:
-            own_logit = own_logit + (pooled * pooled).sum(1) / self.cfg.text_temperature * (~draws.drop)
+            own_logit = own_logit + (prior.pooled * prior.pooled).sum(1) / self.cfg.text_temperature * (~draws.drop)
         own_weight = torch.exp(own_logit - out.lse)
         lo, hi = self.cfg.t_range
         inside = (draws.t >= lo) & (draws.t <= hi)
         target = torch.where(_expand(inside, u), out.velocity.to(u.dtype), u)
         ess = torch.where(inside, out.ess, torch.ones_like(out.ess))
         own_weight = torch.where(inside, own_weight, torch.ones_like(own_weight))
-        return target, u, {"ess": ess, "own_weight": own_weight}
+        return target, {"ess": ess, "own_weight": own_weight}
 
     def _temperature_for_ess(self, z, cand: Candidates, alpha, sigma, row_labels, pool_labels, log_prior):
         """Likelihood logits -|z - alpha x_j|^2 / (2 sigma^2) as a (B, K) matrix, then bisection on tau per row."""

@@ -6,7 +6,6 @@ resume -> the step loop (micro-batches, clipping, skip of non-finite steps, EMA)
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -16,14 +15,12 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from pafm.checkpoint import (CheckpointError, complete_checkpoints, latest_checkpoint, load_checkpoint,
-                             save_checkpoint)
+from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
 from pafm.config import ConfigError, load_config, save_config, to_dict
 from pafm.distributed import World, all_reduce, cleanup, init_distributed, shard_model
 from pafm.ema import EMA
-from pafm.export import EXPORT_NAME, save_export
 from pafm.logger import MetricsLogger, SideWork
-from pafm.objectives import T_BINS, ObjectiveConfig, Objective, flow_loss, step_generator, t_bin_stats
+from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
 from pafm.run_lock import RunDirInUse, RunLock
 
 USAGE = "usage: [torchrun --nproc_per_node=N] python -m pafm.train CONFIG.yaml [key.sub=value ...]"
@@ -134,13 +131,6 @@ class TrainingStopped(RuntimeError):
     """The run stopped itself (too many non-finite steps); a checkpoint was written first (exit code 3)."""
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    skipped: int = 0  # non-finite steps skipped so far
-    bad_in_row: int = 0
-
-
 # --- helpers ------------------------------------------------------------------------------------------------------
 def learning_rate(cfg: OptimConfig, step: int, total: int) -> float:
     if step < cfg.warmup_steps:
@@ -224,7 +214,7 @@ def build_data(cfg: Config, world: World):
     loader = LatentLoader(dataset, micro, rank=world.rank, world_size=world.size, seed=cfg.train.seed,
                           flip=cfg.data.flip, num_workers=cfg.data.num_workers,
                           neighbors=cfg.objective.candidates if use_neighbors else 0)
-    return dataset.info, loader, micro, accum
+    return dataset.info, loader, accum
 
 
 def build_model_and_optimizer(cfg: Config, world: World, info: dict):
@@ -247,16 +237,16 @@ def build_model_and_optimizer(cfg: Config, world: World, info: dict):
     return model, optimizer, EMA(model, cfg.train.ema_decay)
 
 
-def build_objective(cfg: Config, info: dict, device) -> Objective:
+def build_objective(cfg: Config, info: dict, world: World) -> Objective:
     try:
-        return Objective(cfg.objective, info, device)
+        return Objective(cfg.objective, info, world.device, world.rank, world.size)
     except ValueError as err:
         raise SetupError(f"objective: {err}") from None
 
 
 # --- one optimizer step -------------------------------------------------------------------------------------------
 def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Objective, data_iter, state: TrainState,
-               micro: int, accum: int, autocast):
+               accum: int, autocast):
     """Micro-batches with gradient accumulation, clipping, the skip of a non-finite step, AdamW and EMA.
 
     A skipped step changes nothing but the counters: no weight, EMA or bank update (the loader still moves on).
@@ -264,26 +254,17 @@ def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Obje
     device = world.device
     step_loss = torch.zeros(2, dtype=torch.float64, device=device)
     bins = torch.zeros(3, T_BINS, dtype=torch.float64, device=device)
+    updates = []
     for m in range(accum):
         batch = next(data_iter)
         model.set_requires_gradient_sync(m == accum - 1)
-        gen = step_generator(cfg.train.seed, state.step, m, device)
         x = batch["x"].to(device, non_blocking=True)
-        draws = objective.draw(gen, micro, world.rank, world.size, device)
-        z = objective.path.interpolate(x, draws.noise, draws.t)
-        objective.start_candidates(x, batch, draws)
-        with autocast:
-            pred = model(z, draws.t, condition(batch, device), drop=draws.drop)
-        target, u, diagnostics = objective.target(x, batch, draws)
-        fm_loss = flow_loss(pred, u)
-        if cfg.objective.kind == "fm":
-            loss = fm_loss
-        else:
-            loss = (1 - cfg.objective.fm_weight) * flow_loss(pred, target) + cfg.objective.fm_weight * fm_loss
-        (loss / accum).backward()
-        objective.finish_candidates(x, batch)
-        step_loss += torch.stack([loss.detach(), fm_loss.detach()]).double() / accum
-        bins += t_bin_stats(draws.t, diagnostics)
+        gen = step_generator(cfg.train.seed, state.step, m, device)
+        out = objective.loss(model, x, condition(batch, device), batch, gen, autocast)
+        (out.loss / accum).backward()
+        step_loss += torch.stack([out.loss.detach(), out.fm_loss.detach()]).double() / accum
+        bins += t_bin_stats(out.t, out.diagnostics)
+        updates.append(out.update)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     all_reduce(step_loss)
@@ -292,6 +273,8 @@ def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Obje
     if kept:
         optimizer.step()
         ema.update(model)
+        for update in filter(None, updates):
+            update()
         state.bad_in_row = 0
     else:
         state.skipped += 1
@@ -299,99 +282,21 @@ def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Obje
         if world.is_main:
             print(f"step {state.step}: non-finite loss {step_loss[0].item()} or gradient norm {grad_norm.item()}; "
                   f"step skipped ({state.bad_in_row} in a row)", flush=True)
-    objective.end_step(kept)
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     return step_loss[0], step_loss[1], grad_norm, kept, bins
 
 
-# --- checkpoints, exports and preview grids -----------------------------------------------------------------------
-class Checkpointer:
-    """The resume policy, checkpoint saves with rotation, and the EMA export and preview grids written beside them.
+def sample_grid(cfg: Config, world: World, ema, export_meta: dict, side: SideWork, run_dir: Path, step: int):
+    """The EMA model's preview grid (side work: a failure is reported and counted, never fatal)."""
+    weights = ema.full_state_dict()  # a collective: outside the side-work guard so no rank waits alone
+    if world.is_main:
+        from pafm.sample import save_training_grid
 
-    A checkpoint records what it belongs to (model config, objective, its state keys, world size): resuming with
-    other settings is refused.  The export and the grids are side work: a failure is reported and counted, never
-    fatal, and never skips a checkpoint."""
-
-    def __init__(self, cfg: Config, world: World, run_dir: Path, model, optimizer, ema, objective: Objective, loader,
-                 info: dict, side: SideWork):
-        self.cfg, self.world, self.run_dir, self.root = cfg, world, run_dir, run_dir / "checkpoints"
-        self.model, self.optimizer, self.ema, self.objective, self.loader, self.side = (
-            model, optimizer, ema, objective, loader, side)
-        pafm = cfg.objective.kind == "pafm"
-        self.run_meta = {"model": model.config,
-                         "objective": {"kind": cfg.objective.kind, "source": cfg.objective.source if pafm else None},
-                         "state_keys": sorted(objective.state_dict()), "world_size": world.size}
-        self.export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info},
-                            "path": cfg.objective.path, "objective": cfg.objective.kind, "config": to_dict(cfg)}
-
-    def latest(self) -> Path | None:
-        return latest_checkpoint(self.root)
-
-    def resume(self, policy: str) -> TrainState:
-        explicit = policy not in ("auto", "none")
-        if explicit and not Path(policy).is_dir():
-            raise SetupError(f"train.resume={policy}: no such checkpoint folder")
-        ckpt = Path(policy) if explicit else self.latest() if policy == "auto" else None
-        existing = complete_checkpoints(self.root)
-        if ckpt is None and existing and policy == "none":
-            raise SetupError(f"{self.root} already holds checkpoints (up to step {existing[-1][0]}) and "
-                             "train.resume=none: use train.resume=auto to continue, or a new run.dir")
-        if ckpt is None and existing:
-            raise SetupError(f"no checkpoint in {self.root} passes its integrity check (see the warnings above); "
-                             "resume from a folder with train.resume=PATH or start a new run.dir")
-        unverifiable = [p.parent for p in self.root.glob("step_*/.metadata") if p.parent.name[5:].isdigit()]
-        if ckpt is None and unverifiable:
-            raise SetupError(f"{self.root} holds checkpoints without a manifest (written by an older version of "
-                             "this trainer): resume them with that version or start a new run.dir")
-        if ckpt is None:
-            return TrainState()
-        meta, tensors = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, expected_run_meta=self.run_meta,
-                                        verified=policy == "auto")
-        state = TrainState(meta["step"], meta["skipped"], meta["bad_in_row"])
-        later = [folder for s, folder in existing if s > state.step]
-        if later and explicit:  # continuing would interleave two runs' checkpoints
-            raise SetupError(f"resuming from step {state.step}, but {self.root} holds a later checkpoint "
-                             f"({later[-1].name}): resume from an older step in a new run.dir")
-        self._set_aside(later)  # resume=auto skipped them: they failed their integrity check
-        self.loader.load_state_dict(meta["loader"])
-        self.objective.load_state_dict(tensors)
-        if self.world.is_main:
-            print(f"resumed from {ckpt} at step {state.step}", flush=True)
-        return state
-
-    def _set_aside(self, folders: list[Path]):
-        """Rename checkpoints that failed verification to step_N.corrupt: kept for inspection, never loaded."""
-        if self.world.is_main:
-            for folder in folders:
-                target, n = folder.with_name(folder.name + ".corrupt"), 1
-                while target.exists():  # the same step failed before
-                    target, n = folder.with_name(f"{folder.name}.corrupt{n}"), n + 1
-                os.replace(folder, target)
-                print(f"warning: set {folder} aside as {target.name}", file=sys.stderr, flush=True)
-        dist.barrier()
-
-    def save(self, state: TrainState) -> Path:
-        rank_meta = {"step": state.step, "skipped": state.skipped, "bad_in_row": state.bad_in_row,
-                     "loader": self.loader.state_dict()}
-        folder = save_checkpoint(self.root, state.step, self.model, self.optimizer, self.ema, rank_meta,
-                                 self.objective.state_dict(), self.cfg.checkpoint.keep, self.run_meta)
-        weights = self.ema.full_state_dict()  # a collective: outside the side-work guard so no rank waits alone
-        if self.world.is_main:
-            self.side.run("writing the EMA export", save_export, self.run_dir / EXPORT_NAME, weights,
-                          {**self.export_meta, "step": state.step})
-        return folder
-
-    def sample_grid(self, step: int):
-        weights = self.ema.full_state_dict()
-        if self.world.is_main:
-            from pafm.sample import save_training_grid
-
-            log = self.cfg.log
-            self.side.run(f"the preview grid of step {step}", save_training_grid, weights,
-                          {**self.export_meta, "step": step}, self.run_dir / "samples" / f"step_{step:07d}.png",
-                          steps=log.sample_steps, cfg_scale=log.sample_cfg, seed=self.cfg.train.seed,
-                          prompts=log.sample_prompts)
+        log = cfg.log
+        side.run(f"the preview grid of step {step}", save_training_grid, weights, {**export_meta, "step": step},
+                 run_dir / "samples" / f"step_{step:07d}.png", steps=log.sample_steps, cfg_scale=log.sample_cfg,
+                 seed=cfg.train.seed, prompts=log.sample_prompts)
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -406,12 +311,19 @@ def train(cfg: Config, world: World) -> dict:
 
 
 def _train(cfg: Config, world: World, run_dir: Path) -> dict:
-    info, loader, micro, accum = build_data(cfg, world)
+    info, loader, accum = build_data(cfg, world)
     check_settings(cfg, info)
     model, optimizer, ema = build_model_and_optimizer(cfg, world, info)
-    objective = build_objective(cfg, info, world.device)
+    objective = build_objective(cfg, info, world)
     side = SideWork(world)
-    checkpointer = Checkpointer(cfg, world, run_dir, model, optimizer, ema, objective, loader, info, side)
+    pafm = cfg.objective.kind == "pafm"
+    run_meta = {"model": model.config,
+                "objective": {"kind": cfg.objective.kind, "source": cfg.objective.source if pafm else None},
+                "state_keys": sorted(objective.state_dict()), "world_size": world.size}
+    export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info}, "path": cfg.objective.path,
+                   "objective": cfg.objective.kind, "config": to_dict(cfg)}
+    checkpointer = Checkpointer(run_dir, world, model, optimizer, ema, objective, loader, run_meta, export_meta,
+                                cfg.checkpoint.keep, side)
     state = checkpointer.resume(cfg.train.resume)
     if world.is_main:  # only now: a refused launch must not overwrite the run's config
         save_config(cfg, run_dir / "config.yaml")
@@ -428,7 +340,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, fm_loss, grad_norm, kept, bins = train_step(cfg, world, model, optimizer, ema, objective, data_iter,
-                                                          state, micro, accum, autocast)
+                                                          state, accum, autocast)
         logger.step(state.step, lr, loss, fm_loss, grad_norm, kept, bins, state.skipped)
         stop_now = all_reduce(torch.tensor([1.0 if stop.requested else 0.0], device=world.device),
                               op=dist.ReduceOp.MAX).item() > 0
@@ -436,7 +348,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
         if state.step % cfg.checkpoint.every == 0 or last or stop_now or state.bad_in_row >= cfg.train.max_bad_steps:
             last_checkpoint = checkpointer.save(state)
         if cfg.log.sample_every > 0 and state.step % cfg.log.sample_every == 0 and not last:
-            checkpointer.sample_grid(state.step)
+            sample_grid(cfg, world, ema, export_meta, side, run_dir, state.step)
         if state.bad_in_row >= cfg.train.max_bad_steps:
             raise TrainingStopped(f"stopped at step {state.step}: {state.bad_in_row} non-finite losses or gradients "
                                   f"in a row (train.max_bad_steps={cfg.train.max_bad_steps}); checkpoint "
@@ -449,7 +361,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     logger.close()
     loader.close()
     if state.step == cfg.train.steps and cfg.log.sample_every >= 0:
-        checkpointer.sample_grid(state.step)
+        sample_grid(cfg, world, ema, export_meta, side, run_dir, state.step)
     return {"step": state.step, "run_dir": run_dir, "checkpoint": last_checkpoint or checkpointer.latest(),
             "skipped": state.skipped, "stopped": stop.requested, "side_work_failures": side.failures}
 

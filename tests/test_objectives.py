@@ -42,8 +42,7 @@ def test_batch_source_with_labels_and_dropout_matches_float64(path, tau):
     x = batch["x"]
     draws = objective.draw(step_generator(0, 3, 0, "cpu"), len(x), 0, 1, "cpu")
     assert draws.drop.any() and not draws.drop.all()  # the test must exercise both kinds of rows
-    objective.start_candidates(x, batch, draws)
-    target, u, diag = objective.target(x, batch, draws)
+    target, u, diag = objective.targets(x, batch, draws)
     z = objective.path.interpolate(x, draws.noise, draws.t)
     coefs = objective.path.coefficients(draws.t)
     labels = batch["label"]
@@ -62,8 +61,7 @@ def test_similarity_prior_and_self_prior_for_captions():
                           cond_dropout=0.4, backend="torch")
     objective = Objective(cfg, TEXT_INFO, "cpu")
     draws = objective.draw(step_generator(1, 0, 0, "cpu"), len(x), 0, 1, "cpu")
-    objective.start_candidates(x, batch, draws)
-    target, _, diag = objective.target(x, batch, draws)
+    target, _, diag = objective.targets(x, batch, draws)
     p = torch.nn.functional.normalize(batch["pooled"].double(), dim=-1)
     log_prior = torch.where(draws.drop[:, None], torch.zeros(7, 7, dtype=torch.float64), p @ p.T / 0.2)
     z = objective.path.interpolate(x, draws.noise, draws.t)
@@ -76,8 +74,7 @@ def test_similarity_prior_and_self_prior_for_captions():
     objective = Objective(ObjectiveConfig(kind="pafm", source="batch", text_prior="self", cond_dropout=0.0,
                                           backend="torch"), TEXT_INFO, "cpu")
     draws = objective.draw(step_generator(1, 0, 0, "cpu"), len(x), 0, 1, "cpu")
-    objective.start_candidates(x, batch, draws)
-    target, u, diag = objective.target(x, batch, draws)
+    target, u, diag = objective.targets(x, batch, draws)
     assert torch.allclose(target, u, atol=1e-5) and torch.allclose(diag["ess"], torch.ones(7))
 
 
@@ -89,9 +86,8 @@ def test_own_endpoint_only_pool_is_exactly_fm():
     d_fm = fm.draw(step_generator(5, 2, 1, "cpu"), 7, 0, 1, "cpu")
     d_pafm = pafm.draw(step_generator(5, 2, 1, "cpu"), 7, 0, 1, "cpu")
     assert torch.equal(d_fm.t, d_pafm.t) and torch.equal(d_fm.noise, d_pafm.noise)
-    pafm.start_candidates(x, batch, d_pafm)
-    target, u, diag = pafm.target(x, batch, d_pafm)
-    assert torch.equal(target, fm.target(x, batch, d_fm)[0])
+    target, u, diag = pafm.targets(x, batch, d_pafm)
+    assert torch.equal(target, fm.targets(x, batch, d_fm)[0])
     assert torch.allclose(diag["ess"], torch.ones(7)) and torch.allclose(diag["own_weight"], torch.ones(7))
 
 
@@ -102,8 +98,7 @@ def test_t_range_uses_fm_outside():
                           backend="torch")
     objective = Objective(cfg, CLASS_INFO, "cpu")
     draws = objective.draw(step_generator(0, 0, 0, "cpu"), 16, 0, 1, "cpu")
-    objective.start_candidates(x, batch, draws)
-    target, u, _ = objective.target(x, batch, draws)
+    target, u, _ = objective.targets(x, batch, draws)
     outside = draws.t > 0.5
     assert outside.any() and (~outside).any()
     assert torch.equal(target[outside], u[outside])
@@ -143,8 +138,7 @@ def test_target_ess_knob_reaches_the_requested_ess():
     objective = Objective(cfg, {**CLASS_INFO, "num_classes": 1}, "cpu")
     batch["label"] = torch.zeros(32, dtype=torch.long)
     draws = objective.draw(step_generator(0, 0, 0, "cpu"), 32, 0, 1, "cpu")
-    objective.start_candidates(x, batch, draws)
-    _, _, diag = objective.target(x, batch, draws)
+    _, _, diag = objective.targets(x, batch, draws)
     assert torch.allclose(diag["ess"], torch.full((32,), 3.0), rtol=1e-2)
 
 
@@ -156,8 +150,7 @@ def test_class_bank_is_a_per_class_fifo():
     assert sorted(bank.entries[0, :, 0].tolist()) == [1.0, 2.0]
     assert bank.count.tolist() == [3, 1, 1]
     new = torch.tensor([[10.0], [11.0]])
-    bank.start(new, torch.tensor([1, 2]), None, {}, None)
-    cand = bank.candidates()
+    cand = bank.pool(new, torch.tensor([1, 2]), None, {}, None)
     # filled entries (class 0: two, class 1: one, class 2: one), then the current batch
     assert cand.pool.shape == (6, 1) and cand.ids.tolist()[-2:] == [1, 2]
     assert sorted(zip(cand.ids.tolist()[:4], cand.pool[:4, 0].tolist())) == [(0, 1.0), (0, 2.0), (1, 3.0), (2, 4.0)]

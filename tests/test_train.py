@@ -4,7 +4,6 @@ Every run is a real subprocess (`python -m pafm.train` or torchrun), like a user
 that each run costs a few seconds.
 """
 import json
-import os
 import signal
 import subprocess
 import sys

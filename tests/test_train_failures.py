@@ -3,8 +3,6 @@ their launcher, torn logs, side work that fails, and a skipped step that changes
 
 Every run is a real subprocess, like a user's (the helpers come from test_train.py).
 """
-import json
-import os
 import resource
 import signal
 import subprocess
