@@ -1,4 +1,4 @@
-"""Process group setup and FSDP2 wrapping.
+"""Process group setup (the trainer, evaluation and dataset preparation) and FSDP2 wrapping.
 
 One code path for every launch: under torchrun the environment names the rank and world; under plain
 `python -m pafm.train` a one-rank group is created, so the single-process run goes through the same FSDP2 code
@@ -20,8 +20,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-# Rank 0 alone validates the dataset and draws the preview grids while the other ranks wait in a collective; NCCL's
-# 10-minute default would abort a run whose dataset takes longer to hash.
+# Ranks wait in a collective while rank 0 alone validates the dataset or draws the preview grids, and at evaluation's
+# barrier for the slowest rank's share of chunks; NCCL's 10-minute default would abort them.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
@@ -56,8 +56,11 @@ def die_with_launcher():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def init_distributed(device: str = "auto") -> World:
-    """Initialise the default process group (nccl on GPUs, gloo on the CPU) and pick this rank's device."""
+def init_distributed(device: str = "auto", backend: str | None = None) -> World:
+    """Initialise the default process group and pick this rank's device (auto, cpu, or cuda: cuda:LOCAL_RANK).
+
+    backend: nccl on GPUs, gloo on the CPU, unless given (dataset preparation asks for gloo: it only waits at a
+    barrier, while its encoders use the GPU)."""
     die_with_launcher()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,9 +75,9 @@ def init_distributed(device: str = "auto") -> World:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None,
-                                timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(backend, device_id=dev if backend == "nccl" else None, timeout=COLLECTIVE_TIMEOUT)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
@@ -106,11 +109,6 @@ def shard_model(model: torch.nn.Module, world: World, bf16: bool, activation_che
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     dist.all_reduce(tensor, op=op)
     return tensor
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def cleanup():

@@ -24,13 +24,11 @@ sampling; a user error stops every rank with exit code 2 and rank 0 prints it in
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -39,13 +37,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pafm.cli import USER_ERRORS, OneLineParser, SharedError, all_ranks_agree, one_line, parse_args, report_error
 from pafm.config import ConfigError, load_config, to_dict
-from pafm.export import export_staleness, load_export, read_export_meta, resolve_export
-from pafm.metrics import (DigitsJudge, InceptionFeatures, check_reference, inception_metrics, load_images,
-                          load_statistics, to_uint8)
+from pafm.data import load_digits_split
+from pafm.distributed import cleanup, init_distributed
+from pafm.export import dataset_info, export_staleness, load_export, read_export_meta, resolve_export
+from pafm.files import atomic_savez, atomic_write_text
+from pafm.generate import Conditions, Decoder, generate, latent_shape, pick_device
+from pafm.metrics import (DigitsJudge, InceptionFeatures, check_reference, inception_metrics, read_reference_images,
+                          read_reference_statistics, to_uint8)
 from pafm.paths import build_path
-from pafm.sample import (USER_ERRORS, Conditions, Decoder, OneLineParser, SharedError, all_ranks_agree, generate,
-                         latent_shape, one_line, parse_args, pick_device, report_error)
 from pafm.sampling import SamplerConfig
 
 INCEPTION_METRICS = ("fid", "isc", "prc", "kid")
@@ -84,19 +85,24 @@ SEED_RULE = ("chunk c (eval.batch_size samples) draws its conditions, initial no
              "seeded by sha256(eval.seed, c, stream)")
 
 
-def check_eval_config(cfg: EvalConfig, meta: dict) -> list[str]:
-    """Validate against the export's meta, before anything is sampled; returns the metric list (auto-filled)."""
-    e = cfg.eval
-    data = meta.get("data") or {}
-    spec, info = str(data.get("spec", "")), data.get("info") or {}
-    if e.num_samples is None:
-        e.num_samples = 1000 if spec.startswith("builtin:digits") else 50000
+def resolve_eval_defaults(cfg: EvalConfig, meta: dict) -> None:
+    """Fill eval.num_samples and eval.metrics where they are null, from the export's dataset."""
+    digits = str((meta.get("data") or {}).get("spec", "")).startswith("builtin:digits")
+    if cfg.eval.num_samples is None:
+        cfg.eval.num_samples = 1000 if digits else 50000
+    if cfg.eval.metrics is None:
+        cfg.eval.metrics = ["digits"] if digits else ["fid", "isc", "prc"]
+
+
+def check_eval_config(cfg: EvalConfig, meta: dict) -> None:
+    """Raise ConfigError for settings that cannot work with the export's dataset, before anything is sampled (after
+    `resolve_eval_defaults`)."""
+    e, metrics = cfg.eval, cfg.eval.metrics
+    spec, info = str((meta.get("data") or {}).get("spec", "")), dataset_info(meta)
     if e.num_samples < 1:
         raise ConfigError(f"eval.num_samples must be >= 1, got {e.num_samples}")
     if e.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {e.batch_size}")
-    metrics = list(e.metrics) if e.metrics is not None else (
-        ["digits"] if spec.startswith("builtin:digits") else ["fid", "isc", "prc"])
     unknown = set(metrics) - set(INCEPTION_METRICS) - {"digits"}
     if unknown:
         raise ConfigError(f"eval.metrics: unknown {sorted(unknown)}; valid: {list(INCEPTION_METRICS) + ['digits']}")
@@ -117,25 +123,6 @@ def check_eval_config(cfg: EvalConfig, meta: dict) -> list[str]:
     if "isc" in metrics and e.num_samples < e.isc_splits:
         raise ConfigError(f"eval.isc_splits={e.isc_splits} needs at least as many samples, eval.num_samples is "
                           f"{e.num_samples}")
-    return metrics
-
-
-def _atomic_savez(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def settings_of(cfg: EvalConfig, export_path: Path, meta: dict, conditions: Conditions) -> dict:
@@ -160,21 +147,21 @@ def run_chunks(job: "Job", cfg: EvalConfig, rank: int, world: int, device) -> No
     e, n, out, conditions = cfg.eval, cfg.eval.num_samples, job.out, job.conditions
     chunks = list(range(rank, math.ceil(n / e.batch_size), world))
     todo = [c for c in chunks if not (out / "chunks" / f"chunk_{c:06d}.npz").is_file()]
-    path, shape = build_path(job.meta.get("path", "linear")), latent_shape(job.model, job.meta)
+    flow_path, shape = build_path(job.meta.get("path", "linear")), latent_shape(job.model, job.meta)
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="sampling chunks", disable=rank != 0,
                dynamic_ncols=True)
     for c in todo:
         indices = list(range(c * e.batch_size, min(n, (c + 1) * e.batch_size)))
         start = time.perf_counter()
-        x, names, nfe = generate(job.model, path, conditions, indices, shape, cfg.sampler, e.seed, device, key=c)
+        x, names, nfe = generate(job.model, flow_path, conditions, indices, shape, cfg.sampler, e.seed, device, key=c)
         images = to_uint8(job.decoder(x)).permute(0, 2, 3, 1).cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        _atomic_savez(out / "chunks" / f"chunk_{c:06d}.npz", images=images,
-                      labels=conditions.class_ids(indices, key=c),
-                      captions=np.array(names if conditions.kind == "text" else [], dtype=str),
-                      nfe=np.int64(nfe), seconds=np.float64(seconds))
+        atomic_savez(out / "chunks" / f"chunk_{c:06d}.npz", images=images,
+                     labels=conditions.class_ids(indices, key=c),
+                     captions=np.array(names if conditions.kind == "text" else [], dtype=str),
+                     nfe=np.int64(nfe), seconds=np.float64(seconds))
         bar.update(1)
     bar.close()
 
@@ -199,7 +186,7 @@ def collect(out: Path, cfg: EvalConfig) -> dict:
 def reference_inputs(cfg: EvalConfig, metrics: list[str], extract, out: Path):
     """(reference features or None, reference statistics or None); image features are cached in OUT."""
     ref = Path(cfg.eval.reference).expanduser()
-    stats = load_statistics(ref) if ref.suffix == ".npz" else None
+    stats = read_reference_statistics(ref) if ref.suffix == ".npz" else None
     need_images = any(m in metrics for m in ("prc", "kid")) or ("fid" in metrics and stats is None)
     if not need_images:
         return None, stats
@@ -210,8 +197,8 @@ def reference_inputs(cfg: EvalConfig, metrics: list[str], extract, out: Path):
     if cache.is_file():
         with np.load(cache) as data:
             return {k: torch.from_numpy(data[k]) for k in data.files}, stats
-    feats = extract(load_images(ref))
-    _atomic_savez(cache, **{k: v.numpy() for k, v in feats.items()})
+    feats = extract(read_reference_images(ref))
+    atomic_savez(cache, **{k: v.numpy() for k, v in feats.items()})
     return feats, stats
 
 
@@ -239,7 +226,7 @@ def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device,
         images = samples["images"]
         if images.shape[1:] != (8, 8, 1):
             raise ConfigError(f"eval.metrics 'digits' needs 8x8 single-channel samples, got {images.shape[1:]}")
-        judge = DigitsJudge()
+        judge = DigitsJudge(*load_digits_split("train"), *load_digits_split("heldout"))
         floats = images.astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1.0
         labels = samples["labels"] if (samples["labels"] >= 0).all() else None
         result.update(judge.score(floats, labels))
@@ -257,7 +244,7 @@ def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device,
                 feats = {k: torch.from_numpy(data[k]) for k in data.files}
         else:
             feats = net(samples["images"])
-            _atomic_savez(cache, **{k: v.numpy() for k, v in feats.items()})
+            atomic_savez(cache, **{k: v.numpy() for k, v in feats.items()})
         ref_feats, ref_stats = (None, None)
         if cfg.eval.reference is not None:
             ref_feats, ref_stats = reference_inputs(cfg, wanted, net, out)
@@ -287,10 +274,13 @@ def prepare(checkpoint, cfg: EvalConfig, rank: int, device) -> Job:
     """Every check before sampling (cheapest first), on every rank; rank 0 also builds the Inception network now, so
     a wrong or undownloadable weight file stops the evaluation before sampling rather than after it."""
     export_path = resolve_export(checkpoint)
-    metrics = check_eval_config(cfg, read_export_meta(export_path))
+    meta = read_export_meta(export_path)
+    resolve_eval_defaults(cfg, meta)
+    check_eval_config(cfg, meta)
+    metrics = cfg.eval.metrics
     model, meta = load_export(export_path, device=device)
     conditions = Conditions(model, meta, order=cfg.eval.labels, seed=cfg.eval.seed)
-    decoder = Decoder((meta.get("data") or {}).get("info") or {}, device)
+    decoder = Decoder(dataset_info(meta), device)
     settings = settings_of(cfg, export_path, meta, conditions)
     out = Path(cfg.eval.out_dir).expanduser() if cfg.eval.out_dir else default_out_dir(cfg, export_path, settings)
     stored = out / "settings.json"  # every rank checks, so a mismatch stops all of them
@@ -318,7 +308,7 @@ def sample_everywhere(job: Job, cfg: EvalConfig, rank: int, world: int, device) 
         dist.barrier()
     if rank == 0:
         if not (job.out / "settings.json").is_file():
-            _atomic_write_text(job.out / "settings.json", json.dumps(job.settings, indent=2))
+            atomic_write_text(job.out / "settings.json", json.dumps(job.settings, indent=2))
     if world > 1:
         dist.barrier()
     run_chunks(job, cfg, rank, world, device)
@@ -337,19 +327,14 @@ def evaluate(checkpoint, overrides: list[str] | None = None, config_file=None) -
         if world > 1:
             raise SharedError(one_line(err)) from None
         raise
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        # Ranks wait at the barrier for the slowest rank's whole share of chunks on a resume: allow hours, not NCCL's
-        # default 10 minutes.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    if world > 1:  # under torchrun: cuda:LOCAL_RANK on GPUs
+        device = init_distributed(device.type).device
     try:
         job = all_ranks_agree(prepare, checkpoint, cfg, rank, device)
         sample_everywhere(job, cfg, rank, world, device)
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if world > 1:
+            cleanup()
     if rank != 0:
         return None
     return finish(job, cfg, device)
@@ -360,7 +345,7 @@ def finish(job: Job, cfg: EvalConfig, device) -> dict:
     out, meta, model = job.out, job.meta, job.model
     samples = collect(out, cfg)
     if cfg.eval.save_npz:
-        _atomic_savez(out / "samples.npz", arr_0=samples["images"], arr_1=samples["labels"])
+        atomic_savez(out / "samples.npz", arr_0=samples["images"], arr_1=samples["labels"])
     start = time.perf_counter()
     result, reference = score(cfg, job.metrics, samples, out, device, net=job.inception)
     n, num_cls = cfg.eval.num_samples, (getattr(model, "num_classes", None) if model.cond_kind == "class" else None)
@@ -382,7 +367,7 @@ def finish(job: Job, cfg: EvalConfig, device) -> dict:
                     "metrics_s": time.perf_counter() - start},
     }
     report["readme_row"] = readme_row(report)
-    _atomic_write_text(out / "eval.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "eval.json", json.dumps(report, indent=2))
     return report
 
 

@@ -9,14 +9,14 @@ the model (architecture, dataset spec and info, path, step).  Sampling, evaluati
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from pafm.files import atomic_write
 
 EXPORT_NAME = "ema.safetensors"
 META_KEY = "pafm"  # the safetensors metadata key holding the JSON meta
@@ -49,15 +49,7 @@ def save_export(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
         # clone: safetensors refuses tensors that share storage (tied weights, views)
         tensors[name] = value.detach().to("cpu").contiguous().clone()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: meta_json})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: meta_json}))
 
 
 def _checkpoint_hint(path: Path) -> str | None:
@@ -108,7 +100,12 @@ def read_export_meta(path_or_run_dir) -> dict:
     return meta
 
 
-def _check_weights(path: Path, name: str, state: dict, expected: dict) -> None:
+def dataset_info(meta: dict) -> dict:
+    """The info of the dataset the exported model was trained on (shapes, normalisation, encoder, class names)."""
+    return (meta.get("data") or {}).get("info") or {}
+
+
+def _check_weights(where, name: str, state: dict, expected: dict) -> None:
     """ExportError summarising missing, unexpected and reshaped weights (torch's own message lists every key)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -117,29 +114,45 @@ def _check_weights(path: Path, name: str, state: dict, expected: dict) -> None:
              for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", reshaped))
              if keys]
     if parts:
-        raise ExportError(f"{path}: weights do not match {name}: {'; '.join(parts)}")
+        raise ExportError(f"{where}: weights do not match {name}: {'; '.join(parts)}")
+
+
+def model_from_meta(meta: dict, where) -> torch.nn.Module:
+    """The model an export's meta describes, with fresh weights; `where` names the meta's source in errors."""
+    from pafm.models import build_model
+
+    config = meta.get("model") or {}
+    if not isinstance(config, dict) or "name" not in config:
+        raise ExportError(f"{where}: meta has no model config ({{'name', 'kwargs'}})")
+    try:
+        return build_model(config["name"], **config.get("kwargs", {}))
+    except (ValueError, TypeError) as err:
+        raise ExportError(f"{where}: cannot rebuild its model: {err}") from None
+
+
+def model_skeleton(meta: dict, where) -> torch.nn.Module:
+    """The model on the meta device (no memory, no weights): enough to check conditions before loading weights."""
+    with torch.device("meta"):
+        return model_from_meta(meta, where)
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, device, where):
+    """`model` with `state_dict` loaded strictly, in eval mode on `device`, without gradients."""
+    _check_weights(where, model.config["name"], state_dict, model.state_dict())
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_export(path_or_run_dir, device="cpu"):
     """Rebuild the model from an export: returns (model in eval mode on `device`, meta).  Weights load strictly."""
-    from pafm.models import build_model
-
     path = resolve_export(path_or_run_dir)
     meta = read_export_meta(path)
-    config = meta.get("model") or {}
-    if not isinstance(config, dict) or "name" not in config:
-        raise ExportError(f"{path}: meta has no model config ({{'name', 'kwargs'}})")
-    try:
-        model = build_model(config["name"], **config.get("kwargs", {}))
-    except (ValueError, TypeError) as err:
-        raise ExportError(f"{path}: cannot rebuild its model: {err}") from None
+    model = model_from_meta(meta, path)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as err:  # safetensors' own error types for truncated files
         raise ExportError(f"{path} is not a readable safetensors file: {err}") from None
-    _check_weights(path, config["name"], state, model.state_dict())
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval().requires_grad_(False), meta
+    return load_weights(model, state, device, path), meta
 
 
 def newest_checkpoint_step(run_dir) -> int | None:

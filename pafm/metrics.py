@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pafm.files import IMAGE_EXTENSIONS, image_files, is_image
+
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FEATURES = ("2048", "logits_unbiased")  # pool3 for FID/KID/PRC, logits for IS
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 class MetricError(ValueError):
@@ -54,7 +55,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
-def load_statistics(path) -> tuple[np.ndarray, np.ndarray] | None:
+def read_reference_statistics(path) -> tuple[np.ndarray, np.ndarray] | None:
     """(mu, sigma) from an .npz that holds them (ADM reference batches, torch-fidelity/pytorch-fid stats), else None."""
     with np.load(path) as data:
         if "mu" in data.files and "sigma" in data.files:
@@ -79,7 +80,7 @@ def check_reference(path, metrics) -> None:
         raise MetricError(f"eval.reference: {path} does not exist")
     needs_images = any(m in metrics for m in ("prc", "kid"))
     if path.is_dir():
-        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
+        if not any(is_image(p) for p in path.rglob("*")):
             raise MetricError(f"eval.reference: {path} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
         return
     if path.suffix != ".npz":
@@ -99,8 +100,8 @@ def check_reference(path, metrics) -> None:
         raise MetricError(f"eval.reference: {path} holds {sorted(keys)}, no 'arr_0' image array: {what}")
 
 
-def load_images(path) -> np.ndarray:
-    """Reference images as uint8 NHWC: an .npz with `arr_0` (ADM format) or a folder of png/jpg files (sorted)."""
+def read_reference_images(path) -> np.ndarray:
+    """Reference images as uint8 NHWC: an .npz with `arr_0` (ADM format) or a folder of image files (sorted)."""
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as data:
@@ -110,7 +111,7 @@ def load_images(path) -> np.ndarray:
     elif path.is_dir():
         from PIL import Image
 
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files(path)
         if not files:
             raise MetricError(f"{path} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
         images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
@@ -167,7 +168,7 @@ class InceptionFeatures:
         return self
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray, progress=None) -> dict[str, torch.Tensor]:
+    def __call__(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         """uint8 NHWC (1 or 3 channels) -> {"2048": (N, 2048), "logits_unbiased": (N, 1008)} float32 CPU tensors."""
         if images.dtype != np.uint8 or images.ndim != 4:
             raise MetricError(f"InceptionFeatures: expected uint8 NHWC images, got {images.dtype} {images.shape}")
@@ -179,8 +180,6 @@ class InceptionFeatures:
             feats = self.net(x.contiguous().to(self.device))
             for name, f in zip(INCEPTION_FEATURES, feats):
                 out[name].append(f.float().cpu())
-            if progress is not None:
-                progress(len(x))
         return {name: torch.cat(parts) for name, parts in out.items()}
 
 
@@ -233,33 +232,36 @@ def inception_metrics(features: dict, metrics, reference_features: dict | None =
 # Digits
 
 
-class DigitsJudge:
-    """Metrics for 8x8 digits, where Inception features mean nothing.
+def _flat64(images) -> np.ndarray:
+    """(N, ...) images (arrays or tensors) as float64 rows (N, pixels)."""
+    x = images.double().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, dtype=np.float64)
+    return x.reshape(len(x), -1)
 
-    - accuracy: an RBF SVC trained on the pixels of the real training split recognises the intended class;
+
+class DigitsJudge:
+    """Metrics for 8x8 digits, where Inception features mean nothing, against the real digits given (images in
+    [-1, 1] and labels of the training and the held-out split):
+
+    - accuracy: an RBF SVC trained on the pixels of the training split recognises the intended class;
     - frechet_pixels: Frechet distance on the 64 pixels between the images and the held-out split;
     - memorization: share of images whose nearest training image is much closer than the second nearest
       (distance ratio below `ratio`, 1/3), i.e. near-copies of one training digit.
     """
 
-    def __init__(self, ratio: float = 1.0 / 3.0):
+    def __init__(self, train_images, train_labels, heldout_images, heldout_labels, ratio: float = 1.0 / 3.0):
         from sklearn.svm import SVC
 
-        from pafm.data.digits import load_digits_split
-
-        train_x, train_y = load_digits_split("train")
-        held_x, held_y = load_digits_split("heldout")
-        self.train = train_x.reshape(len(train_x), -1).double().numpy()
-        self.train_labels = train_y.numpy()
-        self.heldout = held_x.reshape(len(held_x), -1).double().numpy()
-        self.heldout_labels = held_y.numpy()
+        self.train = _flat64(train_images)
+        self.train_labels = np.asarray(train_labels)
+        self.heldout = _flat64(heldout_images)
+        self.heldout_labels = np.asarray(heldout_labels)
         self.heldout_stats = feature_statistics(self.heldout)
         self.classifier = SVC(gamma="scale").fit(self.train, self.train_labels)
         self.ratio = ratio
 
     def score(self, images, labels=None) -> dict:
         """images: (N, 1, 8, 8) or (N, 64) floats in [-1, 1]; labels: intended classes (for accuracy)."""
-        x = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+        x = _flat64(images)
         if x.shape[1] != self.train.shape[1]:
             raise MetricError(f"DigitsJudge: expected 8x8 single-channel images, got {np.asarray(images).shape}")
         out = {}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pafm.candidates import Candidates, build_source
-from pafm.paths import TimeSampler, build_path
+from pafm.paths import TimeSampler, build_path, expand_rows
 from pafm_kernels import posterior_velocity
 
 T_BINS = 5  # diagnostics are reported per fifth of [0, 1]
@@ -83,10 +83,6 @@ class Draws:
     noise: torch.Tensor  # (B, *S)
     drop: torch.Tensor  # (B,) bool: rows trained with the null condition
     resample: torch.Tensor | None  # (B, R, *S) standard normal draws for the resample source
-
-
-def _expand(coef, like):
-    return coef.reshape(coef.shape + (1,) * (like.dim() - coef.dim()))
 
 
 def ess_temperature(log_lik: torch.Tensor, log_prior: torch.Tensor, target: float, iters: int = 40):
@@ -232,7 +228,7 @@ class Objective:
         own_weight = torch.exp(own_logit - out.lse)
         lo, hi = self.cfg.t_range
         inside = (draws.t >= lo) & (draws.t <= hi)
-        target = torch.where(_expand(inside, u), out.velocity.to(u.dtype), u)
+        target = torch.where(expand_rows(inside, u), out.velocity.to(u.dtype), u)
         ess = torch.where(inside, out.ess, torch.ones_like(out.ess))
         own_weight = torch.where(inside, own_weight, torch.ones_like(own_weight))
         return target, {"ess": ess, "own_weight": own_weight}

@@ -11,7 +11,7 @@ import math
 import torch
 
 
-def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def expand_rows(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, ...) so that it broadcasts against a (B, *S) tensor."""
     return coef.reshape(coef.shape + (1,) * (like.dim() - coef.dim()))
 
@@ -39,23 +39,23 @@ class Path:
 
     def interpolate(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t for a batch: x, noise (B, *S), t (B,)."""
-        return _expand(self.alpha(t), x) * x + _expand(self.sigma(t), x) * noise
+        return expand_rows(self.alpha(t), x) * x + expand_rows(self.sigma(t), x) * noise
 
     def velocity(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The conditional (FM) target u = alpha' x + sigma' eps."""
-        return _expand(self.d_alpha(t), x) * x + _expand(self.d_sigma(t), x) * noise
+        return expand_rows(self.d_alpha(t), x) * x + expand_rows(self.d_sigma(t), x) * noise
 
     def velocity_to_score(self, v: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Score of p_t(z) from the marginal velocity: (alpha v - alpha' z) / (sigma (alpha' sigma - alpha sigma')).
 
         Written so that it stays finite at the noise end (alpha = 0); it diverges only where sigma = 0 (pure data).
         """
-        a, s, da, ds = (_expand(c, z) for c in self.coefficients(t))
+        a, s, da, ds = (expand_rows(c, z) for c in self.coefficients(t))
         return (a * v - da * z) / (s * (da * s - a * ds))
 
     def velocity_to_data(self, v: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The implied E[x | z_t]: (sigma v - sigma' z) / (alpha' sigma - alpha sigma')."""
-        a, s, da, ds = (_expand(c, z) for c in self.coefficients(t))
+        a, s, da, ds = (expand_rows(c, z) for c in self.coefficients(t))
         return (s * v - ds * z) / (da * s - a * ds)
 
 

@@ -17,23 +17,25 @@ with exit code 2 and one line on stderr.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import io
 import json
 import os
 import sys
 import tarfile
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pafm.data.shards import INDEX, DataError, atomic_write_text, read_header, write_index, write_shard
-from pafm.sample import USER_ERRORS, OneLineParser, all_ranks_agree, parse_args, positive_int, report_error
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe", ".tif", ".tiff")
+from pafm.cli import USER_ERRORS, OneLineParser, all_ranks_agree, parse_args, positive_int, report_error
+from pafm.data import DataError, TransformersTextEmbedder, open_dataset
+from pafm.data.neighbors import add_neighbors
+from pafm.data.shards import CAPTION_TENSORS, read_header, write_index, write_shard
+from pafm.data.text import check_text_len
+from pafm.distributed import cleanup, init_distributed
+from pafm.files import IMAGE_EXTENSIONS, atomic_write_text, image_files
 
 
 # ------------------------------------------------------------------------------------------------------ images
@@ -63,8 +65,8 @@ def _open_image(source):
     return image
 
 
-def load_images(sources: list, resolution: int, threads: int, where: str = "") -> tuple[list[np.ndarray], list[int]]:
-    """Decode and centre-crop images on a thread pool (PIL releases the GIL); (crops, indices of the sources that
+def read_center_crops(sources: list, resolution: int, threads: int, where: str = "") -> tuple[list, list[int]]:
+    """Read and centre-crop images on a thread pool (PIL releases the GIL); (crops, indices of the sources that
     could be read). Unreadable images are skipped with a warning."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -116,86 +118,12 @@ def encode_moments(vae, x: torch.Tensor, batch_size: int, flip: bool):
         chunk = x[start:start + batch_size].to(device)
         if flip:
             chunk = torch.cat([chunk, chunk.flip(-1)])
-        dist = vae.encode(chunk).latent_dist
-        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+        posterior = vae.encode(chunk).latent_dist
+        mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
         views = 2 if flip else 1
         means.append(mean.view(views, -1, *mean.shape[1:]).transpose(0, 1))
         stds.append(std.view(views, -1, *std.shape[1:]).transpose(0, 1))
     return torch.cat(means), torch.cat(stds)
-
-
-def text_position_limit(path) -> tuple[int | None, str]:
-    """(longest token sequence the encoder at `path` can embed, its model type): CLIP's max_position_embeddings (77),
-    None for relative positions (T5).  Reads only its config.json."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    text = getattr(config, "text_config", None) or config  # a full CLIP checkpoint: its text tower decides
-    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    return (int(limit) if limit else None), str(config.model_type)
-
-
-def check_text_len(path, max_len: int) -> None:
-    """Refuse a token length beyond the text encoder's position table (CLIP: 77), which would fail mid-encoding."""
-    limit, kind = text_position_limit(path)
-    if limit is not None and max_len > limit:
-        raise DataError(f"--max-text-len {max_len} exceeds the {limit} positions (max_position_embeddings) of the "
-                        f"text encoder {path} ({kind}): use --max-text-len {limit} or less")
-
-
-class TransformersTextEmbedder:
-    """Token embeddings, mask and pooled vector from a local transformers text encoder (CLIP or T5, or any model
-    with `last_hidden_state`). The pooled vector is CLIP's pooled output (from `pooled_path` if given, as SD3 pairs
-    T5 tokens with a CLIP pooled vector), else the masked mean of the token embeddings. `max_len` beyond the
-    encoder's positions is refused; the pooled encoder reads at most its own positions (its vector sits at the end
-    token, so truncation is what SD3 does)."""
-
-    def __init__(self, path, max_len: int = 77, pooled_path=None, device="cpu"):
-        self.path, self.max_len, self.pooled_path, self.device = str(path), max_len, pooled_path, device
-        check_text_len(path, max_len)
-        self.tokenizer, self.model = self._load(path)
-        self.pooled, self.pooled_len = None, max_len
-        if pooled_path:
-            self.pooled = self._load(pooled_path)
-            pooled_limit = text_position_limit(pooled_path)[0] or max_len
-            self.pooled_len = min(max_len, self.pooled[0].model_max_length, pooled_limit)
-
-    def _load(self, path):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-        config = AutoConfig.from_pretrained(path)
-        cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(
-            config.model_type, AutoModel)
-        return AutoTokenizer.from_pretrained(path), cls.from_pretrained(path).to(self.device).eval()
-
-    @property
-    def config(self) -> dict:
-        return {"kind": "transformers", "path": self.path, "pooled_path": self.pooled_path and str(self.pooled_path),
-                "max_len": self.max_len}
-
-    @staticmethod
-    def _run(tokenizer, model, captions, max_len, device):
-        enc = tokenizer(captions, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        mask = enc["attention_mask"].to(device)
-        out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask)
-        return out, mask.bool()
-
-    @torch.no_grad()
-    def embed(self, captions: list[str]):
-        out, mask = self._run(self.tokenizer, self.model, captions, self.max_len, self.device)
-        tokens = out.last_hidden_state.float()
-        if self.pooled is not None:
-            tok, model = self.pooled
-            pooled_out, _ = self._run(tok, model, captions, self.pooled_len, self.device)
-            pooled = pooled_out.pooler_output.float()
-        elif getattr(out, "pooler_output", None) is not None:
-            pooled = out.pooler_output.float()
-        else:
-            m = mask.unsqueeze(-1).float()
-            pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1)
-        return tokens.cpu(), mask.cpu(), pooled.cpu()
-
-    __call__ = embed
 
 
 # ------------------------------------------------------------------------------------------------------ sources
@@ -208,7 +136,7 @@ def imagenet_units(source: Path, shard_size: int):
         raise DataError(f"{source} has no class subfolders (expected the ImageFolder layout SOURCE/<class>/<image>)")
     items = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (source / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files(source / name)
         items.extend((p, label) for p in files)
     if not items:
         raise DataError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
@@ -221,7 +149,7 @@ def caption_units(source: Path, shard_size: int):
     if tars:
         return [("tar", t) for t in tars]
     pairs = []
-    for image in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+    for image in image_files(source):
         text = image.with_suffix(".txt")
         if text.is_file():
             pairs.append((image, text))
@@ -245,7 +173,7 @@ def read_tar(path: Path):
             samples.setdefault(key, {})[ext.lower()] = data
     out = []
     for fields in samples.values():
-        image = next((fields[e] for e in ("jpg", "jpeg", "png", "webp") if e in fields), None)
+        image = next((fields[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in fields), None)
         if image is not None and "txt" in fields:
             out.append((io.BytesIO(image), fields["txt"].decode("utf-8").strip()))
     return out
@@ -253,10 +181,12 @@ def read_tar(path: Path):
 
 # ------------------------------------------------------------------------------------------------------ running
 
+SHARD_POLL_SECONDS = 2.0  # how often rank 0 looks for the other ranks' finished shards
 
-def _dist(args):
-    """(rank, world size, device). Under torchrun, joins a gloo process group so rank 0 can wait for the others;
-    explicit --rank/--world-size run independent jobs (e.g. a job array) with no group."""
+
+def _rank_world_device(args):
+    """(rank, world size, device). Under torchrun, joins a gloo process group, so that an error seen by one rank
+    stops them all; explicit --rank/--world-size run independent jobs (e.g. a job array) with no group."""
     local = int(os.environ.get("LOCAL_RANK", 0))
     if args.rank is not None or args.world_size is not None:
         rank, world = args.rank or 0, args.world_size or 1
@@ -264,9 +194,8 @@ def _dist(args):
             raise ValueError(f"--rank {rank} must lie in [0, --world-size {world})")
     else:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if world > 1 and not torch.distributed.is_initialized():
-            # Ranks may finish their shards hours apart; rank 0 waits at one barrier before writing the index.
-            torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=2))
+        if world > 1:
+            init_distributed(backend="gloo")
     device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     return rank, world, device
 
@@ -275,7 +204,7 @@ def _sidecar(out: Path, unit: int) -> Path:
     return out / f"shard-{unit:05d}.json"
 
 
-def _done(out: Path, unit: int) -> bool:
+def _shard_done(out: Path, unit: int) -> bool:
     side = _sidecar(out, unit)
     if not side.is_file():
         return False
@@ -306,23 +235,34 @@ RUN_KEYS = ("command", "source", "vae", "resolution", "shard_size", "dtype", "no
             "pooled_encoder", "max_text_len", "text_dtype")
 
 
-def check_run(args, out: Path, write: bool = True) -> None:
-    """Record the settings that decide the shards' content in OUT/prep.json; a resumed run must use the same ones,
-    else finished shards from the old settings would be mixed with new ones.  write=False only compares."""
+def prep_settings(args) -> dict:
+    """The settings that decide the shards' content (paths resolved)."""
     settings = {k: str(getattr(args, k, None)) for k in RUN_KEYS}
     for k in ("source", "vae", "text_encoder", "pooled_encoder"):
         if getattr(args, k, None):
             settings[k] = str(Path(getattr(args, k)).resolve())
+    return settings
+
+
+def check_same_settings(args, out: Path) -> None:
+    """A resumed run must use the settings recorded in OUT/prep.json, else finished shards from the old settings
+    would be mixed with new ones."""
     path = out / "prep.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            raise DataError(f"{out} was started with other settings (then, now): "
-                            + ", ".join(f"{k}={a}/{b}" for k, (a, b) in diff.items())
-                            + ": use the same settings to resume, or a new output folder")
-    elif write:  # every rank writes the same content, so concurrent writes are harmless
-        atomic_write_text(path, json.dumps(settings, indent=1))
+    if not path.is_file():
+        return
+    old, settings = json.loads(path.read_text()), prep_settings(args)
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if diff:
+        raise DataError(f"{out} was started with other settings (then, now): "
+                        + ", ".join(f"{k}={a}/{b}" for k, (a, b) in diff.items())
+                        + ": use the same settings to resume, or a new output folder")
+
+
+def record_settings(args, out: Path) -> None:
+    """Check the settings against OUT/prep.json, or write it for a new output folder."""
+    check_same_settings(args, out)
+    if not (out / "prep.json").is_file():  # every rank writes the same content, so concurrent writes are harmless
+        atomic_write_text(out / "prep.json", json.dumps(prep_settings(args), indent=1))
 
 
 def _run_units(args, out: Path, units: list, process) -> None:
@@ -330,7 +270,7 @@ def _run_units(args, out: Path, units: list, process) -> None:
     from tqdm import tqdm
 
     rank, world = args.rank, args.world_size
-    mine = [u for u in range(len(units)) if u % world == rank and not _done(out, u)]
+    mine = [u for u in range(len(units)) if u % world == rank and not _shard_done(out, u)]
     for u in tqdm(mine, desc=f"{args.command} shards", disable=rank != 0, unit="shard"):
         tensors, captions, sums, skipped = process(u, units[u])
         meta = {"num_items": 0, "skipped": skipped}
@@ -342,17 +282,21 @@ def _run_units(args, out: Path, units: list, process) -> None:
 
 def _finalize(args, out: Path, num_units: int, info: dict, normalization: dict) -> dict | None:
     """Rank 0, once every shard is done: gather the sidecars into index.json. Returns the index, or None on other
-    ranks and when shards are still missing in a run without a process group (independent jobs per rank)."""
-    grouped = torch.distributed.is_initialized()
-    if grouped:
-        torch.distributed.barrier()
+    ranks and when shards are still missing in a run without a process group (independent jobs per rank).
+
+    Under torchrun rank 0 waits for the other ranks' sidecars (each written after its shard) by watching the output
+    folder, not in a collective: ranks may finish hours apart, beyond any collective timeout, and a rank that
+    fails ends the whole job."""
     if args.rank != 0:
         return None
-    missing = [u for u in range(num_units) if not _done(out, u)]
+    grouped = torch.distributed.is_initialized()
+    while grouped and not all(_sidecar(out, u).is_file() for u in range(num_units)):
+        time.sleep(SHARD_POLL_SECONDS)
+    missing = [u for u in range(num_units) if not _shard_done(out, u)]
     if missing:
         what = f"{out}: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} are not done"
         if grouped:
-            raise DataError(f"{what} (a rank failed): run the same command again to finish them")
+            raise DataError(f"{what} (unreadable since they were written): run the same command again to redo them")
         print(f"{what}; index.json is written by the run that completes the last shard (rerun with --rank 0)")
         return None
     metas = [json.loads(_sidecar(out, u).read_text()) for u in range(num_units)]
@@ -362,7 +306,7 @@ def _finalize(args, out: Path, num_units: int, info: dict, normalization: dict) 
     # Per-item specs from a written header, so they are exactly what the reader will see.
     header = read_header(out / filled[0]["file"])[0]
     specs = {k: {"dtype": v["dtype"], "shape": v["shape"][1:]} for k, v in header.items()
-             if k not in ("caption_bytes", "caption_offsets")}
+             if k not in CAPTION_TENSORS}
     count = sum(m["sums"]["count"] for m in filled)
     mean = np.sum([m["sums"]["sum"] for m in filled], 0) / count
     sumsq = np.sum([m["sums"]["sumsq"] for m in filled], 0) / count
@@ -404,8 +348,7 @@ def _check_inputs(args) -> None:
         if args.pooled_encoder:
             _check_folder("--pooled-encoder", args.pooled_encoder, "a local transformers CLIP folder")
         check_text_len(args.text_encoder, args.max_text_len)
-    if (out / "prep.json").is_file():
-        check_run(args, out, write=False)
+    check_same_settings(args, out)
 
 
 def _setup_imagenet(args):
@@ -413,7 +356,7 @@ def _setup_imagenet(args):
     classes, units = imagenet_units(Path(args.source), args.shard_size)
     vae = load_vae(args.vae, args.device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    check_run(args, Path(args.out))  # written once the models load, so a failed start leaves no settings behind
+    record_settings(args, Path(args.out))  # once the models load, so a failed start leaves no settings behind
     return classes, units, vae
 
 
@@ -423,7 +366,7 @@ def _setup_captions(args):
     vae = load_vae(args.vae, args.device)
     text = TransformersTextEmbedder(args.text_encoder, args.max_text_len, args.pooled_encoder, args.device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    check_run(args, Path(args.out))
+    record_settings(args, Path(args.out))
     return units, vae, text
 
 
@@ -432,7 +375,7 @@ def prep_imagenet(args) -> dict | None:
     classes, units, vae = all_ranks_agree(_setup_imagenet, args)
 
     def process(u, unit):
-        images, kept = load_images([path for path, _ in unit], args.resolution, args.threads)
+        images, kept = read_center_crops([path for path, _ in unit], args.resolution, args.threads)
         labels, skipped = [unit[i][1] for i in kept], len(unit) - len(kept)
         if not images:
             return None, None, None, skipped
@@ -452,7 +395,7 @@ def prep_captions(args) -> dict | None:
     def process(u, unit):
         kind, payload = unit
         pairs = read_tar(payload) if kind == "tar" else [(img, txt.read_text().strip()) for img, txt in payload]
-        images, kept = load_images([image for image, _ in pairs], args.resolution, args.threads, f" (shard {u})")
+        images, kept = read_center_crops([image for image, _ in pairs], args.resolution, args.threads, f" (shard {u})")
         captions, skipped = [pairs[i][1] for i in kept], len(pairs) - len(kept)
         if not images:
             return None, None, None, skipped
@@ -471,9 +414,6 @@ def prep_captions(args) -> dict | None:
 
 
 def run_neighbors(args) -> dict:
-    from pafm.data import open_dataset
-    from pafm.data.neighbors import add_neighbors
-
     dataset = open_dataset(args.dataset, args.split)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     entry = add_neighbors(dataset.folder, k=args.k, chunk=args.chunk, device=device)
@@ -482,8 +422,6 @@ def run_neighbors(args) -> dict:
 
 
 def run_inspect(args) -> int:
-    from pafm.data import open_dataset
-
     try:
         dataset = open_dataset(args.dataset, args.split)
         info = dataset.info
@@ -515,7 +453,7 @@ def run_inspect(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m pafm.prep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -564,7 +502,7 @@ def run(args) -> int:
     if args.command == "neighbors":
         run_neighbors(args)
         return 0
-    args.rank, args.world_size, args.device = _dist(args)
+    args.rank, args.world_size, args.device = _rank_world_device(args)
     index = prep_imagenet(args) if args.command == "imagenet" else prep_captions(args)
     if index is not None:
         print(f"wrote {index['num_items']} items in {len(index['shards'])} shards to {args.out}")
@@ -581,8 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         return report_error(err)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        cleanup()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from pafm.paths import Path, _expand
+from pafm.paths import Path, expand_rows
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -248,7 +248,7 @@ def euler_maruyama(fn: VelocityFn, x: torch.Tensor, path: Path, grid: torch.Tens
         if not bool(w.any()):
             x = x + h * v  # w = 0 is the ODE: skip the score (not needed, and 0/0 where sigma = 0)
             continue
-        w = _expand(w, x)
+        w = expand_rows(w, x)
         drift = v + w * path.velocity_to_score(v, x, tt)
         noise = torch.randn(x.shape, generator=generator, device=_gen_device(generator, x), dtype=x.dtype)
         x = x + h * drift + torch.sqrt(2.0 * w * h) * noise.to(x.device)
@@ -260,7 +260,7 @@ def euler_maruyama(fn: VelocityFn, x: torch.Tensor, path: Path, grid: torch.Tens
             x = x + h * v
         elif last_step == "mean":
             w = diffusion_coefficient(path, tt, diffusion, diffusion_norm)
-            drift = v + _expand(w, x) * path.velocity_to_score(v, x, tt) if bool(w.any()) else v
+            drift = v + expand_rows(w, x) * path.velocity_to_score(v, x, tt) if bool(w.any()) else v
             x = x + h * drift
         elif last_step == "tweedie":
             x = path.velocity_to_data(v, x, tt)

@@ -291,7 +291,7 @@ def sample_grid(cfg: Config, world: World, ema, export_meta: dict, side: SideWor
     """The EMA model's preview grid (side work: a failure is reported and counted, never fatal)."""
     weights = ema.full_state_dict()  # a collective: outside the side-work guard so no rank waits alone
     if world.is_main:
-        from pafm.sample import save_training_grid
+        from pafm.generate import save_training_grid
 
         log = cfg.log
         side.run(f"the preview grid of step {step}", save_training_grid, weights, {**export_meta, "step": step},

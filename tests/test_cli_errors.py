@@ -11,7 +11,7 @@ import torch
 from pafm.eval import main as eval_main
 from pafm.export import save_export
 from pafm.models import build_model
-from pafm.prep import build_parser, check_run
+from pafm.prep import build_parser, record_settings
 from pafm.prep import main as prep_main
 from pafm.sample import main as sample_main
 
@@ -44,7 +44,7 @@ def files(tmp_path_factory):
     (root / "captions" / "a.txt").write_text("a black square")
     old = ["imagenet", str(root / "images"), str(root / "started"), "--vae", str(root / "vae"), "--shard-size", "5"]
     (root / "started").mkdir()
-    check_run(build_parser().parse_args(old), root / "started")  # an output folder begun with --shard-size 5
+    record_settings(build_parser().parse_args(old), root / "started")  # an output folder begun with --shard-size 5
     return root
 
 
@@ -118,7 +118,7 @@ def test_user_error_is_one_line_and_exit_code_2(name, files, tmp_path, capsys):
 def _agree_rank(rank, port, results):
     import torch.distributed as dist
 
-    from pafm.sample import SharedError, all_ranks_agree, report_error
+    from pafm.cli import SharedError, all_ranks_agree, report_error
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pafm.data import (BuiltinTextEmbedder, DataError, LatentDataset, ShardWriter, load_digits_split, open_dataset,
-                       text_embedder_from_info)
+from pafm.data import (BuiltinTextEmbedder, DataError, LatentDataset, ShardWriter, has_split, load_digits_split,
+                       open_dataset, text_embedder_from_info)
 from pafm.data.neighbors import knn
 from pafm.data.shards import write_shard
 
@@ -91,6 +91,25 @@ def test_split_folders(tmp_path):
     write_moments_dataset(tmp_path / "single")
     with pytest.raises(DataError, match="heldout"):
         open_dataset(str(tmp_path / "single"), "heldout")
+    assert has_split(str(tmp_path / "multi"), "val") and has_split(str(tmp_path / "single"), "train")
+    assert not has_split(str(tmp_path / "single"), "heldout") and not has_split(str(tmp_path / "nothing"), "train")
+
+
+def test_atomic_writes_keep_the_old_file_and_give_plain_permissions(tmp_path):
+    from pafm.files import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "a.json", "old")
+
+    def fails_half_way(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fails_half_way)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    # safetensors makes its files private to the owner; a shard gets the permissions of a plain write
+    write_shard(tmp_path / "s.safetensors", {"x": torch.zeros(2)})
+    assert (tmp_path / "s.safetensors").stat().st_mode & 0o777 == target.stat().st_mode & 0o777
 
 
 # ------------------------------------------------------------------------------------------------ digits

@@ -196,7 +196,7 @@ def test_training_grid_from_a_state_dict(tmp_path):
     from PIL import Image
 
     from pafm.export import load_export
-    from pafm.sample import save_training_grid
+    from pafm.generate import save_training_grid
 
     model, meta = load_export(write_run(tmp_path / "run"))
     out = save_training_grid(model.state_dict(), meta, tmp_path / "samples" / "step_0000007.png", steps=2,
@@ -206,7 +206,8 @@ def test_training_grid_from_a_state_dict(tmp_path):
 
 
 def test_random_labels_per_chunk_and_the_balanced_option(tmp_path):
-    from pafm.sample import Conditions, model_skeleton
+    from pafm.export import model_skeleton
+    from pafm.generate import Conditions
 
     meta = read_export_meta(write_run(tmp_path / "run"))
     skeleton = model_skeleton(meta, "test")
@@ -282,7 +283,7 @@ def test_text_grid_and_sampling_without_a_heldout_split(tmp_path):
     from PIL import Image
 
     from pafm.data import open_dataset
-    from pafm.sample import Conditions, save_training_grid
+    from pafm.generate import Conditions, save_training_grid
 
     data = tmp_path / "captions"
     captions = write_train_only_captions(data)

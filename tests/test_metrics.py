@@ -5,8 +5,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from pafm.metrics import (DigitsJudge, InceptionFeatures, MetricError, feature_statistics, frechet_distance,
-                          inception_metrics, load_images, load_statistics, to_uint8)
+from pafm.data.digits import load_digits_split
+from pafm.metrics import (DigitsJudge, InceptionFeatures, MetricError, check_reference, feature_statistics,
+                          frechet_distance, inception_metrics, read_reference_images, read_reference_statistics,
+                          to_uint8)
 
 
 def random_stats(rng, d, n):
@@ -67,10 +69,11 @@ def test_inception_metrics_from_features_match_torch_fidelity(tmp_path):
     same = inception_metrics(feats, ["fid"], reference_features=feats)
     assert abs(same["fid"]) < 1e-9
     np.savez(tmp_path / "ref.npz", mu=ref["2048"].double().mean(0).numpy(), sigma=np.cov(ref["2048"].numpy().T))
-    from_stats = inception_metrics(feats, ["fid"], reference_stats=load_statistics(tmp_path / "ref.npz"))
+    ref_stats = read_reference_statistics(tmp_path / "ref.npz")
+    from_stats = inception_metrics(feats, ["fid"], reference_stats=ref_stats)
     assert from_stats["fid"] == pytest.approx(out["fid"], rel=1e-6)
     with pytest.raises(MetricError, match="needs reference images"):
-        inception_metrics(feats, ["prc"], reference_stats=load_statistics(tmp_path / "ref.npz"))
+        inception_metrics(feats, ["prc"], reference_stats=ref_stats)
     with pytest.raises(MetricError, match="eval.reference"):
         inception_metrics(feats, ["fid"])
     with pytest.raises(MetricError, match="unknown Inception metrics"):
@@ -82,18 +85,20 @@ def test_images_and_inception_weight_errors(tmp_path):
     assert to_uint8(x).flatten().tolist() == [0, 64, 128, 255, 255]  # 63.75 -> 64, 127.5 -> 128 (round half even)
     images = np.random.default_rng(0).integers(0, 256, size=(3, 5, 5, 3), dtype=np.uint8)
     np.savez(tmp_path / "imgs.npz", arr_0=images)
-    assert np.array_equal(load_images(tmp_path / "imgs.npz"), images)
+    assert np.array_equal(read_reference_images(tmp_path / "imgs.npz"), images)
     from PIL import Image
 
-    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "empty").mkdir(parents=True)
     for i, im in enumerate(images):
         Image.fromarray(im).save(tmp_path / "folder" / f"{i}.png")
-    assert np.array_equal(load_images(tmp_path / "folder"), images)
+    assert np.array_equal(read_reference_images(tmp_path / "folder"), images)
     with pytest.raises(MetricError, match="arr_0"):
         np.savez(tmp_path / "bad.npz", images=images)
-        load_images(tmp_path / "bad.npz")
+        read_reference_images(tmp_path / "bad.npz")
     with pytest.raises(MetricError, match="does not exist"):
         InceptionFeatures(tmp_path / "missing.pth")
+    with pytest.raises(MetricError, match="holds no"):
+        read_reference_images(tmp_path / "folder" / "empty")
     torch.save({"weights": object()}, tmp_path / "pickle.pth")  # not a plain state dict: refused before unpickling
     with pytest.raises(MetricError, match="not a plain tensor state dict"):
         InceptionFeatures(tmp_path / "pickle.pth")
@@ -102,11 +107,28 @@ def test_images_and_inception_weight_errors(tmp_path):
         InceptionFeatures(tmp_path / "wrong.pth")
 
 
+def test_reference_folders_of_every_image_type_prep_reads(tmp_path):
+    """FID against a folder of .webp (or .bmp, .tiff, ...) images reads them all, as prep reads such folders."""
+    from PIL import Image
+
+    images = np.random.default_rng(1).integers(0, 256, size=(4, 6, 6, 3), dtype=np.uint8)
+    for i, (im, ext) in enumerate(zip(images, ["webp", "WEBP", "bmp", "tiff"])):
+        (tmp_path / "ref" / f"part{i % 2}").mkdir(parents=True, exist_ok=True)
+        options = {"lossless": True} if ext.lower() == "webp" else {}
+        Image.fromarray(im).save(tmp_path / "ref" / f"part{i % 2}" / f"{i}.{ext}", **options)
+    (tmp_path / "ref" / "notes.txt").write_text("not an image")
+    check_reference(tmp_path / "ref", ["fid", "prc"])
+    got = read_reference_images(tmp_path / "ref")  # sorted by path: part0/0, part0/2, part1/1, part1/3
+    assert np.array_equal(got, images[[0, 2, 1, 3]])
+    (tmp_path / "webp_only").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "webp_only" / "a.webp", lossless=True)
+    check_reference(tmp_path / "webp_only", ["fid"])
+    assert np.array_equal(read_reference_images(tmp_path / "webp_only"), images[:1])
+
+
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # the held-out pixel covariance is singular (blank corners)
 def test_digits_metrics():
-    from pafm.data.digits import load_digits_split
-
-    judge = DigitsJudge()
+    judge = DigitsJudge(*load_digits_split("train"), *load_digits_split("heldout"))
     ref = judge.reference()
     assert ref["accuracy"] > 0.95  # an RBF SVC on digit pixels is about 98-99% accurate
     assert ref["memorization"] < 0.2

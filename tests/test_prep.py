@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pafm.data import LatentLoader, open_dataset, text_embedder_from_info
+from pafm.data import LatentLoader, TransformersTextEmbedder, open_dataset, text_embedder_from_info
 from pafm.data.loader import flip_views
-from pafm.prep import TransformersTextEmbedder, center_crop, main
+from pafm.prep import center_crop, main
 
 WORDS = "a red green blue square circle on white black background small big".split()
 
@@ -256,7 +256,7 @@ def test_captions_prep(tmp_path, vae_path, clip_path, tar):
     embedder = text_embedder_from_info(info)
     assert isinstance(embedder, TransformersTextEmbedder)
     assert torch.allclose(embedder.embed([captions[3]])[2][0], ref.pooler_output[0], atol=1e-5)
-    batch = next(LatentLoader(ds, 2, seed=0))
+    batch = next(LatentLoader(ds, 2, seed=0, captions=True))
     assert batch["tokens"].shape == (2, 10, 16) and batch["caption"] == ds.captions(batch["index"].numpy())
     assert json.loads((out / "index.json").read_text())["text_encoder"]["path"] == clip_path
 

@@ -1,4 +1,4 @@
-"""Latent datasets: shard format, the loader, the built-in digits datasets.
+"""Latent datasets: shard format, the loader, the built-in digits datasets, text embedders.
 
     dataset = open_dataset("builtin:digits")            # or a prepared folder (see `python -m pafm.prep`)
     dataset.validate()
@@ -7,21 +7,26 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .digits import load_digits_split
 from .loader import LatentLoader
+from .normalization import LatentNormalization
 from .shards import INDEX, DataError, LatentDataset, ShardWriter, prepare_hint
-from .text import BuiltinTextEmbedder, text_embedder_from_info
+from .text import BuiltinTextEmbedder, TransformersTextEmbedder, text_embedder_from_info
 
-__all__ = ["open_dataset", "LatentDataset", "LatentLoader", "DataError", "ShardWriter", "load_digits_split",
-           "BuiltinTextEmbedder", "text_embedder_from_info"]
+__all__ = ["open_dataset", "has_split", "LatentDataset", "LatentLoader", "LatentNormalization", "DataError",
+           "ShardWriter", "load_digits_split", "BuiltinTextEmbedder", "TransformersTextEmbedder",
+           "text_embedder_from_info"]
 
 
-def open_dataset(spec: str, split: str = "train") -> LatentDataset:
-    """Open a dataset: a prepared folder, or `builtin:digits` / `builtin:digits-captions` (built on first use).
+def _split_folder(spec: str, split: str = "train") -> Path:
+    """The folder holding `split` of the dataset `spec` (built first for `builtin:` datasets); DataError saying how
+    to prepare it where there is none.
 
-    A folder either holds `index.json` itself (one split) or one subfolder per split (`FOLDER/<split>/index.json`).
+    A folder either holds `index.json` itself (one split, recorded in the index) or one subfolder per split
+    (`FOLDER/<split>/index.json`).
     """
     spec = str(spec)
     if spec.startswith("builtin:"):
@@ -29,17 +34,32 @@ def open_dataset(spec: str, split: str = "train") -> LatentDataset:
 
         if split not in SPLITS:
             raise DataError(f"{spec} has splits {list(SPLITS)}, not {split!r}")
-        return LatentDataset(builtin_folder(spec[len("builtin:"):]) / split)
+        return builtin_folder(spec[len("builtin:"):]) / split
     folder = Path(spec).expanduser()
     if (folder / split / INDEX).is_file():
-        return LatentDataset(folder / split)
+        return folder / split
     if (folder / INDEX).is_file():
-        dataset = LatentDataset(folder)
-        stored = dataset.info.get("split", "train")
+        try:
+            stored = json.loads((folder / INDEX).read_text()).get("split", "train")
+        except (ValueError, AttributeError) as err:
+            raise DataError(f"{folder / INDEX} is not a valid index ({err})") from None
         if stored != split:
             raise DataError(f"{folder} holds the split {stored!r}; there is no {folder / split / INDEX} for split "
                             f"{split!r}")
-        return dataset
+        return folder
     if not folder.exists():
         raise DataError(f"dataset folder {folder} does not exist: {prepare_hint(folder)}")
     raise DataError(f"{folder} has neither {INDEX} nor {split}/{INDEX}: {prepare_hint(folder)}")
+
+
+def open_dataset(spec: str, split: str = "train") -> LatentDataset:
+    """Open a dataset: a prepared folder, or `builtin:digits` / `builtin:digits-captions` (built on first use)."""
+    return LatentDataset(_split_folder(spec, split))
+
+
+def has_split(spec: str, split: str) -> bool:
+    try:
+        _split_folder(spec, split)
+    except (DataError, OSError):
+        return False
+    return True

@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 import torch
 
+from .normalization import LatentNormalization
 from .shards import DataError, LatentDataset
 
 _FLIP, _NOISE, _PERM = 1, 2, 3  # hash streams
@@ -54,15 +55,12 @@ class BatchMaker(torch.utils.data.Dataset):
     """Batch number `step` of one rank -> the batch dict. Map-style, so background workers can build any batch."""
 
     def __init__(self, dataset: LatentDataset, batch_size: int, rank: int, world_size: int, seed: int, flip: bool,
-                 neighbors: int):
+                 neighbors: int, captions: bool = False):
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.seed, self.flip, self.neighbors = seed, flip, neighbors
+        self.seed, self.flip, self.neighbors, self.captions = seed, flip, neighbors, captions
         self.batches_per_epoch = len(dataset) // (batch_size * world_size)
-        info = dataset.info
-        self.latent_shape = tuple(info["latent_shape"])
-        channels = self.latent_shape[0]
-        self.shift = torch.tensor(info["normalization"]["shift"], dtype=torch.float32).view(channels, 1, 1)
-        self.scale = torch.tensor(info["normalization"]["scale"], dtype=torch.float32).view(channels, 1, 1)
+        self.latent_shape = tuple(dataset.info["latent_shape"])
+        self.normalization = LatentNormalization(dataset.info)
         self._perm_epoch, self._perm = -1, None
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -80,11 +78,11 @@ class BatchMaker(torch.utils.data.Dataset):
 
     def latents(self, ids: np.ndarray, views: np.ndarray, epoch: int) -> dict:
         """Normalised x (and mean, std for datasets with moments) of items `ids` in views `views`."""
-        ds = self.dataset
+        ds, norm = self.dataset, self.normalization
         if not ds.info["has_moments"]:
-            return {"x": ds.gather("latent", ids, views).float().sub_(self.shift).mul_(self.scale)}
-        mean = ds.gather("mean", ids, views).float().sub_(self.shift).mul_(self.scale)
-        std = ds.gather("std", ids, views).float().mul_(self.scale)
+            return {"x": norm.normalize(ds.gather("latent", ids, views))}
+        mean = norm.normalize(ds.gather("mean", ids, views))
+        std = norm.normalize_std(ds.gather("std", ids, views))
         noise = posterior_noise(self.seed, epoch, ids, self.latent_shape)
         return {"x": torch.addcmul(mean, std, noise), "mean": mean, "std": std}
 
@@ -100,6 +98,7 @@ class BatchMaker(torch.utils.data.Dataset):
             batch["tokens"] = ds.gather("tokens", ids).float()
             batch["mask"] = ds.gather("mask", ids).bool()
             batch["pooled"] = ds.gather("pooled", ids).float()
+        if self.captions:
             batch["caption"] = ds.captions(ids)
         if self.neighbors:
             k = self.neighbors
@@ -124,11 +123,12 @@ class LatentLoader:
     """Infinite iterator of batches for one rank; `batch_size` is per rank. See `BatchMaker` for the batch dict.
 
     `next(loader)` (or `next(iter(loader))`) always returns a batch; `state_dict()` / `load_state_dict()` resume
-    exactly at the next batch. `len(loader)` is the number of batches per epoch.
+    exactly at the next batch. `len(loader)` is the number of batches per epoch.  `captions=True` adds the
+    batch's captions (text datasets) as a list of strings under "caption"; training has no use for them.
     """
 
     def __init__(self, dataset: LatentDataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 flip: bool = True, num_workers: int = 0, neighbors: int = 0):
+                 flip: bool = True, num_workers: int = 0, neighbors: int = 0, captions: bool = False):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or neighbors < 0:
             raise ValueError(f"LatentLoader: need batch_size >= 1, 0 <= rank < world_size, num_workers >= 0, "
                              f"neighbors >= 0; got batch_size={batch_size} rank={rank} world_size={world_size} "
@@ -143,7 +143,9 @@ class LatentLoader:
             raise DataError(f"{where}: {neighbors} neighbours requested, the dataset stores {info['neighbors_k']}"
                             + ("" if info["neighbors_k"] else f" (run `python -m pafm.prep neighbors {where}`)"))
         self.dataset, self.num_workers = dataset, num_workers
-        self.maker = BatchMaker(dataset, batch_size, rank, world_size, seed, flip, neighbors)
+        if captions and not dataset.index.get("captions"):
+            raise DataError(f"{where} stores no captions")
+        self.maker = BatchMaker(dataset, batch_size, rank, world_size, seed, flip, neighbors, captions)
         self.step = 0
         self._it = None
 

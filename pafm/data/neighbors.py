@@ -1,9 +1,16 @@
 """Exact k-nearest neighbours within each class, in chunks: no N x N distance matrix is ever held in memory."""
 from __future__ import annotations
 
-import torch
+import json
 
-from .shards import DataError
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from pafm.files import atomic_write, atomic_write_text
+
+from .normalization import LatentNormalization
+from .shards import INDEX, NEIGHBORS, DataError, LatentDataset, sha256_file
 
 
 def knn(x: torch.Tensor, k: int, chunk: int = 4096, dtype=torch.float64) -> torch.Tensor:
@@ -39,23 +46,13 @@ def knn(x: torch.Tensor, k: int, chunk: int = 4096, dtype=torch.float64) -> torc
 def normalized_view0(dataset, ids) -> torch.Tensor:
     """Normalised unflipped latents (posterior means for datasets with moments) of items `ids`, float32."""
     name = "mean" if dataset.info["has_moments"] else "latent"
-    views = torch.zeros(len(ids), dtype=torch.int64).numpy()
-    lat = dataset.gather(name, ids, views=views).float()
-    norm = dataset.info["normalization"]
-    shift = torch.tensor(norm["shift"], dtype=torch.float32).view(1, -1, 1, 1)
-    scale = torch.tensor(norm["scale"], dtype=torch.float32).view(1, -1, 1, 1)
-    return (lat - shift) * scale
+    views = np.zeros(len(ids), dtype=np.int64)
+    return LatentNormalization(dataset.info).normalize(dataset.gather(name, ids, views=views))
 
 
 def add_neighbors(folder, k: int = 8, chunk: int = 4096, device: str = "cpu", dtype=torch.float64) -> dict:
     """Compute each item's k nearest same-class neighbours (normalised unflipped latents; all items for text
     datasets) and write them into the dataset folder (`neighbors.safetensors` + index entry). Returns the entry."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from .shards import INDEX, NEIGHBORS, LatentDataset, atomic_write_text, sha256_file
-
     dataset = LatentDataset(folder)
     ids = torch.empty(len(dataset), k, dtype=torch.int64)
     if dataset.info["has_labels"] and dataset.info["kind"] == "class":
@@ -70,10 +67,8 @@ def add_neighbors(folder, k: int = 8, chunk: int = 4096, device: str = "cpu", dt
         x = normalized_view0(dataset, members.numpy()).to(device)
         ids[members] = members[knn(x, k, chunk, dtype).cpu()]
     folder = dataset.folder
-    tmp = folder / f".{NEIGHBORS}.tmp"
-    save_file({"ids": ids.to(torch.int32).contiguous()}, str(tmp))
-    tmp.chmod(0o644)
-    tmp.replace(folder / NEIGHBORS)
+    tensors = {"ids": ids.to(torch.int32).contiguous()}
+    atomic_write(folder / NEIGHBORS, lambda tmp: save_file(tensors, str(tmp)))
     entry = {"k": k, "file": NEIGHBORS, "sha256": sha256_file(folder / NEIGHBORS),
              "space": "normalised unflipped latent (posterior mean); same class; nearest first"}
     index = json.loads((folder / INDEX).read_text())

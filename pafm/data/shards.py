@@ -22,14 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from pafm.files import atomic_write, atomic_write_text
 
 FORMAT = "pafm-latents"
 VERSION = 1
@@ -42,7 +42,6 @@ _NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": n
               "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-_TORCH_DTYPES = {v: k for k, v in _ST_NAMES.items()}
 _FLOAT_NAMES = ("F64", "F32", "F16", "BF16")
 
 
@@ -62,13 +61,6 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -95,10 +87,7 @@ def write_shard(path, tensors: dict[str, torch.Tensor], captions: list[str] | No
         if len(captions) != n:
             raise ValueError(f"{path.name}: {len(captions)} captions for {n} items")
         tensors.update(encode_captions(captions))
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors creates files private to the owner; datasets are usually shared
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return {"file": path.name, "num_items": int(n), "sha256": sha256_file(path)}
 
 
