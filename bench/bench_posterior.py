@@ -1,16 +1,13 @@
-"""Microbenchmarks of the posterior-velocity op: eager reference, torch.compile of the reference, Triton kernels.
+"""Microbenchmarks of the posterior-velocity op: the Triton kernels (with and without refinement), the eager
+reference and `torch.compile` of the reference, with ratios measured in the same run.
 
-Two ways to run it:
+    python bench/bench_posterior.py [--out FILE.jsonl] [--deadline-s 600] [--dtypes bf16 fp32] [--providers ...]
 
-  python bench/bench_posterior.py                     # GPU if present (the issue's shapes), else CPU small shapes;
-                                                      # appends one JSON row per measurement to bench/results/
-  python -m pytest bench/bench_posterior.py -q        # the same providers and shapes under pytest-benchmark
-
-Each row: device name, torch/triton versions, date, layout and (B, K, D), dtype, provider, median time, achieved
-GB/s and TFLOP/s, the roofline floor and time / floor, and the peak extra memory (CUDA only). The floor counts one
-read of z and the pool and one fp32 write of the velocity at 3.0 TB/s, and 4 B K D flops (two GEMMs) at 800 TFLOP/s
-(H100 SXM bf16 dense); on a CPU there is no meaningful floor and those fields are null. On a CPU the Triton provider
-runs in the interpreter, so its time says nothing about GPU speed.
+On a GPU it runs the GPU shapes, on a CPU small shapes (the Triton providers then run in the interpreter and say
+nothing about GPU speed). Rows are printed; they are appended to --out only when it is given. Each row: device,
+versions, date, layout, (B, K, D), dtype, provider, median time, GB/s, TFLOP/s, the roofline floor and time / floor,
+time / the Triton time of the same shape, peak extra memory, and on CUDA kernel launches and host syncs per call
+counted by torch.profiler. A measurement that would start after the deadline is skipped with a row saying so.
 """
 from __future__ import annotations
 
@@ -21,63 +18,104 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton provider can only run interpreted without a GPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton providers can only run interpreted without a GPU
 
 import triton  # noqa: E402
 
 from pafm_kernels import posterior_velocity  # noqa: E402
-from pafm_kernels.naive import posterior_velocity_reference  # noqa: E402
+from pafm_kernels.reference import posterior_velocity_reference  # noqa: E402
 
-# (layout, B, K, D): the issue's shapes on a GPU, small ones on the CPU.
-GPU_SHAPES = [("shared", 256, 256, 4096), ("shared", 256, 4096, 4096), ("shared", 32, 32, 4096),
-              ("shared", 256, 4096, 16384), ("per_row", 256, 16, 4096)]
+GPU_SHAPES = [("shared", 256, 256, 4096), ("shared", 256, 4096, 4096), ("shared", 32, 65536, 4096),
+              ("shared", 32, 32, 4096), ("shared", 256, 4096, 16384), ("per_row", 256, 16, 4096)]
 CPU_SHAPES = [("shared", 32, 32, 256), ("shared", 64, 256, 1024), ("per_row", 32, 16, 1024)]
-PROVIDERS = ["eager", "compile", "triton"]
-HBM_BYTES_PER_S = 3.0e12
-BF16_FLOPS = 800e12
+PROVIDERS = ["triton", "triton_unrefined", "eager", "compile"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HBM_BYTES_PER_S = 3.0e12  # H100 SXM; the floor is a reference point, gpu_check.py measures the machine's own
+PEAK_FLOPS = {torch.bfloat16: 800e12, torch.float16: 800e12, torch.float32: 400e12}  # bf16 dense; tf32x3 ~ 1/2
 
 
 def make_inputs(layout, B, K, D, device, dtype=torch.bfloat16, seed=0):
+    """Trainer-like inputs in the residual form: t uniform, the shared pool holds the rows' endpoints first (with
+    their indices) and random latents after; per-row pools hold the endpoint in slot 0."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    t = torch.rand(B, generator=g) * 0.9 + 0.05
-    x = torch.randn(B, D, generator=g)
-    eps = torch.randn(B, D, generator=g)
+    t = torch.rand(B, generator=g) * 0.98 + 0.01
+    x, eps = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
     z = t[:, None] * x + (1 - t)[:, None] * eps
-    pool = torch.randn(K, D, generator=g) if layout == "shared" else torch.randn(B, K, D, generator=g)
-    to = lambda v: v.to(device)  # noqa: E731
-    return dict(z=to(z).to(dtype), pool=to(pool).to(dtype), alpha=to(t), sigma=to(1 - t), d_alpha=to(torch.ones(B)),
-                d_sigma=to(-torch.ones(B)), endpoint=to(x).to(dtype), noise=to(eps).to(dtype))
+    extra = {}
+    if layout == "shared":
+        pool = torch.randn(K, D, generator=g)
+        n = min(B, K)
+        pool[:n] = x[:n]
+        extra["endpoint_index"] = torch.where(torch.arange(B) < K, torch.arange(B), -1).to(device)
+    else:
+        pool = torch.randn(B, K, D, generator=g)
+        pool[:, 0] = x
+    to = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
+    return dict(z=to(z), pool=to(pool), alpha=t.to(device), sigma=(1 - t).to(device),
+                d_alpha=torch.ones(B, device=device), d_sigma=-torch.ones(B, device=device), endpoint=to(x),
+                noise=to(eps), **extra)
 
 
 def make_fn(provider, inputs):
     if provider == "triton":
         return lambda: posterior_velocity(**inputs, backend="triton")
+    if provider == "triton_unrefined":
+        from pafm_kernels import shared_pool
+
+        def unrefined():
+            saved, shared_pool.REFINE_NATS = shared_pool.REFINE_NATS, float("inf")
+            try:
+                return posterior_velocity(**inputs, backend="triton")
+            finally:
+                shared_pool.REFINE_NATS = saved
+        return unrefined
     if provider == "eager":
         return lambda: posterior_velocity(**inputs, backend="torch")
     ref = torch.compile(posterior_velocity_reference, dynamic=False)
-    B = inputs["z"].shape[0]
-    tau = torch.ones(B, device=inputs["z"].device)
     args = [inputs[k] for k in ("z", "pool", "alpha", "sigma", "d_alpha", "d_sigma")]
-    return lambda: ref(*args, tau, endpoint=inputs["endpoint"], noise=inputs["noise"])
+    return lambda: ref(*args, 1.0, endpoint=inputs["endpoint"], noise=inputs["noise"])
 
 
-def time_fn(fn, device):
-    """Median seconds per call (CUDA: triton's do_bench with L2 flush; CPU: wall clock)."""
+def time_fn(fn, device, cpu_seconds=2.0, cpu_calls=3):
+    """Median seconds per call (CUDA: triton's do_bench, which flushes L2 between calls; CPU: wall clock, at least
+    `cpu_calls` calls and more while `cpu_seconds` last)."""
     fn()  # compile / autotune / warm up
     if device.type == "cuda":
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
     times = []
-    deadline = time.perf_counter() + 2.0
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+    stop = time.perf_counter() + cpu_seconds
+    while len(times) < cpu_calls or (time.perf_counter() < stop and len(times) < 50):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def launches_and_syncs(fn, device, calls=5):
+    """(kernels run, host syncs) per call after warm-up, from torch.profiler; (None, None) off CUDA."""
+    if device.type != "cuda":
+        return None, None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()  # one, outside the calls: subtracted below
+    kernels = syncs = 0
+    for e in prof.events():
+        name = e.name
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += not name.startswith(("Memcpy", "Memset"))
+            syncs += name.startswith("Memcpy DtoH")  # a device-to-host copy: the host waits for it
+        elif "Synchronize" in name or name in ("cudaMemcpy", "cuMemcpyDtoH_v2"):
+            syncs += 1
+    return kernels / calls, max(0, syncs - 1) / calls
 
 
 def peak_extra_bytes(fn, device):
@@ -93,77 +131,83 @@ def peak_extra_bytes(fn, device):
     return extra
 
 
-def roofline(layout, B, K, D, itemsize):
+def roofline(layout, B, K, D, dtype):
     pool = K * D if layout == "shared" else B * K * D
-    bytes_moved = (B * D + pool) * itemsize + B * D * 4  # read z and the pool once, write fp32 velocity
+    itemsize = torch.finfo(dtype).bits // 8
+    bytes_moved = (3 * B * D + pool) * itemsize + B * D * 4  # read z, x_own, eps and the pool once, write fp32 v
     flops = 4 * B * K * D
-    return bytes_moved, flops, max(bytes_moved / HBM_BYTES_PER_S, flops / BF16_FLOPS)
+    return bytes_moved, flops, max(bytes_moved / HBM_BYTES_PER_S, flops / PEAK_FLOPS[dtype])
 
 
-def measure(layout, B, K, D, provider, device, dtype=torch.bfloat16):
+def header(device):
+    on_gpu = device.type == "cuda"
+    return {"device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def measure(layout, B, K, D, provider, device, dtype, cpu_seconds=2.0, cpu_calls=3):
     inputs = make_inputs(layout, B, K, D, device, dtype)
     fn = make_fn(provider, inputs)
-    seconds = time_fn(fn, device)
-    bytes_moved, flops, floor = roofline(layout, B, K, D, torch.finfo(dtype).bits // 8)
+    seconds = time_fn(fn, device, cpu_seconds, cpu_calls)
+    kernels, syncs = launches_and_syncs(fn, device)
+    bytes_moved, flops, floor = roofline(layout, B, K, D, dtype)
     on_gpu = device.type == "cuda"
-    return {
-        "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "layout": layout, "B": B, "K": K, "D": D, "dtype": str(dtype).replace("torch.", ""), "provider": provider,
-        "time_us": seconds * 1e6, "gbps": bytes_moved / seconds / 1e9, "tflops": flops / seconds / 1e12,
-        "floor_us": floor * 1e6 if on_gpu else None, "time_over_floor": seconds / floor if on_gpu else None,
-        "extra_mem_bytes": peak_extra_bytes(fn, device),
-        "note": None if on_gpu or provider != "triton" else "Triton interpreter on CPU: not a GPU speed",
-    }
+    return {"time_us": seconds * 1e6, "gbps": bytes_moved / seconds / 1e9, "tflops": flops / seconds / 1e12,
+            "floor_us": floor * 1e6 if on_gpu else None, "time_over_floor": seconds / floor if on_gpu else None,
+            "kernels_per_call": kernels, "syncs_per_call": syncs, "extra_mem_bytes": peak_extra_bytes(fn, device),
+            "note": None if on_gpu or not provider.startswith("triton") else "Triton interpreter: not a GPU speed"}
+
+
+def run(shapes, dtypes, providers, device, emit, deadline=float("inf"), **cpu_timing):
+    """Measure every (shape, dtype, provider) while time.time() < deadline; emit(row) for each. Rows of one shape
+    carry `ratio_to_triton` (time / the Triton time of that shape and dtype, measured in the same run).
+    `cpu_timing`: cpu_seconds and cpu_calls of time_fn."""
+    for layout, B, K, D in shapes:
+        for dtype in dtypes:
+            triton_us = None
+            for provider in providers:
+                if provider == "triton_unrefined" and layout != "shared":
+                    continue  # per-row pools have no refinement
+                row = {**header(device), "layout": layout, "B": B, "K": K, "D": D,
+                       "dtype": str(dtype).replace("torch.", ""), "provider": provider}
+                if time.time() > deadline:
+                    emit({**row, "skipped": "deadline"})
+                    continue
+                try:
+                    row.update(measure(layout, B, K, D, provider, device, dtype, **cpu_timing))
+                    triton_us = row["time_us"] if provider == "triton" else triton_us
+                    row["ratio_to_triton"] = row["time_us"] / triton_us if triton_us else None
+                except Exception as e:  # record the failure (e.g. out of memory) and go on
+                    row["error"] = repr(e)[:400]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                emit(row)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Posterior-velocity op microbenchmarks -> bench/results/*.jsonl")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
-    parser.add_argument("--out", default=None, help="jsonl file (default bench/results/posterior_<device>.jsonl)")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    parser.add_argument("--out", default=None, help="append rows to this jsonl file (default: print only)")
+    parser.add_argument("--deadline-s", type=float, default=float("inf"), help="start no measurement after this")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: a shared CPU makes multi-threaded timings noisy)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    out = Path(args.out or Path(__file__).parent / "results" / f"posterior_{device.type}.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for layout, B, K, D in shapes:
-        for provider in args.providers:
-            try:
-                row = measure(layout, B, K, D, provider, device)
-            except Exception as e:  # record the failure rather than hide it (e.g. out of memory)
-                row = {"layout": layout, "B": B, "K": K, "D": D, "provider": provider, "error": repr(e)[:300]}
-            print(json.dumps(row), flush=True)
-            with out.open("a") as f:
+    deadline = time.time() + args.deadline_s
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-
-# pytest-benchmark entry points: the same shapes and providers.
-def _bench_params():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
-    return [(s, p) for s in shapes for p in PROVIDERS]
-
-
-try:
-    import pytest
-
-    @pytest.mark.parametrize("shape,provider", _bench_params(), ids=lambda v: "-".join(map(str, v))
-                             if isinstance(v, tuple) else v)
-    def test_posterior_velocity(benchmark, shape, provider):
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        fn = make_fn(provider, make_inputs(*shape, device))
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        fn()
-        out = benchmark(lambda: (fn(), sync()))
-        assert out is not None
-except ImportError:  # running as a script without pytest installed
-    pass
+    run(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES, [DTYPES[d] for d in args.dtypes], args.providers,
+        device, emit, deadline)
 
 
 if __name__ == "__main__":

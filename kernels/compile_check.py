@@ -2,16 +2,19 @@
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` lowers a kernel to PTX and a cubin on any
 machine; cuobjdump's resource usage of the cubin gives registers and the stack frame (spills), the compiler's
-metadata the shared memory.
-Run as `python -m pafm_kernels.compile_check [--arch 90 80] [--dtype bf16]` to print the table.
+metadata the shared memory. Builds run in parallel worker processes and land in triton's on-disk cache, so a second
+run takes seconds.
+Run as `python -m pafm_kernels.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32] [--jobs N]` for the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,13 +22,12 @@ import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
 from . import per_row_pool, shared_pool
 
 # Usable shared memory per block (bytes): sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-_TL_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -46,47 +48,51 @@ class KernelBuild:
 
     def row(self) -> str:
         meta = ",".join(f"{k}={v}" for k, v in self.meta.items())
-        return (f"{self.kernel:<16} sm_{self.arch} {self.dtype:<4} {meta:<36} warps={self.num_warps} "
+        return (f"{self.kernel:<16} sm_{self.arch} {self.dtype:<4} {meta:<30} warps={self.num_warps} "
                 f"stages={self.num_stages} regs={self.registers:<3} spill_stack={self.spill_stack}B "
                 f"smem={self.shared}B{'' if self.fits else '  (does not fit)'}")
 
 
-def _jit(kernel) -> JITFunction:
-    # Under TRITON_INTERPRET=1 `triton.jit` returns an interpreter wrapper; compile from the same Python source.
-    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+def _arg_type(name: str, dtype: str) -> str:
+    """Triton signature type of a kernel argument, from the naming convention of these kernels."""
+    if name in ("Z", "X", "ENDPOINT", "NOISE"):
+        return f"*{dtype}"  # the op's inputs
+    if name in ("ROW_LAB", "POOL_LAB", "OWN"):
+        return "*i64"
+    if name in ("tau_value", "refine_nats", "g_dot", "g_sum"):
+        return "fp32"
+    if name == "ZSQ":
+        return "*fp64"
+    if name.islower() or name in ("B", "K", "D", "NT"):
+        return "i32"
+    return "*fp32"  # coefficients, buffers, outputs
 
 
 def kernel_variants(dtype: str):
-    """(name, kernel, signature, constexprs, config) for every kernel and tuned configuration at one input dtype.
+    """(name, kernel, constexprs, num_warps, num_stages) for every kernel and tuned configuration at one dtype.
 
-    Every optional feature is switched on (labels, prior, residual), the variant with the most live state.
+    Every optional feature is switched on (per-row temperature, labels, prior, own endpoint, residual form), the
+    variant with the most live state; the split paths are runtime branches of the same kernels.
     """
-    t = _TL_DTYPE[dtype]
-    precision = shared_pool.DOT_PRECISION
-    logits_sig = {"Z": f"*{t}", "X": f"*{t}", "ALPHA": "*fp32", "SIGMA": "*fp32", "TAU": "*fp32", "ROW_LAB": "*i64",
-                  "POOL_LAB": "*i64", "LOG_PRIOR": "*fp32", "S": "*fp32", "ZSQ": "*fp32", "XSQ": "*fp32",
-                  "PART": "*fp32",
-                  "B": "i32", "K": "i32", "D": "i32", "NT": "i32", "stride_z": "i32", "stride_x": "i32"}
-    for cfg in shared_pool.LOGITS_CONFIGS:
-        const = dict(HAS_LABELS=True, LABELS_2D=True, HAS_PRIOR=True, UPCAST=False, PRECISION=precision,
-                     BLOCK_N=shared_pool.LOGITS_BLOCK_N, **cfg.kwargs)
-        yield "shared_logits", shared_pool._logits_kernel, logits_sig, const, cfg
-    mix_sig = {"S": "*fp32", "X": f"*{t}", "PART": "*fp32", "ZSQ": "*fp32", "ALPHA": "*fp32", "SIGMA": "*fp32",
-               "TAU": "*fp32", "D_ALPHA": "*fp32", "D_SIGMA": "*fp32", "Z": f"*{t}", "ENDPOINT": f"*{t}",
-               "NOISE": f"*{t}", "V": "*fp32", "LSE": "*fp32", "ESS": "*fp32", "B": "i32", "K": "i32", "D": "i32",
-               "NT": "i32", "stride_z": "i32", "stride_x": "i32"}
-    for cfg in shared_pool.MIX_CONFIGS:
-        const = dict(RESIDUAL=True, UPCAST=False, SPLIT_P=dtype != "fp32", PRECISION=precision,
-                     BLOCK_T=shared_pool.BLOCK_T, **cfg.kwargs)
-        yield "shared_mix", shared_pool._mix_kernel, mix_sig, const, cfg
-    row_sig = {"Z": f"*{t}", "X": f"*{t}", "ALPHA": "*fp32", "SIGMA": "*fp32", "TAU": "*fp32", "D_ALPHA": "*fp32",
-               "D_SIGMA": "*fp32", "ROW_LAB": "*i64", "POOL_LAB": "*i64", "LOG_PRIOR": "*fp32",
-               "ENDPOINT": f"*{t}", "NOISE": f"*{t}", "LOGITS": "*fp32", "V": "*fp32", "LSE": "*fp32",
-               "ESS": "*fp32", "K": "i32", "D": "i32", "stride_z": "i32", "stride_xb": "i32", "stride_xk": "i32",
-               "stride_pl": "i32", "stride_lp": "i32"}
-    for cfg in per_row_pool.PER_ROW_CONFIGS:
-        const = dict(HAS_LABELS=True, HAS_PRIOR=True, RESIDUAL=True, EMULATE_FMA=False, **cfg.kwargs)
-        yield "per_row", per_row_pool._per_row_kernel, row_sig, const, cfg
+    sp, pr = shared_pool, per_row_pool
+    features = dict(ROW_TAU=True, HAS_LABELS=True, HAS_PRIOR=True)
+    sixteen = dtype != "fp32"
+    for cfg in sp.LOGITS_CONFIGS:
+        const = dict(features, LABELS_2D=True, UPCAST=False, PRECISION=sp.DOT_PRECISION, BLOCK_M=sp.LOGITS_BLOCK_M,
+                     BLOCK_N=sp.LOGITS_BLOCK_N, **cfg.kwargs)
+        yield "shared_logits", sp._logits_kernel, const, cfg.num_warps, cfg.num_stages
+    const = dict(features, LABELS_2D=True, HAS_OWN=True, RESIDUAL=True, BLOCK_N=sp.LOGITS_BLOCK_N, TOP=sp.ROW_TOP,
+                 BLOCK_T=sp.ROW_BLOCK_T, BLOCK_D=sp.ROW_BLOCK_D)
+    yield "shared_row", sp._row_kernel, const, sp.ROW_WARPS, 3
+    for cfg in sp.MIX_CONFIGS:
+        const = dict(RESIDUAL=True, UPCAST=False, SPLIT_P=sixteen, P_SCALE=2.0 ** 15 if dtype == "fp16" else 1.0,
+                     PRECISION=sp.DOT_PRECISION, BLOCK_M=sp.MIX_BLOCK_M, BLOCK_D=sp.MIX_BLOCK_D, **cfg.kwargs)
+        yield "shared_mix", sp._mix_kernel, const, cfg.num_warps, cfg.num_stages
+    const = dict(RESIDUAL=True, BLOCK_M=sp.REDUCE_BLOCK_M, BLOCK_D=sp.REDUCE_BLOCK_D)
+    yield "shared_mix_sum", sp._mix_reduce_kernel, const, sp.REDUCE_WARPS, 3
+    for cfg in pr.PER_ROW_CONFIGS:
+        const = dict(features, RESIDUAL=True, EMULATE_FMA=False, **cfg.kwargs)
+        yield "per_row", pr._per_row_kernel, const, cfg.num_warps, cfg.num_stages
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -102,42 +108,41 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(usage.group(1)), int(usage.group(2))
 
 
-def compile_all(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), first_only=False):
-    """Compile every kernel configuration (or the first per kernel) for each arch and input dtype.
+def _build(job) -> KernelBuild:
+    dtype, index, arch = job
+    name, kernel, const, warps, stages = list(kernel_variants(dtype))[index]
+    signature = {a: "constexpr" if a in const else _arg_type(a, dtype) for a in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    regs, stack = _resource_usage(compiled.asm["cubin"])
+    meta = {k: v for k, v in const.items() if k.startswith("BLOCK")}
+    return KernelBuild(name, arch, dtype, meta, warps, stages, regs, stack, compiled.metadata.shared)
+
+
+def compile_all(archs=(90, 80), dtypes=DTYPES, jobs=None):
+    """Compile every kernel configuration for each arch and input dtype, `jobs` builds at a time.
 
     Needs a process without TRITON_INTERPRET=1 (the interpreter replaces triton's own jit functions at import);
     the tests therefore run `python -m pafm_kernels.compile_check --json` in a subprocess.
     """
     if knobs.runtime.interpret:
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset; run `python -m pafm_kernels.compile_check`")
-    builds = []
-    for dtype in dtypes:
-        seen = set()
-        for name, kernel, sig, const, cfg in kernel_variants(dtype):
-            if first_only and name in seen:
-                continue
-            seen.add(name)
-            fn = _jit(kernel)
-            signature = dict(sig, **{k: "constexpr" for k in const})
-            for arch in archs:
-                src = ASTSource(fn, signature, constexprs=const)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-                regs, stack = _resource_usage(compiled.asm["cubin"])
-                meta = {k: v for k, v in const.items() if k.startswith("BLOCK") and k != "BLOCK_T"}
-                builds.append(KernelBuild(name, arch, dtype, meta, cfg.num_warps, cfg.num_stages, regs, stack,
-                                          compiled.metadata.shared))
-    return builds
+    work = [(dtype, i, arch) for dtype in dtypes for i in range(len(list(kernel_variants(dtype)))) for arch in archs]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        return [_build(job) for job in work]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_build, work))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
-    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"])
-    parser.add_argument("--first-only", action="store_true", help="only the first configuration of each kernel")
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--jobs", type=int, default=None, help="parallel builds (default: one per CPU)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     args = parser.parse_args()
-    for build in compile_all(args.arch, args.dtype, args.first_only):
+    for build in compile_all(args.arch, args.dtype, args.jobs):
         print(json.dumps(dict(asdict(build), fits=build.fits)) if args.json else build.row(), flush=True)
 
 

@@ -1,97 +1,35 @@
-"""PyTorch reference for the posterior-velocity op: the oracle for the Triton kernels and the CPU backend.
+"""The obviously-correct posterior velocity: every B x K x D difference in float64, the formulas as written.
 
-Distances are float64: for a shared pool the GEMM expansion ||z||^2 - 2 a z.x + a^2 ||x||^2 over chunks of candidates
-(its cancellation as sigma -> 0 costs ~1e-16 D / sigma^2 nats in float64, where fp32 would lose whole nats), for
-per-row pools the direct ||z - a x_j||^2 over tiles of rows x candidates. Every temporary is capped by `chunk_elems`
-elements, so the peak extra memory is O(B*K + B*D + chunk_elems) and no B x K x D tensor ever exists.
-Everything after the input cast runs in float64 (B x K logits, B x D mean, chunk-sized temporaries), so the result
-is float64-grade and returned as float32 (float64 for float64 inputs, which the tests use as an oracle).
+Memory grows like B K D, so it is for checking the kernels and the reference at test sizes, never for training.
 """
-from __future__ import annotations
-
 import torch
 
 
-def default_chunk_elems(device: torch.device) -> int:
-    # 16 MiB of fp32 temporaries on the CPU, 256 MiB on a GPU (fewer, larger launches).
-    return 1 << 26 if device.type == "cuda" else 1 << 22
-
-
-def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=None,
-                                 pool_labels=None, log_prior=None, endpoint=None, noise=None, chunk_elems=None):
-    """Reference posterior velocity on already-validated inputs.
-
-    z (B, D); pool (K, D) shared or (B, K, D) per row; alpha, sigma, d_alpha, d_sigma, temperature (B,);
-    row_labels (B,) with pool_labels (K,) or (B, K); log_prior (B, K); endpoint, noise (B, D).
-    Returns (velocity (B, D), lse (B,), ess (B,)) in float32, or float64 for float64 inputs.
-    """
-    ct = torch.float64 if z.dtype == torch.float64 else torch.float32
-    B, D = z.shape
-    shared = pool.dim() == 2
-    K = pool.shape[-2]
-    chunk_elems = chunk_elems or default_chunk_elems(z.device)
-    k_chunk = max(1, min(K, chunk_elems // D))
-    r_chunk = max(1, min(B, chunk_elems // (k_chunk * D)))
-
-    # Distances and softmax in float64: near sigma -> 0, z - a x_j cancels to O(sigma) and an fp32 product a x_j
-    # would put eps / sigma relative error into it (the kernels get the same exactness from a fused multiply-add).
-    f64 = torch.float64
-    z64, a64 = z.to(f64), alpha.to(f64)
-    scale = 1.0 / (2.0 * sigma.to(f64) ** 2 * temperature.to(f64))
-
-    # Logits: the full -||z - a x||^2 / (2 sigma^2 tau), so the logsumexp is the contract's lse as is.
-    logits = torch.empty(B, K, dtype=f64, device=z.device)
-    if shared:
-        # Shared pool: the float64 expansion ||z||^2 - 2 a z.x + a^2 ||x||^2, one GEMM per chunk of candidates
-        # (no rows x candidates x D temporary). Its absolute error ~1e-16 D / sigma^2 nats stays far below fp32's.
-        zsq = (z64 * z64).sum(1)
-        for k0 in range(0, K, k_chunk):
-            k1 = min(K, k0 + k_chunk)
-            xk = pool[k0:k1].to(f64)
-            dist = zsq[:, None] - 2.0 * a64[:, None] * (z64 @ xk.T) + (a64 * a64)[:, None] * (xk * xk).sum(1)
-            logits[:, k0:k1] = dist.clamp_min_(0.0) * -scale[:, None]
-    else:
-        # Per-row pools: every candidate is read once anyway, so the direct difference costs nothing extra.
-        for k0 in range(0, K, k_chunk):
-            k1 = min(K, k0 + k_chunk)
-            for r0 in range(0, B, r_chunk):
-                r1 = min(B, r0 + r_chunk)
-                diff = z64[r0:r1, None, :] - a64[r0:r1, None, None] * pool[r0:r1, k0:k1].to(f64)
-                logits[r0:r1, k0:k1] = diff.square_().sum(-1) * -scale[r0:r1, None]
+def posterior_velocity_naive(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=None, pool_labels=None,
+                             log_prior=None, temperature=1.0, endpoint=None, noise=None, endpoint_index=None):
+    """Same arguments as `pafm_kernels.posterior_velocity` (endpoint_index, a hint for the kernels, is not needed);
+    returns float64 (velocity (B, *S), lse (B,), ess (B,))."""
+    f = lambda t: t.detach().to(torch.float64)  # noqa: E731
+    B = z.shape[0]
+    zf = f(z).reshape(B, -1)
+    shared = pool.dim() == z.dim()
+    X = f(pool).reshape(pool.shape[0], -1)[None] if shared else f(pool).reshape(B, pool.shape[1], -1)
+    X = X.expand(B, -1, -1)
+    a, s, da, ds = f(alpha), f(sigma), f(d_alpha), f(d_sigma)
+    tau = f(temperature) if isinstance(temperature, torch.Tensor) else torch.full_like(a, temperature)
+    logits = -((zf[:, None, :] - a[:, None, None] * X) ** 2).sum(-1) / (2 * s[:, None] ** 2 * tau[:, None])
     if log_prior is not None:
-        logits += log_prior.to(f64)
+        logits = logits + f(log_prior)
     if row_labels is not None:
-        pl = pool_labels if pool_labels.dim() == 2 else pool_labels[None, :]
-        admissible = (row_labels[:, None] < 0) | (pl == row_labels[:, None])
-        logits.masked_fill_(~admissible, float("-inf"))
-
-    lse = torch.logsumexp(logits, dim=1)  # -inf for a row with no admissible candidate
-    w = torch.exp(logits - lse[:, None])  # NaN on such a row, which makes its velocity NaN as documented
-    ess = torch.where(torch.isneginf(lse), torch.zeros_like(lse), 1.0 / (w * w).sum(1))
-
-    # mu in float64: the residual form multiplies mu - x_own by ~1/sigma, so an fp32 mu near x_own would lose
-    # digits. Per-row pools accumulate mu - x_own = sum_j w_j (x_j - x_own) directly.
-    centre = endpoint.to(f64) if (endpoint is not None and not shared) else None
-    mu = torch.zeros(B, D, dtype=f64, device=z.device)
-    for k0 in range(0, K, k_chunk):
-        k1 = min(K, k0 + k_chunk)
-        if shared:
-            mu += w[:, k0:k1] @ pool[k0:k1].to(f64)
-        else:
-            for r0 in range(0, B, r_chunk):
-                r1 = min(B, r0 + r_chunk)
-                x = pool[r0:r1, k0:k1].to(f64)
-                if centre is not None:
-                    x = x - centre[r0:r1, None]
-                mu[r0:r1] += torch.bmm(w[r0:r1, None, k0:k1], x)[:, 0]
-
-    da, ds, s = d_alpha.to(f64)[:, None], d_sigma.to(f64)[:, None], sigma.to(f64)[:, None]
+        pl = pool_labels if pool_labels.dim() == 2 else pool_labels[None].expand(B, -1)
+        logits = logits.masked_fill(~((row_labels[:, None] < 0) | (pl == row_labels[:, None])), float("-inf"))
+    lse = torch.logsumexp(logits, 1)
+    w = torch.softmax(logits, 1)
+    mu = torch.einsum("bk,bkd->bd", w, X)
     if endpoint is not None:
-        # Residual form: u + (d_alpha - d_sigma alpha / sigma)(mu - x_own); stays accurate as sigma -> 0.
-        x_own = endpoint.to(f64)
-        u = da * x_own + ds * noise.to(f64)
-        delta = mu if centre is not None else mu - x_own
-        velocity = u + (da - ds * a64[:, None] / s) * delta
+        x_own = f(endpoint).reshape(B, -1)
+        u = da[:, None] * x_own + ds[:, None] * f(noise).reshape(B, -1)
+        v = u + (da - ds * a / s)[:, None] * (mu - x_own)
     else:
-        velocity = da * mu + ds * (z64 - a64[:, None] * mu) / s
-    return velocity.to(ct), lse.to(ct), ess.to(ct)
+        v = da[:, None] * mu + ds[:, None] * (zf - a[:, None] * mu) / s[:, None]
+    return v.reshape(z.shape), lse, 1.0 / (w * w).sum(1)

@@ -9,28 +9,24 @@ so HBM sees them about once while the rows in flight fit in L2. Extra memory: th
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .launch import INTERPRET, KernelInputs, load_row_coefficients, size_bucket
 
 
 @triton.jit
-def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-                    LOGITS, V, LSE, ESS,
-                    K, D, stride_z, stride_xb, stride_xk, stride_pl, stride_lp,
-                    HAS_LABELS: tl.constexpr, HAS_PRIOR: tl.constexpr, RESIDUAL: tl.constexpr,
-                    EMULATE_FMA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT,
+                    NOISE, LOGITS, V, LSE, ESS,
+                    K, D, stride_z, stride_xb, stride_xk, stride_pl, stride_lp, k_bucket,
+                    ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PRIOR: tl.constexpr,
+                    RESIDUAL: tl.constexpr, EMULATE_FMA: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rd = tl.arange(0, BLOCK_D)
-    a = tl.load(ALPHA + row)
-    sg = tl.load(SIGMA + row)
-    tau = tl.load(TAU + row)
-    inv = 1.0 / (2.0 * sg * sg * tau)
+    a, sg, tau, inv = load_row_coefficients(ALPHA, SIGMA, TAU, tau_value, row, row >= 0, ROW_TAU)
     if HAS_LABELS:
         row_lab = tl.load(ROW_LAB + row)
     x_row = X + row * stride_xb
@@ -83,8 +79,8 @@ def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
     # Pass 2 reads logits that other threads of this program stored in pass 1.
     tl.debug_barrier()
 
-    da = tl.load(D_ALPHA + row)
-    ds = tl.load(D_SIGMA + row)
+    da = tl.load(D_ALPHA + row).to(tl.float32)
+    ds = tl.load(D_SIGMA + row).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
         mask_d = d0 + rd < D
         # Residual form: accumulate mu - x_own = sum_j w_j (x_j - x_own) directly; candidates near the row's own
@@ -112,41 +108,30 @@ def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
 # (BLOCK_K, BLOCK_D, num_warps, num_stages); a (16, 256) fp32 tile is 32 registers per thread at 4 warps.
 PER_ROW_CONFIGS = [
     triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-    for bk, bd, w, st in [(16, 256, 4, 2), (16, 512, 8, 2), (8, 512, 4, 2)]
+    for bk, bd, w, st in [(16, 256, 4, 2), (8, 512, 4, 2)]
 ]
-_per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["K", "D", "HAS_LABELS", "HAS_PRIOR", "RESIDUAL"])(
+_per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["k_bucket", "D", "HAS_LABELS", "HAS_PRIOR", "RESIDUAL"])(
     _per_row_kernel)
 
 
-def per_row_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_labels=None, pool_labels=None,
-                      log_prior=None, endpoint=None, noise=None):
+def per_row_posterior(inp: KernelInputs):
     """Triton posterior velocity for z (B, D) against per-row pools (B, K, D); returns fp32 (velocity, lse, ess)."""
+    z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[1]
-    z, pool = z.contiguous(), pool.contiguous()
-    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    alpha, sigma, d_alpha, d_sigma, tau = map(f32, (alpha, sigma, d_alpha, d_sigma, tau))
-    dev = z.device
-    logits = torch.empty(B, K, device=dev, dtype=torch.float32)
-    velocity = torch.empty(B, D, device=dev, dtype=torch.float32)
-    lse = torch.empty(B, device=dev, dtype=torch.float32)
-    ess = torch.empty(B, device=dev, dtype=torch.float32)
-    has_labels = row_labels is not None
-    has_prior = log_prior is not None
-    residual = endpoint is not None
-    row_lab = row_labels.contiguous() if has_labels else lse
-    pool_lab = pool_labels.contiguous() if has_labels else lse
-    stride_pl = (K if pool_lab.dim() == 2 else 0) if has_labels else 0
-    prior = log_prior.contiguous() if has_prior else lse
-    args = (z, pool, alpha, sigma, tau, d_alpha, d_sigma, row_lab, pool_lab, prior,
-            endpoint.contiguous() if residual else z, noise.contiguous() if residual else z,
-            logits, velocity, lse, ess, K, D, z.stride(0), pool.stride(0), pool.stride(1), stride_pl,
-            K if has_prior else 0)
-    flags = dict(HAS_LABELS=has_labels, HAS_PRIOR=has_prior, RESIDUAL=residual, EMULATE_FMA=INTERPRET)
+    f32 = dict(device=z.device, dtype=torch.float32)
+    logits = torch.empty(B, K, **f32)
+    velocity = torch.empty(B, D, **f32)
+    lse_ess = torch.empty(2, B, **f32)
+    args = (z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma, inp.row_labels,
+            inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, logits, velocity, lse_ess[0], lse_ess[1],
+            K, D, z.stride(0), pool.stride(0), pool.stride(1), K if inp.labels_2d else 0, K if inp.has_prior else 0,
+            size_bucket(K))
+    flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, HAS_PRIOR=inp.has_prior, RESIDUAL=inp.residual,
+                 EMULATE_FMA=INTERPRET)
     if INTERPRET:
-        bk = max(2, min(16, triton.next_power_of_2(K)))
-        bd = max(16, min(128, triton.next_power_of_2(D)))
-        _per_row_kernel[(B,)](*args, **flags, BLOCK_K=bk, BLOCK_D=bd)
+        _per_row_kernel[(B,)](*args, **flags, BLOCK_K=max(2, min(16, triton.next_power_of_2(K))),
+                              BLOCK_D=max(16, min(128, triton.next_power_of_2(D))))
     else:
         _per_row_tuned[(B,)](*args, **flags)
-    return velocity, lse, ess
+    return velocity, lse_ess[0], lse_ess[1]

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .naive import posterior_velocity_reference
+from .reference import posterior_velocity_reference
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "torch", "triton")
@@ -33,7 +33,8 @@ def _check_tensor(name, t, shape, device, *, floating=None, integer=False):
 
 
 def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=None, pool_labels=None,
-                       log_prior=None, temperature=1.0, endpoint=None, noise=None, backend="auto"):
+                       log_prior=None, temperature=1.0, endpoint=None, noise=None, endpoint_index=None,
+                       backend="auto"):
     """Self-normalised importance-sampling estimate of the posterior-mean flow-matching velocity.
 
     Logits l_ij = -||z_i - alpha_i x_j||^2 / (2 sigma_i^2 tau_i) + log_prior_ij over the candidates x_j admitted by
@@ -50,9 +51,13 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
         log_prior: (B, K) added to the logits.
         temperature: positive float or (B,) tensor dividing the likelihood term.
         endpoint, noise: (B, *S), both or neither: selects the residual form.
+        endpoint_index: (B,) integers, the pool index of each row's own endpoint in a shared pool (negative: not in
+            the pool). Optional; the shared-pool kernels then always compute that candidate's logit exactly (near
+            sigma -> 0 it carries the weight). Per-row pools and the reference compute every logit exactly.
         backend: "torch" (memory-bounded float64-grade reference), "triton" (fused kernels; CUDA, or CPU tensors
             when TRITON_INTERPRET=1), or "auto" (Triton on CUDA tensors except float64, the reference elsewhere).
-            The op has no autograd: it builds a stop-gradient target.
+            The op has no autograd: it builds a stop-gradient target. The Triton path never waits for the device
+            (no host sync), so it does not check tensor values: a temperature <= 0 there gives NaN or inf.
 
     Returns:
         PosteriorTarget(velocity (B, *S), lse (B,), ess (B,)), float32 (float64 for float64 inputs). A row without
@@ -105,14 +110,10 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
 
     if isinstance(temperature, torch.Tensor):
         _check_tensor("temperature", temperature, (B,), device, floating=coef_dtypes)
-        if not bool((temperature > 0).all()):  # also rejects NaN
-            raise ValueError("temperature must be positive in every row")
-        tau = temperature.to(torch.float32 if z.dtype != torch.float64 else torch.float64)
     elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         if not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-        tau = torch.full((B,), float(temperature), device=device,
-                         dtype=torch.float32 if z.dtype != torch.float64 else torch.float64)
+        temperature = float(temperature)
     else:
         raise ValueError(f"temperature must be a positive float or a (B,) tensor, got {type(temperature).__name__}")
 
@@ -122,6 +123,8 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
     if endpoint is not None:
         for name, t in (("endpoint", endpoint), ("noise", noise)):
             _check_tensor(name, t, z.shape, device, floating=(z.dtype,))
+    if endpoint_index is not None:
+        _check_tensor("endpoint_index", endpoint_index, (B,), device, integer=True)
 
     use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and z.dtype != torch.float64)
     if use_triton:
@@ -134,14 +137,24 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
     pool2 = pool.reshape(K, D) if shared else pool.reshape(B, K, D)
     end2 = endpoint.reshape(B, D) if endpoint is not None else None
     noise2 = noise.reshape(B, D) if noise is not None else None
-    if use_triton:
-        if shared:
-            from .shared_pool import shared_pool_posterior as run
-        else:
-            from .per_row_pool import per_row_posterior as run
-    else:
-        run = posterior_velocity_reference
+    optional = dict(row_labels=row_labels, pool_labels=pool_labels, log_prior=log_prior, endpoint=end2, noise=noise2)
     with torch.no_grad():  # a stop-gradient target on either backend
-        velocity, lse, ess = run(z2, pool2, alpha, sigma, d_alpha, d_sigma, tau, row_labels=row_labels,
-                                 pool_labels=pool_labels, log_prior=log_prior, endpoint=end2, noise=noise2)
+        if use_triton:
+            from .launch import prepare
+
+            inputs = prepare(z2, pool2, alpha, sigma, d_alpha, d_sigma, temperature, **optional,
+                             endpoint_index=endpoint_index if shared else None)
+            if shared:
+                from .shared_pool import shared_pool_posterior
+
+                velocity, lse, ess = shared_pool_posterior(inputs)
+            else:
+                from .per_row_pool import per_row_posterior
+
+                velocity, lse, ess = per_row_posterior(inputs)
+        else:
+            if isinstance(temperature, torch.Tensor) and not bool((temperature > 0).all()):  # also rejects NaN
+                raise ValueError("temperature must be positive in every row")
+            velocity, lse, ess = posterior_velocity_reference(z2, pool2, alpha, sigma, d_alpha, d_sigma, temperature,
+                                                              **optional)
     return PosteriorTarget(velocity.reshape(z.shape), lse, ess)

@@ -1,57 +1,106 @@
-"""Fused Triton kernels for a pool of K candidates shared by all B rows.
+"""Fused Triton kernels for a pool of K candidates shared by all B rows: three launches, four when the mix is split.
 
 The op is attention with one head of size D = 1k..16k, too wide for a single-pass FlashAttention kernel, and the B x K
-fp32 logits are small (2B/D of the input bytes), so it runs as two GEMM launches (the Cut-Cross-Entropy pattern):
+fp32 logits are small (2B/D of the input bytes), so it runs as two GEMMs (the Cut-Cross-Entropy pattern) with a
+per-row kernel between them:
 
-  K1 `_logits_kernel`: S = (2 a z.x - a^2 ||x||^2) / (2 sigma^2 tau) + log_prior with the label mask from integer ids,
-     fp32 accumulation, and per-(row, column tile) partials: max m, sum exp(S - m), sum exp(2(S - m)).
-     The row-constant -||z||^2 / (2 sigma^2 tau) is dropped here (it cancels in the softmax and would cost
-     precision) and added back to the reported lse.
-  K2 `_mix_kernel`: combines the partials into lse and ESS, then mu = exp(S - lse) @ X with the velocity epilogue.
+  `_logits_kernel`: S = (2 a z.x - a^2 ||x||^2) / (2 sigma^2 tau) + log_prior with the label mask from integer ids,
+     fp32 accumulation, and per-(row, column tile) softmax partials. The row-constant -||z||^2 / (2 sigma^2 tau)
+     is left out (it cancels in the softmax and would cost precision) and added back to the reported lse. Under one
+     wave of programs it splits D and leaves the sums of the parts to the row kernel (a fixed-order reduction).
+  `_row_kernel`: one program per row merges the partials into the row's normaliser, lse and ESS. Where the fp32
+     expansion cannot be trusted (below) it refines the row on the device, at a fixed size: the ROW_TOP - 1
+     largest approximate logits and the row's own endpoint (when its pool index is given; else the ROW_TOP-th)
+     get exact float64 direct distances ||z - a x_j||^2, their share of the velocity is computed in float64, and
+     the other candidates keep their approximate logits, shifted by the picks' mean error (a row whose weight is
+     spread over more candidates than that is only as exact as the bound). No host sync, no data-dependent shapes.
+  `_mix_kernel`: mu = sum_j w_j x_j as a GEMM whose prologue forms the weights from S and whose epilogue writes the
+     velocity; under one wave it splits K and `_mix_reduce_kernel` sums the parts in a fixed order.
 
-Only B x K logits and B x (K / BLOCK_N) partials are written: extra memory O(B K); no B x K x D tensor exists.
-
-The fp32 expansion cannot resolve near-duplicate candidates as sigma -> 0 (its terms grow like 1/sigma^2). Between
-K1 and K2 the wrapper bounds each row's logit error; rows above REFINE_NATS get exact float64 direct distances for
-the few candidates within reach of their best one and a float64 velocity (`_refine_uncertain_rows`). This costs a
-host sync and O(refined rows x D) work, and keeps the kernel path exact down to sigma = 1e-4.
+Refinement bound: with u = 2^-24 and n the products summed per logit (D; 3D for fp32's tf32x3),
+|error of S_ij| <= (g_dot 2|a| ||z|| max||x|| + g_sum a^2 max||x||^2) / (2 sigma^2 tau), where
+g_dot = 2 ((n + 2) 2u + [tf32x3] 2^-19) and g_sum = 2 (D + 8) u: every product may cost one unit in the last place
+of the running sum (tensor-core adders truncate), times a safety factor 2 for what the hardware does not document;
+||z||^2 is summed in float64 and adds nothing. Rows whose bound exceeds REFINE_NATS are refined.
+Extra memory O(B K + B D); no B x K x D tensor exists.
 """
 from __future__ import annotations
 
-import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# Set by tests/conftest.py before this module is imported. The interpreter mishandles bf16 dots and bf16 arithmetic
-# (triton 3.8), so operands are upcast to fp32 there; on a GPU the native 16-bit tensor-core dots run.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .launch import INTERPRET, KernelInputs, load_row_coefficients, size_bucket, sm_count, split_factor
 
 
 @triton.jit
-def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, ROW_LAB, POOL_LAB, LOG_PRIOR, S, ZSQ, XSQ, PART,
-                   B, K, D, NT, stride_z, stride_x,
-                   HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr, HAS_PRIOR: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _finish_logits(logit, base, offs, cols, valid, row_lab, POOL_LAB, LOG_PRIOR, K,
+                   HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr, HAS_PRIOR: tl.constexpr):
+    """Adds the log prior and applies the label mask. (B, K) inputs are read at `base + offs` (an int64 row base
+    and int32 tile offsets: int64 tiles would cost two registers per element), (K,) labels at `cols`."""
+    if HAS_PRIOR:
+        logit += tl.load(LOG_PRIOR + base + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_LABELS:
+        if LABELS_2D:
+            pool_lab = tl.load(POOL_LAB + base + offs, mask=valid, other=0)
+        else:
+            pool_lab = tl.load(POOL_LAB + cols, mask=(cols >= 0) & (cols < K), other=0)
+        valid = valid & ((row_lab < 0) | (pool_lab == row_lab))
+    return tl.where(valid, logit, float("-inf"))
+
+
+@triton.jit
+def _order_key(v, idx):
+    """int64 keys ordered like (v, -idx): the largest key is the largest value, the smallest index among ties.
+    One max-reduction then selects a value and its index together."""
+    bits = v.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # fp32 order as int32 order
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
+
+
+@triton.jit
+def _key_index(key):
+    return 0x7FFFFFFF - (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _key_is_finite(key):
+    return (key >> 32) > -2139095041  # the ordered bits of -inf
+
+
+@triton.jit
+def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PRIOR,
+                   LOGITS, PART, XMAX, ZSQ, DOTS, XSQ,
+                   B, K, D, NT, stride_z, stride_x, split_d, b_bucket, k_bucket,
+                   ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
+                   HAS_PRIOR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_s = tl.program_id(2)
+    lm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
+    rm = pid_m * BLOCK_M + lm
     mask_m = rm < B
     mask_n = rn < K
     rm64 = rm.to(tl.int64)
-
     row0 = (pid_m * BLOCK_M).to(tl.int64)
-    # Tile offsets stay int32 around an int64 base; int64 pointer tiles would cost two registers per element.
-    z_ptrs = Z + row0 * stride_z + (tl.arange(0, BLOCK_M)[:, None] * stride_z + rd[None, :])
-    x_ptrs = X + (pid_n * BLOCK_N).to(tl.int64) * stride_x + (tl.arange(0, BLOCK_N)[:, None] * stride_x + rd[None, :])
+    # This program's share of D: whole BLOCK_D chunks, one share unless the grid is under a wave.
+    d_share = tl.cdiv(tl.cdiv(D, BLOCK_D), split_d) * BLOCK_D
+    d_lo = pid_s * d_share
+    d_hi = tl.minimum(D, d_lo + d_share)
 
+    # Tile offsets stay int32 around an int64 base; int64 pointer tiles would cost two registers per element.
+    z_ptrs = Z + row0 * stride_z + (lm[:, None] * stride_z + (d_lo + rd)[None, :])
+    x_ptrs = X + (pid_n * BLOCK_N).to(tl.int64) * stride_x + (tl.arange(0, BLOCK_N)[:, None] * stride_x
+                                                               + (d_lo + rd)[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        mask_d = d0 + rd < D
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        mask_d = d0 + rd < d_hi
         z = tl.load(z_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         # ||x||^2 in fp32 from the tile already on chip: a bf16 GEMM column would round 4096 to +-16.
@@ -63,91 +112,294 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, ROW_LAB, POOL_LAB, LOG_PRIOR, S, ZSQ
             acc = tl.dot(z, tl.trans(x), acc, input_precision=PRECISION)
         z_ptrs += BLOCK_D
         x_ptrs += BLOCK_D
-
-    a = tl.load(ALPHA + rm, mask=mask_m, other=0.0)
-    sg = tl.load(SIGMA + rm, mask=mask_m, other=1.0)
-    tau = tl.load(TAU + rm, mask=mask_m, other=1.0)
-    inv = 1.0 / (2.0 * sg * sg * tau)
-    logit = (2.0 * a * inv)[:, None] * acc - (a * a * inv)[:, None] * xsq[None, :]
-    valid = mask_m[:, None] & mask_n[None, :]
-    tile = tl.arange(0, BLOCK_M)[:, None] * K + rn[None, :]
-    if HAS_PRIOR:
-        logit += tl.load(LOG_PRIOR + row0 * K + tile, mask=valid, other=0.0).to(tl.float32)
-    if HAS_LABELS:
-        row_lab = tl.load(ROW_LAB + rm, mask=mask_m, other=-1)
-        if LABELS_2D:
-            pool_lab = tl.load(POOL_LAB + row0 * K + tile, mask=valid, other=0)
-        else:
-            pool_lab = tl.load(POOL_LAB + rn, mask=mask_n, other=0)[None, :]
-        valid &= (row_lab[:, None] < 0) | (pool_lab == row_lab[:, None])
-    logit = tl.where(valid, logit, float("-inf"))
-    tl.store(S + row0 * K + tile, logit, mask=mask_m[:, None] & mask_n[None, :])
-
-    # Softmax partials of this column tile; a fully masked tile contributes m = -inf, l = q = 0.
-    m = tl.max(logit, axis=1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp(logit - m_safe[:, None])
-    part = PART + rm64 * NT + pid_n
-    tl.store(part, m, mask=mask_m)
-    tl.store(part + B * NT, tl.sum(p, axis=1), mask=mask_m)
-    tl.store(part + 2 * B * NT, tl.sum(p * p, axis=1), mask=mask_m)
-    if pid_m == 0:
-        tl.store(XSQ + rn, xsq, mask=mask_n)
     if pid_n == 0:
-        # ||z||^2 (only for the reported lse): one column of programs re-reads its z rows.
-        zsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            mask_d = d0 + rd < D
-            zf = tl.load(Z + rm64[:, None] * stride_z + (d0 + rd)[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                         other=0.0).to(tl.float32)
+        # ||z||^2 in float64 (it shifts the logits back to the reported lse, ~1e11 nats at sigma = 1e-5): one
+        # column of programs re-reads its z rows.
+        zsq = tl.zeros((BLOCK_M,), dtype=tl.float64)
+        for d0 in range(d_lo, d_hi, BLOCK_D):
+            mask_d = d0 + rd < d_hi
+            zf = tl.load(Z + row0 * stride_z + (lm[:, None] * stride_z + (d0 + rd)[None, :]),
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float64)
             zsq += tl.sum(zf * zf, axis=1)
-        tl.store(ZSQ + rm, zsq, mask=mask_m)
+        tl.store(ZSQ + pid_s * B + rm, zsq, mask=mask_m)
+
+    valid = mask_m[:, None] & mask_n[None, :]
+    tile = lm[:, None] * K + rn[None, :]
+    if split_d == 1:
+        a, sg, tau, inv = load_row_coefficients(ALPHA, SIGMA, TAU, tau_value, rm, mask_m, ROW_TAU)
+        if HAS_LABELS:
+            row_lab = tl.load(ROW_LAB + rm, mask=mask_m, other=-1)[:, None]
+        else:
+            row_lab = 0
+        logit = (2.0 * a * inv)[:, None] * acc - (a * a * inv)[:, None] * xsq[None, :]
+        logit = _finish_logits(logit, row0 * K, tile, rn[None, :], valid, row_lab, POOL_LAB, LOG_PRIOR, K,
+                               HAS_LABELS, LABELS_2D, HAS_PRIOR)
+        tl.store(LOGITS + row0 * K + tile, logit, mask=valid)
+        # Softmax partials of this column tile; a fully masked tile contributes m = -inf, l = q = 0.
+        m = tl.max(logit, axis=1)
+        p = tl.exp(logit - tl.where(m == float("-inf"), 0.0, m)[:, None])
+        part = PART + rm64 * NT + pid_n
+        tl.store(part, m, mask=mask_m)
+        tl.store(part + B * NT, tl.sum(p, axis=1), mask=mask_m)
+        tl.store(part + 2 * B * NT, tl.sum(p * p, axis=1), mask=mask_m)
+        if pid_m == 0:
+            tl.store(XMAX + pid_n, tl.max(tl.where(mask_n, xsq, 0.0), axis=0))
+    else:
+        # Split D: the row kernel sums the parts in a fixed order and finishes the logits.
+        tl.store(DOTS + (pid_s * B + row0) * K + tile, acc, mask=valid)
+        if pid_m == 0:
+            tl.store(XSQ + pid_s * K + rn, xsq, mask=mask_n)
 
 
 @triton.jit
-def _mix_kernel(S, X, PART, ZSQ, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, Z, ENDPOINT, NOISE, V, LSE, ESS,
-                B, K, D, NT, stride_z, stride_x,
-                RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
+                OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS,
+                B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum,
+                ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
+                HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr,
+                BLOCK_N: tl.constexpr, TOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    rt = tl.arange(0, BLOCK_T)
+    rn = tl.arange(0, BLOCK_N)
+    a, sg, tau, inv = load_row_coefficients(ALPHA, SIGMA, TAU, tau_value, row, row < B, ROW_TAU)
+    if HAS_LABELS:
+        row_lab = tl.load(ROW_LAB + row)
+    else:
+        row_lab = 0
+    zsq = tl.load(ZSQ + row)
+    for s in range(1, split_d):
+        zsq += tl.load(ZSQ + s * B + row)
+    part = PART + row * NT
+
+    if split_d > 1:
+        # Finish this row's logits from the split dot products and write its tile partials.
+        xmax = tl.zeros((), dtype=tl.float32)
+        for t in range(0, NT):
+            cols = t * BLOCK_N + rn
+            ok = cols < K
+            dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in range(0, split_d):
+                dot += tl.load(DOTS + (s * B + row) * K + cols, mask=ok, other=0.0)
+                xsq += tl.load(XSQ + s * K + cols, mask=ok, other=0.0)
+            logit = _finish_logits((2.0 * a * inv) * dot - (a * a * inv) * xsq, row * K, cols, cols, ok, row_lab,
+                                   POOL_LAB, LOG_PRIOR, K, HAS_LABELS, LABELS_2D, HAS_PRIOR)
+            tl.store(LOGITS + row * K + cols, logit, mask=ok)
+            m_t = tl.max(logit, axis=0)
+            p = tl.exp(logit - tl.where(m_t == float("-inf"), 0.0, m_t))
+            tl.store(part + t, m_t)
+            tl.store(part + B * NT + t, tl.sum(p, axis=0))
+            tl.store(part + 2 * B * NT + t, tl.sum(p * p, axis=0))
+            xmax = tl.maximum(xmax, tl.max(xsq, axis=0))
+        tl.debug_barrier()  # the partials are read back below by other threads of this program
+    else:
+        xmax = tl.zeros((), dtype=tl.float32)
+        for t0 in range(0, NT, BLOCK_T):
+            xmax = tl.maximum(xmax, tl.max(tl.load(XMAX + t0 + rt, mask=t0 + rt < NT, other=0.0), axis=0))
+
+    # The row's max, sum of exp and sum of squared exp over its tiles.
+    m = tl.full((), float("-inf"), dtype=tl.float32)
+    for t0 in range(0, NT, BLOCK_T):
+        m = tl.maximum(m, tl.max(tl.load(part + t0 + rt, mask=t0 + rt < NT, other=float("-inf")), axis=0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    sum_p = tl.zeros((), dtype=tl.float32)
+    sum_p2 = tl.zeros((), dtype=tl.float32)
+    for t0 in range(0, NT, BLOCK_T):
+        tmask = t0 + rt < NT
+        mt = tl.load(part + t0 + rt, mask=tmask, other=float("-inf"))
+        f = tl.where(mt == float("-inf"), 0.0, tl.exp(mt - m_safe))
+        sum_p += tl.sum(tl.load(part + B * NT + t0 + rt, mask=tmask, other=0.0) * f, axis=0)
+        sum_p2 += tl.sum(tl.load(part + 2 * B * NT + t0 + rt, mask=tmask, other=0.0) * f * f, axis=0)
+
+    bound = (g_dot * 2.0 * tl.abs(a) * tl.sqrt(zsq.to(tl.float32) * xmax) + g_sum * a * a * xmax) * inv
+    inv64 = 1.0 / (2.0 * sg.to(tl.float64) * sg.to(tl.float64) * tau.to(tl.float64))
+    if (bound > refine_nats) & (m > float("-inf")):
+        rr = tl.arange(0, TOP)
+        n_top = TOP - HAS_OWN  # the last slot is kept for the own endpoint
+        # 1. The n_top tiles with the largest maxima hold the n_top largest approximate logits. Each pass takes the
+        #    largest key below the previous one (a key orders by value, then by index: see _order_key).
+        if NT <= n_top:
+            tiles = tl.where(rr < NT, rr, -1)
+        else:
+            tiles = tl.full((TOP,), -1, dtype=tl.int32)
+            prev = tl.full((), 2 ** 63 - 1, dtype=tl.int64)
+            for r in range(0, n_top):
+                best = tl.full((), -2 ** 63, dtype=tl.int64)
+                for t0 in range(0, NT, BLOCK_T):
+                    t = t0 + rt
+                    key = _order_key(tl.load(part + t, mask=t < NT, other=float("-inf")), t)
+                    best = tl.maximum(best, tl.max(tl.where((key < prev) & (t < NT), key, -2 ** 63), axis=0))
+                tiles = tl.where((rr == r) & _key_is_finite(best), _key_index(best), tiles)
+                prev = best
+        if HAS_OWN:
+            own = tl.load(OWN + row).to(tl.int64)
+            own_ok = (own >= 0) & (own < K)
+            own_tile = (own // BLOCK_N).to(tl.int32)
+            have = tl.max(tl.where(tiles == own_tile, 1, 0), axis=0) > 0
+            tiles = tl.where((rr == TOP - 1) & own_ok & ~have, own_tile, tiles)
+
+        # 2. Their candidates: the n_top largest approximate logits, then the own endpoint.
+        cols = tiles[:, None].to(tl.int64) * BLOCK_N + rn[None, :]
+        loaded = (tiles[:, None] >= 0) & (cols < K)
+        v = tl.load(LOGITS + row * K + cols, mask=loaded, other=float("-inf"))
+        keys = tl.where(loaded, _order_key(v, cols), -2 ** 63)
+        picks = tl.full((TOP,), -1, dtype=tl.int64)
+        prev = tl.full((), 2 ** 63 - 1, dtype=tl.int64)
+        for r in range(0, n_top):
+            best = tl.max(tl.where(keys < prev, keys, -2 ** 63))
+            picks = tl.where((rr == r) & _key_is_finite(best), _key_index(best).to(tl.int64), picks)
+            prev = best
+        taken = keys >= prev  # the picks, and masked (-inf) candidates, which weigh nothing either way
+        if HAS_OWN:
+            add = own_ok & (tl.max(tl.where(picks == own, 1, 0), axis=0) == 0)
+            picks = tl.where((rr == TOP - 1) & add, own, picks)
+            taken = taken | ((cols == own) & add)
+
+        # 3. Exact logits of the picks: direct float64 distances (as sigma -> 0, z - a x_j cancels to O(sigma)).
+        chosen = picks >= 0
+        a64 = a.to(tl.float64)
+        sg64 = sg.to(tl.float64)
+        dist = tl.zeros((TOP,), dtype=tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            zr = tl.load(Z + row * stride_z + rd, mask=rd < D, other=0.0).to(tl.float64)
+            xr = tl.load(X + picks[:, None] * stride_x + rd[None, :], mask=chosen[:, None] & (rd < D)[None, :],
+                         other=0.0).to(tl.float64)
+            diff = zr[None, :] - a64 * xr
+            dist += tl.sum(diff * diff, axis=1)
+        ell = _finish_logits(-dist * inv64, row * K, picks, picks, chosen, row_lab, POOL_LAB, LOG_PRIOR, K,
+                             HAS_LABELS, LABELS_2D, HAS_PRIOR)
+
+        # 4. The rest keep approximate logits: the loaded tiles without the picks, and every other tile's partials.
+        rest = tl.where(taken, float("-inf"), v)
+        m_rest = tl.max(rest)
+        # Tiles that were not loaded (none when every tile was): the first pass finds the max, the second sums.
+        n_other = tl.where(NT > n_top, NT, 0)
+        for t0 in range(0, n_other, BLOCK_T):
+            t = t0 + rt
+            other = (t < NT) & (tl.max(tl.where(t[:, None] == tiles[None, :], 1, 0), axis=1) == 0)
+            m_rest = tl.maximum(m_rest, tl.max(tl.load(part + t, mask=other, other=float("-inf")), axis=0))
+        m_rest_safe = tl.where(m_rest == float("-inf"), 0.0, m_rest)
+        p = tl.exp(rest - m_rest_safe)
+        l_rest = tl.sum(p)
+        q_rest = tl.sum(p * p)
+        for t0 in range(0, n_other, BLOCK_T):
+            t = t0 + rt
+            other = (t < NT) & (tl.max(tl.where(t[:, None] == tiles[None, :], 1, 0), axis=1) == 0)
+            mt = tl.load(part + t, mask=other, other=float("-inf"))
+            f = tl.where(mt == float("-inf"), 0.0, tl.exp(mt - m_rest_safe))
+            l_rest += tl.sum(tl.load(part + B * NT + t, mask=other, other=0.0) * f, axis=0)
+            q_rest += tl.sum(tl.load(part + 2 * B * NT + t, mask=other, other=0.0) * f * f, axis=0)
+
+        # 5. One normaliser in float64: the rest are shifted back by ||z||^2 / (2 sigma^2 tau) and by the mean error
+        #    the n_top exact picks showed. That removes an offset they share; as sigma -> 0 the approximate logits
+        #    are noise, and it keeps a swarm of near-ties outside the picks from outweighing the exact ones.
+        s_pick = tl.load(LOGITS + row * K + picks, mask=chosen, other=float("-inf")).to(tl.float64) - zsq * inv64
+        calibrated = (rr < n_top) & (ell > float("-inf")) & (s_pick > float("-inf"))
+        shift = tl.sum(tl.where(calibrated, ell - s_pick, 0.0), axis=0) / tl.maximum(
+            tl.sum(calibrated.to(tl.float64), axis=0), 1.0)
+        rest_full = m_rest.to(tl.float64) - zsq * inv64 + shift
+        top = tl.maximum(tl.max(ell, axis=0), rest_full)
+        e_pick = tl.exp(ell - top)
+        e_rest = tl.where(m_rest == float("-inf"), 0.0, tl.exp(rest_full - top))
+        total = tl.sum(e_pick, axis=0) + l_rest.to(tl.float64) * e_rest
+        w = e_pick / total
+        rest_scale = e_rest / total  # a rest candidate's weight is exp(S_j - m_rest) * rest_scale
+        sum_w2 = tl.sum(w * w, axis=0) + q_rest.to(tl.float64) * rest_scale * rest_scale
+
+        # 6. The picks' share of the velocity in float64: it is multiplied by ~1/sigma.
+        da64 = tl.load(D_ALPHA + row).to(tl.float64)
+        ds64 = tl.load(D_SIGMA + row).to(tl.float64)
+        w_sum = tl.sum(w, axis=0)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            md = rd < D
+            xr = tl.load(X + picks[:, None] * stride_x + rd[None, :], mask=chosen[:, None] & md[None, :],
+                         other=0.0).to(tl.float64)
+            if RESIDUAL:
+                xo = tl.load(ENDPOINT + row * stride_z + rd, mask=md, other=0.0).to(tl.float64)
+                eps = tl.load(NOISE + row * stride_z + rd, mask=md, other=0.0).to(tl.float64)
+                vt = w_sum * (da64 * xo + ds64 * eps) + (da64 - ds64 * a64 / sg64) * tl.sum(
+                    w[:, None] * (xr - xo[None, :]), axis=0)
+            else:
+                zr = tl.load(Z + row * stride_z + rd, mask=md, other=0.0).to(tl.float64)
+                vt = da64 * tl.sum(w[:, None] * xr, axis=0) + ds64 / sg64 * tl.sum(
+                    w[:, None] * (zr[None, :] - a64 * xr), axis=0)
+            tl.store(VT + row * D + rd, vt.to(tl.float32), mask=md)
+        tl.store(LOGITS + row * K + picks, float("-inf"), mask=chosen)  # the mix kernel skips them
+        tl.store(STATS + row, m_rest)
+        tl.store(STATS + B + row, rest_scale.to(tl.float32))
+        tl.store(STATS + 2 * B + row, (l_rest.to(tl.float64) * rest_scale).to(tl.float32))
+        tl.store(STATS + 3 * B + row, 1.0)
+        tl.store(LSE + row, (top + tl.log(total)).to(tl.float32))
+        tl.store(ESS + row, (1.0 / sum_w2).to(tl.float32))
+    else:
+        # A row without admissible candidates gets a NaN scale, hence a NaN velocity, as documented.
+        tl.store(STATS + row, m)
+        tl.store(STATS + B + row, tl.where(m == float("-inf"), float("nan"), 1.0 / sum_p))
+        tl.store(STATS + 2 * B + row, 1.0)
+        tl.store(STATS + 3 * B + row, 0.0)
+        tl.store(LSE + row, ((m_safe + tl.log(sum_p)).to(tl.float64) - zsq * inv64).to(tl.float32))
+        tl.store(ESS + row, tl.where(m == float("-inf"), 0.0, sum_p * sum_p / sum_p2))
+
+
+@triton.jit
+def _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
+                    VT, V, B, D, stride_z, RESIDUAL: tl.constexpr):
+    """v = (refined rows: the picks' share) + the share of acc = sum_j w_j x_j over the other candidates, whose
+    weights sum to `rest` (1 for rows that were not refined). Rows row0 + lm (int64 base, int32 offsets)."""
+    rm = row0 + lm
+    a = tl.load(ALPHA + rm, mask=mask_m, other=0.0).to(tl.float32)
+    sg = tl.load(SIGMA + rm, mask=mask_m, other=1.0).to(tl.float32)
+    da = tl.load(D_ALPHA + rm, mask=mask_m, other=0.0).to(tl.float32)
+    ds = tl.load(D_SIGMA + rm, mask=mask_m, other=0.0).to(tl.float32)
+    rest = tl.load(STATS + 2 * B + rm, mask=mask_m, other=1.0)[:, None]
+    refined = tl.load(STATS + 3 * B + rm, mask=mask_m, other=0.0) != 0.0
+    mask = mask_m[:, None] & mask_d[None, :]
+    offs = lm[:, None] * stride_z + rd[None, :]
+    if RESIDUAL:
+        # u + (d_alpha - d_sigma alpha / sigma)(mu - x_own): stays accurate as sigma -> 0.
+        x_own = tl.load(ENDPOINT + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.load(NOISE + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
+        v = rest * (da[:, None] * x_own + ds[:, None] * eps) + (da - ds * a / sg)[:, None] * (acc - rest * x_own)
+    else:
+        zt = tl.load(Z + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
+        v = da[:, None] * acc + (ds / sg)[:, None] * (rest * zt - a[:, None] * acc)
+    out = lm[:, None] * D + rd[None, :]
+    v += tl.load(VT + row0 * D + out, mask=mask & refined[:, None], other=0.0)
+    tl.store(V + row0 * D + out, v, mask=mask)
+
+
+@triton.jit
+def _mix_kernel(LOGITS, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL,
+                B, K, D, stride_z, stride_x, split_k, b_bucket, k_bucket,
+                RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_k = tl.program_id(2)
+    lm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    rt = tl.arange(0, BLOCK_T)
+    rm = pid_m * BLOCK_M + lm
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_m = rm < B
     mask_d = rd < D
-    rm64 = rm.to(tl.int64)
+    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
+    k_lo = pid_k * k_share
+    k_hi = tl.minimum(K, k_lo + k_share)
 
-    # Prologue: merge the column-tile partials into the row max, sum-exp and sum of squared weights.
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    for t0 in range(0, NT, BLOCK_T):
-        tmask = mask_m[:, None] & (t0 + rt < NT)[None, :]
-        mt = tl.load(PART + rm64[:, None] * NT + (t0 + rt)[None, :], mask=tmask, other=float("-inf"))
-        m = tl.maximum(m, tl.max(mt, axis=1))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    q = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for t0 in range(0, NT, BLOCK_T):
-        tmask = mask_m[:, None] & (t0 + rt < NT)[None, :]
-        offs = rm64[:, None] * NT + (t0 + rt)[None, :]
-        mt = tl.load(PART + offs, mask=tmask, other=float("-inf"))
-        lt = tl.load(PART + B * NT + offs, mask=tmask, other=0.0)
-        qt = tl.load(PART + 2 * B * NT + offs, mask=tmask, other=0.0)
-        f = tl.where(mt == float("-inf"), 0.0, tl.exp(mt - m_safe[:, None]))
-        l += tl.sum(lt * f, axis=1)
-        q += tl.sum(qt * f * f, axis=1)
-    lse_s = m_safe + tl.log(l)  # -inf for a row without admissible candidates: its P and velocity become NaN
-
+    # w_ij = exp(S_ij - row_max) * scale (see the row kernel); P_SCALE lifts fp16 weights out of its subnormals.
+    row_max = tl.load(STATS + rm, mask=mask_m, other=0.0)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    scale = tl.load(STATS + B + rm, mask=mask_m, other=0.0) * P_SCALE
     row0 = (pid_m * BLOCK_M).to(tl.int64)
-    lm = tl.arange(0, BLOCK_M)
-    s_ptrs = S + row0 * K + (lm[:, None] * K + rk[None, :])
-    x_ptrs = X + (rk[:, None] * stride_x + rd[None, :])
+    s_ptrs = LOGITS + row0 * K + (lm[:, None] * K + (k_lo + rk)[None, :])
+    x_ptrs = X + k_lo.to(tl.int64) * stride_x + (rk[:, None] * stride_x + rd[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = k0 + rk < K
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = k0 + rk < k_hi
         s = tl.load(s_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=float("-inf"))
-        p = tl.exp(s - lse_s[:, None])
+        p = tl.exp(s - row_max[:, None]) * scale[:, None]
         x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(p, x.to(tl.float32), acc, input_precision="ieee")
@@ -162,49 +414,63 @@ def _mix_kernel(S, X, PART, ZSQ, ALPHA, SIGMA, TAU, D_ALPHA, D_SIGMA, Z, ENDPOIN
             acc = tl.dot(p, x, acc, input_precision=PRECISION)
         s_ptrs += BLOCK_K
         x_ptrs += BLOCK_K * stride_x
-
-    a = tl.load(ALPHA + rm, mask=mask_m, other=0.0)
-    sg = tl.load(SIGMA + rm, mask=mask_m, other=1.0)
-    da = tl.load(D_ALPHA + rm, mask=mask_m, other=0.0)
-    ds = tl.load(D_SIGMA + rm, mask=mask_m, other=0.0)
-    tile = lm[:, None] * stride_z + rd[None, :]
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    if RESIDUAL:
-        x_own = tl.load(ENDPOINT + row0 * stride_z + tile, mask=mask_md, other=0.0).to(tl.float32)
-        v = (da - ds * a / sg)[:, None] * (acc - x_own) + da[:, None] * x_own
-        eps = tl.load(NOISE + row0 * stride_z + tile, mask=mask_md, other=0.0).to(tl.float32)
-        v += ds[:, None] * eps
+    acc = acc * (1.0 / P_SCALE)
+    if split_k == 1:
+        _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
+                        STATS, VT, V, B, D, stride_z, RESIDUAL)
     else:
-        zt = tl.load(Z + row0 * stride_z + tile, mask=mask_md, other=0.0).to(tl.float32)
-        v = (da - ds * a / sg)[:, None] * acc + (ds / sg)[:, None] * zt
-    tl.store(V + row0 * D + (lm[:, None] * D + rd[None, :]), v, mask=mask_md)
+        tl.store(PARTIAL + (pid_k * B + row0) * D + (lm[:, None] * D + rd[None, :]), acc,
+                 mask=mask_m[:, None] & mask_d[None, :])
 
-    if pid_d == 0:
-        tau = tl.load(TAU + rm, mask=mask_m, other=1.0)
-        zsq = tl.load(ZSQ + rm, mask=mask_m, other=0.0)
-        tl.store(LSE + rm, lse_s - zsq / (2.0 * sg * sg * tau), mask=mask_m)
-        tl.store(ESS + rm, tl.where(m == float("-inf"), 0.0, l * l / q), mask=mask_m)
+
+@triton.jit
+def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V,
+                       B, D, stride_z, split_k,
+                       RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    lm = tl.arange(0, BLOCK_M)
+    row0 = (tl.program_id(0) * BLOCK_M).to(tl.int64)
+    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = row0 + lm < B
+    mask_d = rd < D
+    offs = lm[:, None] * D + rd[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(0, split_k):  # a fixed order: the same sum on every run
+        acc += tl.load(PARTIAL + (s * B + row0) * D + offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
+                    VT, V, B, D, stride_z, RESIDUAL)
 
 
 # GPU configurations, chosen so that ptxas reports no spills (kernels/compile_check.py); not yet tuned on a GPU.
-# K1's BLOCK_N is fixed (it sizes the partials buffer); the rest is tuned per (B, K, D).
-LOGITS_BLOCK_N = 64
-LOGITS_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-    for bm, bd, w, st in [(64, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 4)]
-]
-MIX_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-    for bm, bk, bd, w, st in [(64, 64, 128, 8, 3), (32, 64, 128, 4, 3), (64, 32, 64, 4, 3)]
-]
-_logits_tuned = triton.autotune(LOGITS_CONFIGS, key=["B", "K", "D", "HAS_LABELS", "HAS_PRIOR"])(_logits_kernel)
-_mix_tuned = triton.autotune(MIX_CONFIGS, key=["B", "K", "D", "RESIDUAL"])(_mix_kernel)
-BLOCK_T = 32
-
+# The output tiles are fixed (the host sizes buffers and splits from them); the rest is tuned per size bucket.
+LOGITS_BLOCK_M, LOGITS_BLOCK_N = 64, 64
+LOGITS_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in [(64, 8, 3), (32, 8, 4)]]
+MIX_BLOCK_M, MIX_BLOCK_D = 64, 64
+MIX_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st) for bk, w, st in [(64, 8, 3), (32, 8, 4)]]
+_logits_tuned = triton.autotune(LOGITS_CONFIGS, key=["b_bucket", "k_bucket", "D", "split_d", "HAS_LABELS",
+                                                     "HAS_PRIOR"])(_logits_kernel)
+_mix_tuned = triton.autotune(MIX_CONFIGS, key=["b_bucket", "k_bucket", "D", "split_k", "RESIDUAL"])(_mix_kernel)
+# Candidates refined per row (the 15 largest approximate logits and the own endpoint); the row kernel's tiles.
+ROW_TOP, ROW_BLOCK_T, ROW_BLOCK_D, ROW_WARPS = 16, 128, 256, 4
+REDUCE_BLOCK_M, REDUCE_BLOCK_D, REDUCE_WARPS = 16, 128, 4
+# On a GPU, splitting stops at parts of this many elements of D (logits) or candidates (mix).
+SPLIT_MIN_D, SPLIT_MIN_K = 256, 256
 
 # fp32 inputs: "tf32x3" keeps ~fp32 accuracy on the tensor cores (plain TF32 would put 1e-3 relative error into
 # logits that are divided by 2 sigma^2). 16-bit dots ignore it.
 DOT_PRECISION = "tf32x3"
+
+# A row is refined when the bound on its logit error exceeds this many nats; float("inf") switches it off.
+REFINE_NATS = 0.05
+SAFETY = 2.0
+
+
+def logit_error_coefficients(D: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(g_dot, g_sum) of the bound in the module docstring, for inputs of this dtype."""
+    fp32 = dtype == torch.float32
+    n = 3 * D if fp32 else D
+    g_dot = SAFETY * ((n + 2) * 2.0 ** -23 + (2.0 ** -19 if fp32 else 0.0))
+    g_sum = SAFETY * (D + 8) * 2.0 ** -24
+    return g_dot, g_sum
 
 
 def _interpret_block(n: int, cap: int) -> int:
@@ -212,138 +478,101 @@ def _interpret_block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-# A row is refined when its logits may be off by more than this many nats (see _refine_uncertain_rows).
-REFINE_NATS = 0.05
-# Candidates more than this many nats (plus twice the error bound) below a row's best get weight < e^-30.
-REFINE_MARGIN = 30.0
+class Logits(NamedTuple):
+    """What the logits launch leaves for the row kernel."""
+
+    logits: torch.Tensor  # (B, K) S, or the split dot products' destination (finished by the row kernel)
+    part: torch.Tensor  # (3, B, NT) per-tile max, sum of exp, sum of squared exp
+    xmax: torch.Tensor  # (NT,) per-tile max ||x||^2
+    zsq: torch.Tensor  # (split_d, B) float64 parts of ||z||^2
+    dots: torch.Tensor  # (split_d, B, K) parts of z.x when split, else a stand-in
+    xsq: torch.Tensor  # (split_d, K) parts of ||x||^2 when split, else a stand-in
+    block_n: int  # the column tile of the partials
+    split_d: int
 
 
-def _refine_uncertain_rows(logits, part, zsq, xsq, z, pool, alpha, sigma, tau, log_prior, pair_chunk=1 << 22):
-    """Replace the fp32-expansion logits by exact ones where the expansion cannot resolve the softmax.
-
-    K1's logits (2 a z.x - a^2 ||x||^2) / (2 sigma^2 tau) cancel as sigma -> 0: the terms grow like 1/sigma^2 while
-    the differences that matter stay O(D), so near-duplicate candidates at small sigma would get weights off by
-    whole nats. With u = 2^-24, |error| <= u (sqrt(D) + 8)(2|a| ||z|| max||x|| + a^2 max||x||^2) / (2 sigma^2 tau)
-    per row (fp32 accumulation with random rounding; ||z||^2 added for the lse). Rows whose bound exceeds REFINE_NATS
-    keep only the candidates within 2 * bound + REFINE_MARGIN of their best approximate logit (usually one or a
-    few), with exact float64 direct distances ||z - a x_j||^2 (full logits, so that row's ZSQ becomes 0); their
-    softmax partials are rebuilt and their velocity recomputed in float64 (`_refined_velocity`).
-    O(pairs * D) extra work and one host sync per call; REFINE_NATS = inf switches it off.
-    """
-    B, K = logits.shape
-    D = z.shape[1]
-    inv = 1.0 / (2.0 * sigma * sigma * tau)
-    xmax2 = xsq.max()
-    # ||z||^2 enters through the reported lse = lse' - ||z||^2 / (2 sigma^2 tau).
-    magnitude = zsq + 2.0 * alpha.abs() * zsq.sqrt() * xmax2.sqrt() + alpha * alpha * xmax2
-    bound = 2.0 ** -24 * (D ** 0.5 + 8.0) * magnitude * inv
-    best = part[0].max(dim=1).values
-    reach = best - 2.0 * bound - REFINE_MARGIN
-    # Rows with one candidate in reach are refined too: their weights are right, but their lse (which the trainer
-    # compares with the own endpoint's closed-form logit) and their mu - x_own / sigma are not. Usually one pair.
-    rows = ((bound > REFINE_NATS) & torch.isfinite(best)).nonzero()[:, 0]
-    if rows.numel() == 0:
-        return None
-    sub = logits[rows]
-    keep = sub >= reach[rows, None]  # -inf (masked) entries drop out
-    pair_row, pair_col = keep.nonzero(as_tuple=True)
-    exact = torch.empty(pair_row.numel(), device=logits.device, dtype=torch.float64)
-    step = max(1, pair_chunk // D)
-    for p0 in range(0, pair_row.numel(), step):
-        r, c = rows[pair_row[p0:p0 + step]], pair_col[p0:p0 + step]
-        diff = z[r].double() - alpha[r, None].double() * pool[c].double()
-        exact[p0:p0 + step] = -(diff * diff).sum(1) * inv[r].double()
-        if log_prior is not None:
-            exact[p0:p0 + step] += log_prior[r, c].double()
-    refined = torch.full_like(sub, float("-inf"))
-    refined[pair_row, pair_col] = exact.float()
-    logits[rows] = refined
-    m = exact.new_full((rows.numel(),), float("-inf")).scatter_reduce(0, pair_row, exact, "amax")
-    p = torch.exp(exact - m[pair_row])
-    part[:, rows] = torch.tensor([float("-inf"), 0.0, 0.0], device=part.device)[:, None, None]
-    part[0, rows, 0] = m.float()
-    part[1, rows, 0] = torch.zeros_like(m).index_add_(0, pair_row, p).float()
-    part[2, rows, 0] = torch.zeros_like(m).index_add_(0, pair_row, p * p).float()
-    zsq[rows] = 0.0
-    lse = m + torch.log(torch.zeros_like(m).index_add_(0, pair_row, p))
-    return rows, pair_row, pair_col, torch.exp(exact - lse[pair_row])
-
-
-def _refined_velocity(refined, velocity, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint, noise,
-                      pair_chunk=1 << 22):
-    """Velocity of the refined rows in float64 from their few candidates: mu - x_own = sum_j w_j (x_j - x_own) is
-    multiplied by ~1/sigma there, which an fp32 GEMM accumulation of mu (error ~2^-24 |x|) cannot afford."""
-    rows, pair_row, pair_col, w = refined
-    D = z.shape[1]
-    f64 = torch.float64
-    centre = endpoint[rows].to(f64) if endpoint is not None else torch.zeros(rows.numel(), D, dtype=f64,
-                                                                              device=z.device)
-    delta = torch.zeros(rows.numel(), D, dtype=f64, device=z.device)
-    step = max(1, pair_chunk // D)
-    for p0 in range(0, pair_row.numel(), step):
-        r, c = pair_row[p0:p0 + step], pair_col[p0:p0 + step]
-        delta.index_add_(0, r, w[p0:p0 + step, None] * (pool[c].to(f64) - centre[r]))
-    a, s = alpha[rows].to(f64)[:, None], sigma[rows].to(f64)[:, None]
-    da, ds = d_alpha[rows].to(f64)[:, None], d_sigma[rows].to(f64)[:, None]
-    if endpoint is not None:  # residual form; delta = mu - x_own
-        v = da * centre + ds * noise[rows].to(f64) + (da - ds * a / s) * delta
-    else:  # delta = mu
-        v = da * delta + ds * (z[rows].to(f64) - a * delta) / s
-    velocity[rows] = v.float()
-
-
-def shared_pool_posterior(z, pool, alpha, sigma, d_alpha, d_sigma, tau, *, row_labels=None, pool_labels=None,
-                          log_prior=None, endpoint=None, noise=None):
-    """Triton posterior velocity for z (B, D) against a shared pool (K, D); returns fp32 (velocity, lse, ess)."""
+def launch_logits(inp: KernelInputs) -> Logits:
+    """The logits GEMM, split over D when its grid is under a wave."""
+    z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[0]
-    z, pool = z.contiguous(), pool.contiguous()
-    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    alpha, sigma, d_alpha, d_sigma, tau = map(f32, (alpha, sigma, d_alpha, d_sigma, tau))
-    dev = z.device
-    upcast = INTERPRET
-    precision = DOT_PRECISION
-
-    block_n = _interpret_block(K, 64) if INTERPRET else LOGITS_BLOCK_N
-    nt = triton.cdiv(K, block_n)
-    logits = torch.empty(B, K, device=dev, dtype=torch.float32)
-    part = torch.empty(3, B, nt, device=dev, dtype=torch.float32)
-    zsq = torch.empty(B, device=dev, dtype=torch.float32)
-    xsq = torch.empty(K, device=dev, dtype=torch.float32)
-    has_labels = row_labels is not None
-    has_prior = log_prior is not None
-    row_lab = row_labels.contiguous() if has_labels else zsq
-    pool_lab = pool_labels.contiguous() if has_labels else zsq
-    prior = log_prior.contiguous() if has_prior else zsq
-
-    args = (z, pool, alpha, sigma, tau, row_lab, pool_lab, prior, logits, zsq, xsq, part, B, K, D, nt, z.stride(0),
-            pool.stride(0))
-    flags = dict(HAS_LABELS=has_labels, LABELS_2D=has_labels and pool_lab.dim() == 2, HAS_PRIOR=has_prior,
-                 UPCAST=upcast, PRECISION=precision, BLOCK_N=block_n)
+    f32 = dict(device=z.device, dtype=torch.float32)
+    bm, bn = (_interpret_block(B, 32), _interpret_block(K, 64)) if INTERPRET else (LOGITS_BLOCK_M, LOGITS_BLOCK_N)
+    bd = _interpret_block(D, 128) if INTERPRET else SPLIT_MIN_D
+    nt = triton.cdiv(K, bn)
+    split_d = split_factor(triton.cdiv(B, bm) * nt, triton.cdiv(D, bd), sm_count(z.device))
+    logits = torch.empty(B, K, **f32)
+    out = Logits(logits, torch.empty(3, B, nt, **f32), torch.empty(nt, **f32),
+                 torch.empty(split_d, B, device=z.device, dtype=torch.float64),
+                 torch.empty(split_d, B, K, **f32) if split_d > 1 else logits,
+                 torch.empty(split_d, K, **f32) if split_d > 1 else logits, bn, split_d)
+    args = (z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.row_labels, inp.pool_labels, inp.log_prior,
+            *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B), size_bucket(K))
+    flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d, HAS_PRIOR=inp.has_prior,
+                 BLOCK_M=bm, BLOCK_N=bn)
+    grid = (triton.cdiv(B, bm), nt, split_d)
     if INTERPRET:
-        bm, bd = _interpret_block(B, 32), _interpret_block(D, 128)
-        _logits_kernel[(triton.cdiv(B, bm), nt)](*args, **flags, BLOCK_M=bm, BLOCK_D=bd)
+        _logits_kernel[grid](*args, **flags, UPCAST=True, PRECISION="ieee", BLOCK_D=bd)
     else:
-        _logits_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), nt)](*args, **flags)
+        _logits_tuned[grid](*args, **flags, UPCAST=False, PRECISION=DOT_PRECISION)
+    return out
 
-    refined = _refine_uncertain_rows(logits, part, zsq, xsq, z, pool, alpha, sigma, tau,
-                                     log_prior if has_prior else None)
 
-    velocity = torch.empty(B, D, device=dev, dtype=torch.float32)
-    lse = torch.empty(B, device=dev, dtype=torch.float32)
-    ess = torch.empty(B, device=dev, dtype=torch.float32)
-    residual = endpoint is not None
-    end = endpoint.contiguous() if residual else z
-    eps = noise.contiguous() if residual else z
-    args = (logits, pool, part, zsq, alpha, sigma, tau, d_alpha, d_sigma, z, end, eps, velocity, lse, ess,
-            B, K, D, nt, z.stride(0), pool.stride(0))
-    flags = dict(RESIDUAL=residual, UPCAST=upcast, SPLIT_P=z.dtype != torch.float32, PRECISION=precision,
-                 BLOCK_T=BLOCK_T)
+def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None):
+    """The row kernel: returns (stats (4, B), the refined rows' velocity share (B, D), lse and ess (2, B))."""
+    z, pool = inp.z, inp.pool
+    B, D = z.shape
+    K = pool.shape[0]
+    nt = lg.part.shape[2]
+    f32 = dict(device=z.device, dtype=torch.float32)
+    stats, vt, lse_ess = torch.empty(4, B, **f32), torch.empty(B, D, **f32), torch.empty(2, B, **f32)
+    g_dot, g_sum = logit_error_coefficients(D, z.dtype)
+    _row_kernel[(B,)](z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma,
+                      inp.row_labels, inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, inp.endpoint_index,
+                      *lg[:6], stats, vt, lse_ess[0], lse_ess[1], B, K, D, nt, z.stride(0), pool.stride(0),
+                      lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
+                      ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
+                      HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual, BLOCK_N=lg.block_n,
+                      TOP=ROW_TOP, BLOCK_T=_interpret_block(nt, 128) if INTERPRET else ROW_BLOCK_T,
+                      BLOCK_D=_interpret_block(D, 1024) if INTERPRET else ROW_BLOCK_D, num_warps=ROW_WARPS)
+    return stats, vt, lse_ess
+
+
+def launch_mix(inp: KernelInputs, logits, stats, vt):
+    """The mix (and, under one wave, its fixed-order sum): returns the velocity (B, D)."""
+    z, pool = inp.z, inp.pool
+    B, D = z.shape
+    K = pool.shape[0]
     if INTERPRET:
         bm, bk, bd = _interpret_block(B, 32), _interpret_block(K, 64), _interpret_block(D, 128)
-        _mix_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bd))](*args, **flags, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd)
     else:
-        _mix_tuned[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))](*args, **flags)
-    if refined is not None:
-        _refined_velocity(refined, velocity, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint, noise)
-    return velocity, lse, ess
+        bm, bk, bd = MIX_BLOCK_M, None, MIX_BLOCK_D
+    split_k = split_factor(triton.cdiv(B, bm) * triton.cdiv(D, bd), triton.cdiv(K, bk or SPLIT_MIN_K),
+                           sm_count(z.device))
+    velocity = torch.empty(B, D, device=z.device, dtype=torch.float32)
+    partial = torch.empty(split_k, B, D, device=z.device, dtype=torch.float32) if split_k > 1 else velocity
+    tail = (z, inp.endpoint, inp.noise, inp.alpha, inp.sigma, inp.d_alpha, inp.d_sigma, vt, velocity)
+    args = (logits, pool, stats, *tail, partial, B, K, D, z.stride(0), pool.stride(0), split_k, size_bucket(B),
+            size_bucket(K))
+    flags = dict(RESIDUAL=inp.residual, SPLIT_P=z.dtype != torch.float32,
+                 P_SCALE=2.0 ** 15 if z.dtype == torch.float16 else 1.0, BLOCK_M=bm, BLOCK_D=bd)
+    grid = (triton.cdiv(B, bm), triton.cdiv(D, bd), split_k)
+    if INTERPRET:
+        _mix_kernel[grid](*args, **flags, UPCAST=True, PRECISION="ieee", BLOCK_K=bk)
+    else:
+        _mix_tuned[grid](*args, **flags, UPCAST=False, PRECISION=DOT_PRECISION)
+    if split_k > 1:
+        bm, bd = (bm, bd) if INTERPRET else (REDUCE_BLOCK_M, REDUCE_BLOCK_D)
+        _mix_reduce_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bd))](
+            partial, stats, *tail, B, D, z.stride(0), split_k, RESIDUAL=inp.residual, BLOCK_M=bm, BLOCK_D=bd,
+            num_warps=REDUCE_WARPS)
+    return velocity
+
+
+def shared_pool_posterior(inp: KernelInputs, refine_nats: float | None = None):
+    """Triton posterior velocity for z (B, D) against a shared pool (K, D); returns fp32 (velocity, lse, ess).
+
+    `refine_nats` overrides REFINE_NATS (float("inf"): the kernels without refinement)."""
+    lg = launch_logits(inp)
+    stats, vt, lse_ess = launch_rows(inp, lg, refine_nats)
+    return launch_mix(inp, lg.logits, stats, vt), lse_ess[0], lse_ess[1]

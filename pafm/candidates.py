@@ -25,6 +25,7 @@ class Candidates:
     pool: torch.Tensor  # (K, *S) shared, or (B, K, *S) per row
     ids: torch.Tensor | None  # (K,) or (B, K) int64, compared with the rows' ids; None: no label mask
     pooled: torch.Tensor | None = None  # (K, P) pooled text embeddings of the shared pool (similarity prior)
+    own_index: torch.Tensor | None = None  # (B,) each row's own endpoint in a shared pool (kept by the refinement)
 
     def wait(self) -> "Candidates":
         return self  # already local; see GatheredCandidates
@@ -49,7 +50,7 @@ class BatchSource(Source):
     """The rank's own minibatch as a shared pool."""
 
     def pool(self, x, ids, pooled, batch, resample) -> Candidates:
-        return Candidates(x, ids, pooled)
+        return Candidates(x, ids, pooled, torch.arange(len(x), device=x.device))
 
 
 class GatheredCandidates:
@@ -66,7 +67,9 @@ class GatheredCandidates:
                 work.wait()
                 item = out
             outs.append(item)
-        return Candidates(*outs)
+        rows = outs[0].shape[0] // dist.get_world_size()
+        own = dist.get_rank() * rows + torch.arange(rows, device=outs[0].device)
+        return Candidates(*outs, own_index=own)
 
 
 class GlobalSource(Source):
@@ -108,7 +111,8 @@ class ClassBank(Source):
         filled = torch.arange(per_class, device=x.device)[None, :] < self.count[:, None]  # (C, per_class)
         classes = torch.arange(self.entries.shape[0], device=x.device)[:, None].expand_as(filled)
         pool = torch.cat([self.entries[filled].to(x.dtype), x])
-        return Candidates(pool, torch.cat([classes[filled], ids]))
+        own = len(pool) - len(x) + torch.arange(len(x), device=x.device)  # the batch comes last
+        return Candidates(pool, torch.cat([classes[filled], ids]), own_index=own)
 
     @torch.no_grad()
     def update(self, x, ids):

@@ -220,6 +220,7 @@ class Objective:
         out = posterior_velocity(
             z, cand.pool, alpha, sigma, d_alpha, d_sigma, row_labels=row_labels, pool_labels=pool_labels,
             log_prior=log_prior, temperature=temperature, endpoint=x, noise=draws.noise, backend=self.cfg.backend,
+            endpoint_index=None if per_row else cand.own_index,
         )
         # The own endpoint's logit is known in closed form: z - alpha x = sigma eps, so l_own = -|eps|^2 / (2 tau).
         own_logit = -draws.noise.float().flatten(1).square().sum(1) / (2.0 * torch.as_tensor(temperature))

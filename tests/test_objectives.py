@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pafm.candidates import ClassBank
+from pafm.candidates import BatchSource, ClassBank
 from pafm.objectives import Objective, ObjectiveConfig, ess_temperature, flow_loss, step_generator, t_bin_stats
 
 SHAPE = (1, 4, 4)
@@ -178,3 +178,14 @@ def test_loss_and_bins():
 def test_config_checks(bad):
     with pytest.raises(ValueError, match="objective"):
         ObjectiveConfig(kind="pafm", **bad)
+
+
+def test_shared_pools_name_each_rows_own_endpoint():
+    """own_index lets the GPU refinement always keep the row's own endpoint: it must point at x itself."""
+    x = torch.randn(5, 3)
+    ids = torch.tensor([0, 1, 2, 0, 1])
+    bank = ClassBank(num_classes=3, per_class=2, shape=(3,), device="cpu")
+    bank.update(torch.randn(4, 3), torch.tensor([0, 1, 1, 2]))
+    for source in (BatchSource(), bank):
+        cand = source.pool(x, ids, None, {}, None)
+        assert torch.equal(cand.pool[cand.own_index], x), type(source).__name__

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _posterior_oracle import make_case, oracle, rel_err
 from pafm_kernels import PosteriorTarget, posterior_velocity
-from pafm_kernels.naive import posterior_velocity_reference
+from pafm_kernels.naive import posterior_velocity_naive as oracle
+from pafm_kernels.reference import posterior_velocity_reference
+from pafm_kernels.testing import make_case, rel_err
 
 # fp32 reference vs float64 oracle on the same inputs: the direct distance keeps every logit to ~1e-7 relative and the
 # weights are spread over a few near-duplicates, so the bound of 1e-5 applies to velocity, lse and ESS.
@@ -218,6 +219,8 @@ BAD = [
     (dict(endpoint=torch.randn(3, 2, 4)), "noise is missing"),
     (dict(endpoint=torch.randn(3, 2, 4), noise=torch.randn(3, 8)), "noise must have shape"),
     (dict(endpoint=torch.randn(3, 2, 4).bfloat16(), noise=torch.randn(3, 2, 4)), "endpoint must have dtype"),
+    (dict(endpoint_index=torch.zeros(3)), "endpoint_index must be an integer"),
+    (dict(endpoint_index=torch.zeros(4, dtype=torch.long)), "endpoint_index must have shape"),
     (dict(backend="cuda"), "backend must be one of"),
     (dict(z=torch.randn(3, 2, 4).double(), pool=torch.randn(5, 2, 4).double(), backend="triton"), "float64"),
 ]

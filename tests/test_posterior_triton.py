@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from _posterior_oracle import make_case, oracle, rel_err
-from pafm_kernels import posterior_velocity
+from pafm_kernels import launch, per_row_pool, posterior_velocity, shared_pool
+from pafm_kernels.naive import posterior_velocity_naive as oracle
+from pafm_kernels.testing import make_case, rel_err, t_grid_case
 
 # numpy warns about log(0) and -inf - -inf in padded rows whose results are masked out on store
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -122,3 +123,98 @@ def test_shared_pool_near_duplicates_at_small_sigma_are_refined(residual):
     assert (ess64[sigma < 0.01] > 1.2).all()  # the near-duplicates share the weight
     errs = rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)
     assert max(errs) <= 1e-5, errs
+
+
+T_GRID = [1e-3, 0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 0.99, 0.999, 0.9999, 1 - 1e-5]  # sigma down to 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+def test_t_grid_at_d4096_with_near_duplicates(per_row, dtype):
+    # Each row's endpoint, three near-duplicates at 0.1 sigma per coordinate and eight unrelated candidates, D = 4096:
+    # at the data end the fp32 expansion is off by ~1e6 nats and every shared-pool row is refined on the device.
+    args, kw = t_grid_case(T_GRID, 4096, dtype=dtype, per_row=per_row)
+    out = posterior_velocity(*args, **kw, backend="triton")
+    v64, lse64, ess64 = oracle(*args, **kw)
+    assert (ess64[:4] > 1.5).all()  # the weights are spread up to t = 0.4
+    # Measured worst cases (interpreter): shared 1.2e-7 (velocity) and 2e-7 (ESS); per-row 3.2e-5 and 2e-5 (its fp32
+    # distances sum 4096 terms into logits of ~2000 nats).
+    tol = 1e-6 if not per_row else 1e-4
+    errs = rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)
+    assert errs[0] <= tol and errs[1] <= 1e-6 and errs[2] <= tol, errs
+    if not per_row and dtype == torch.float32:
+        # Without refinement the data-end rows are wrong: the refinement is what keeps them exact.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(shared_pool, "REFINE_NATS", float("inf"))
+            raw = posterior_velocity(*args, **kw, backend="triton")
+        assert rel_err(raw.velocity[-1], v64[-1]) > 100 * rel_err(out.velocity[-1], v64[-1])
+        assert (raw.lse.double() - lse64).abs().max() > 1e3
+
+
+def test_endpoint_index_keeps_the_own_endpoint():
+    # Twenty near-copies of each endpoint, 1e-4 away per coordinate: far below what the fp32 expansion resolves at
+    # sigma = 1e-5 (they tie with the endpoint and win on index), far above sigma in exact terms, so the own
+    # endpoint carries all the weight. Only endpoint_index guarantees that refinement looks at it.
+    g = torch.Generator().manual_seed(0)
+    B, D, n = 4, 1024, 20
+    sigma = torch.tensor([1e-5, 1e-5, 1e-4, 0.5])
+    a = 1 - sigma
+    x, eps = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    z = a[:, None] * x + sigma[:, None] * eps
+    pool = torch.cat([(x[:, None] + 1e-4 * torch.randn(B, n, D, generator=g)).reshape(B * n, D), x])
+    args = (z, pool, a, sigma, torch.ones(B), -torch.ones(B))
+    v64, lse64, _ = oracle(*args, endpoint=x, noise=eps)
+    kept = posterior_velocity(*args, endpoint=x, noise=eps, endpoint_index=B * n + torch.arange(B), backend="triton")
+    assert rel_err(kept.velocity, v64) <= 1e-6 and (kept.lse.double() - lse64).abs().max() <= 1e-3
+    lost = posterior_velocity(*args, endpoint=x, noise=eps, backend="triton")
+    assert rel_err(lost.velocity, v64) > 1e-2  # what the index prevents
+
+
+def test_gpu_launch_path_buckets_k_and_splits_small_grids(monkeypatch):
+    # The GPU host path (autotuned kernels, GPU tile sizes, splits under one wave of 132 SMs) run by the
+    # interpreter with fp32 inputs (its bf16 dots are wrong) and a stand-in benchmark for the autotuner.
+    benchmarks = []
+
+    def bench(fn, *args, **kwargs):
+        benchmarks.append(fn)
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(shared_pool, "INTERPRET", False)
+    monkeypatch.setattr(per_row_pool, "INTERPRET", False)
+    monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132)
+    for tuned in (shared_pool._logits_tuned, shared_pool._mix_tuned, per_row_pool._per_row_tuned):
+        monkeypatch.setitem(tuned.__dict__, "do_bench", bench)  # a cached property that would ask for a driver
+        monkeypatch.setattr(tuned, "cache", {})
+    tuned_after = []
+    for K in (300, 400, 700):  # 300 and 400 share the bucket 512: a filling bank does not re-tune every step
+        args, kw = make_case(6, K, (300,), labels="1d", prior=True, residual=True, own_index=True,
+                             t_range=(0.3, 0.9999))
+        out = posterior_velocity(*args, **kw, backend="triton")
+        tuned_after.append((len(shared_pool._logits_tuned.cache), len(shared_pool._mix_tuned.cache)))
+        v64, lse64, ess64 = oracle(*args, **kw)
+        assert max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)) <= 2e-4
+    assert tuned_after == [(1, 1), (1, 1), (2, 2)] and len(benchmarks) == 8  # two configurations each
+    args, kw = make_case(6, 9, (300,), per_row=True, residual=True)
+    out = posterior_velocity(*args, **kw, backend="triton")
+    assert rel_err(out.velocity, oracle(*args, **kw)[0]) <= TOL_PER_ROW
+    assert len(per_row_pool._per_row_tuned.cache) == 1 and len(benchmarks) == 8 + len(per_row_pool.PER_ROW_CONFIGS)
+
+
+def test_weight_spread_over_more_candidates_than_refined():
+    # 60 near-ties per row at small sigma, more than the 16 candidates a row refines exactly: the rest keep their
+    # approximate logits (fp32 S of ~1e6 nats here, so ~0.1 nat each), a known, bounded loss of accuracy. Measured
+    # (interpreter): velocity 6e-6 / 7e-5 / 7e-4 and ESS 9e-5 / 4e-3 / 8e-2 at sigma = 0.1 / 0.03 / 0.01.
+    g = torch.Generator().manual_seed(1)
+    B, D, n = 4, 256, 60
+    sigma = torch.tensor([0.1, 0.03, 0.01, 0.3])
+    a = 1 - sigma
+    x, eps = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    z = a[:, None] * x + sigma[:, None] * eps
+    pool = torch.cat([x, (x[:, None] + 0.05 * sigma[:, None, None] * torch.randn(B, n, D, generator=g)).flatten(0, 1)])
+    args = (z, pool, a, sigma, torch.ones(B), -torch.ones(B))
+    v64, lse64, ess64 = oracle(*args, endpoint=x, noise=eps)
+    assert (ess64 > 30).all()
+    out = posterior_velocity(*args, endpoint=x, noise=eps, endpoint_index=torch.arange(B), backend="triton")
+    assert rel_err(out.velocity, v64) <= 2e-3 and rel_err(out.ess, ess64) <= 0.2
+    assert rel_err(out.velocity[[0, 3]], v64[[0, 3]]) <= 1e-4

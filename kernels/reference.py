@@ -1,0 +1,98 @@
+"""Memory-bounded float64-grade PyTorch reference of the posterior-velocity op: the CPU backend (`backend="torch"`).
+
+Distances are float64: for a shared pool the GEMM expansion ||z||^2 - 2 a z.x + a^2 ||x||^2 over chunks of candidates
+(its cancellation as sigma -> 0 costs ~1e-16 D / sigma^2 nats in float64, where fp32 would lose whole nats), for
+per-row pools the direct ||z - a x_j||^2 over tiles of rows x candidates. Every temporary is capped by `chunk_elems`
+elements, so the peak extra memory is O(B*K + B*D + chunk_elems) and no B x K x D tensor ever exists.
+Everything after the input cast runs in float64 (B x K logits, B x D mean, chunk-sized temporaries), so the result
+is float64-grade and returned as float32 (float64 for float64 inputs, which the tests use as an oracle).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def default_chunk_elems(device: torch.device) -> int:
+    # 16 MiB of fp32 temporaries on the CPU, 256 MiB on a GPU (fewer, larger launches).
+    return 1 << 26 if device.type == "cuda" else 1 << 22
+
+
+def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=None,
+                                 pool_labels=None, log_prior=None, endpoint=None, noise=None, chunk_elems=None):
+    """Reference posterior velocity on already-validated inputs.
+
+    z (B, D); pool (K, D) shared or (B, K, D) per row; alpha, sigma, d_alpha, d_sigma (B,); temperature a float or
+    (B,); row_labels (B,) with pool_labels (K,) or (B, K); log_prior (B, K); endpoint, noise (B, D).
+    Returns (velocity (B, D), lse (B,), ess (B,)) in float32, or float64 for float64 inputs.
+    """
+    ct = torch.float64 if z.dtype == torch.float64 else torch.float32
+    B, D = z.shape
+    shared = pool.dim() == 2
+    K = pool.shape[-2]
+    chunk_elems = chunk_elems or default_chunk_elems(z.device)
+    k_chunk = max(1, min(K, chunk_elems // D))
+    r_chunk = max(1, min(B, chunk_elems // (k_chunk * D)))
+
+    # Distances and softmax in float64: near sigma -> 0, z - a x_j cancels to O(sigma) and an fp32 product a x_j
+    # would put eps / sigma relative error into it (the kernels get the same exactness from a fused multiply-add).
+    f64 = torch.float64
+    z64, a64 = z.to(f64), alpha.to(f64)
+    tau = temperature.to(f64) if isinstance(temperature, torch.Tensor) else float(temperature)
+    scale = 1.0 / (2.0 * sigma.to(f64) ** 2 * tau)
+
+    # Logits: the full -||z - a x||^2 / (2 sigma^2 tau), so the logsumexp is the contract's lse as is.
+    logits = torch.empty(B, K, dtype=f64, device=z.device)
+    if shared:
+        # Shared pool: the float64 expansion ||z||^2 - 2 a z.x + a^2 ||x||^2, one GEMM per chunk of candidates
+        # (no rows x candidates x D temporary). Its absolute error ~1e-16 D / sigma^2 nats stays far below fp32's.
+        zsq = (z64 * z64).sum(1)
+        for k0 in range(0, K, k_chunk):
+            k1 = min(K, k0 + k_chunk)
+            xk = pool[k0:k1].to(f64)
+            dist = zsq[:, None] - 2.0 * a64[:, None] * (z64 @ xk.T) + (a64 * a64)[:, None] * (xk * xk).sum(1)
+            logits[:, k0:k1] = dist.clamp_min_(0.0) * -scale[:, None]
+    else:
+        # Per-row pools: every candidate is read once anyway, so the direct difference costs nothing extra.
+        for k0 in range(0, K, k_chunk):
+            k1 = min(K, k0 + k_chunk)
+            for r0 in range(0, B, r_chunk):
+                r1 = min(B, r0 + r_chunk)
+                diff = z64[r0:r1, None, :] - a64[r0:r1, None, None] * pool[r0:r1, k0:k1].to(f64)
+                logits[r0:r1, k0:k1] = diff.square_().sum(-1) * -scale[r0:r1, None]
+    if log_prior is not None:
+        logits += log_prior.to(f64)
+    if row_labels is not None:
+        pl = pool_labels if pool_labels.dim() == 2 else pool_labels[None, :]
+        admissible = (row_labels[:, None] < 0) | (pl == row_labels[:, None])
+        logits.masked_fill_(~admissible, float("-inf"))
+
+    lse = torch.logsumexp(logits, dim=1)  # -inf for a row with no admissible candidate
+    w = torch.exp(logits - lse[:, None])  # NaN on such a row, which makes its velocity NaN as documented
+    ess = torch.where(torch.isneginf(lse), torch.zeros_like(lse), 1.0 / (w * w).sum(1))
+
+    # mu in float64: the residual form multiplies mu - x_own by ~1/sigma, so an fp32 mu near x_own would lose
+    # digits. Per-row pools accumulate mu - x_own = sum_j w_j (x_j - x_own) directly.
+    centre = endpoint.to(f64) if (endpoint is not None and not shared) else None
+    mu = torch.zeros(B, D, dtype=f64, device=z.device)
+    for k0 in range(0, K, k_chunk):
+        k1 = min(K, k0 + k_chunk)
+        if shared:
+            mu += w[:, k0:k1] @ pool[k0:k1].to(f64)
+        else:
+            for r0 in range(0, B, r_chunk):
+                r1 = min(B, r0 + r_chunk)
+                x = pool[r0:r1, k0:k1].to(f64)
+                if centre is not None:
+                    x = x - centre[r0:r1, None]
+                mu[r0:r1] += torch.bmm(w[r0:r1, None, k0:k1], x)[:, 0]
+
+    da, ds, s = d_alpha.to(f64)[:, None], d_sigma.to(f64)[:, None], sigma.to(f64)[:, None]
+    if endpoint is not None:
+        # Residual form: u + (d_alpha - d_sigma alpha / sigma)(mu - x_own); stays accurate as sigma -> 0.
+        x_own = endpoint.to(f64)
+        u = da * x_own + ds * noise.to(f64)
+        delta = mu if centre is not None else mu - x_own
+        velocity = u + (da - ds * a64[:, None] / s) * delta
+    else:
+        velocity = da * mu + ds * (z64 - a64[:, None] * mu) / s
+    return velocity.to(ct), lse.to(ct), ess.to(ct)

@@ -1,0 +1,90 @@
+"""Inputs and an error measure for checking the posterior-velocity op, shared by the tests and bench/gpu_check.py."""
+import torch
+
+
+def rel_err(x, ref):
+    """max |x - ref| / max |ref| (a scale-free error for vectors and batches)."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make_case(B, K, S, *, per_row=False, dtype=torch.float32, labels=None, prior=False, tau=None, residual=False,
+              own_index=False, t_range=(0.2, 0.8), seed=0):
+    """Random inputs on the linear path (alpha = t, sigma = 1 - t) with candidates close enough to z that the
+    weights are spread (a non-trivial ESS), plus optional labels ("1d" or "2d"), log prior, temperature ("rows" or a
+    float) and, for a shared pool, the pool index of each row's own endpoint (-1 where it is not in the pool).
+
+    Returns ((z, pool, alpha, sigma, d_alpha, d_sigma), keyword arguments) on the CPU.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, *S, generator=g)
+    eps = torch.randn(B, *S, generator=g)
+    t = torch.empty(B).uniform_(*t_range, generator=g)
+    alpha, sigma = t, 1 - t
+    ones = [1] * len(S)
+    z = alpha.view(-1, *ones) * x + sigma.view(-1, *ones) * eps
+    if per_row:
+        # Near-duplicates of the row's own endpoint, spread on the scale sigma / alpha (so they compete).
+        spread = (sigma / alpha).view(B, 1, *ones)
+        pool = x[:, None] + 0.3 * spread * torch.randn(B, K, *S, generator=g)
+        pool[:, 0] = x
+    else:
+        pool = torch.randn(K, *S, generator=g)
+        pool[: min(K, B)] = x[: min(K, B)]
+        if K > B:  # near-duplicates of the first endpoints
+            pool[B:] = x[torch.arange(K - B) % B] + 0.2 * torch.randn(K - B, *S, generator=g)
+    kw = {}
+    if labels is not None:
+        # Labels in {0, 1, 2} (row label -1 admits all); every row keeps at least one admissible candidate.
+        n_lab = min(3, K)
+        row_labels = torch.randint(-1, n_lab, (B,), generator=g)
+        if labels == "1d":
+            pool_labels = torch.randint(0, n_lab, (K,), generator=g)
+            pool_labels[:n_lab] = torch.arange(n_lab)
+        else:
+            pool_labels = torch.randint(0, n_lab, (B, K), generator=g)
+            pool_labels[:, 0] = row_labels.clamp_min(0)
+        kw["row_labels"], kw["pool_labels"] = row_labels, pool_labels
+    if prior:
+        kw["log_prior"] = torch.randn(B, K, generator=g)
+    if tau is not None:
+        kw["temperature"] = tau if isinstance(tau, float) else torch.empty(B).uniform_(0.5, 2.0, generator=g)
+    if residual:
+        kw["endpoint"], kw["noise"] = x.to(dtype), eps.to(dtype)
+    if own_index and not per_row:
+        kw["endpoint_index"] = torch.where(torch.arange(B) < K, torch.arange(B), -1)
+    return (z.to(dtype), pool.to(dtype), alpha, sigma, *d_alpha_sigma(B)), kw
+
+
+def d_alpha_sigma(B):
+    """The linear path's (d_alpha, d_sigma) = (1, -1) for B rows."""
+    return torch.ones(B), -torch.ones(B)
+
+
+def t_grid_case(ts, D, *, dtype=torch.float32, per_row=False, duplicates=3, spread=0.1, unrelated=8, seed=0,
+                device="cpu"):
+    """One row per t in `ts` on the linear path, in the residual form, with the hardest candidates for the kernels:
+    each row's own endpoint plus `duplicates` near-duplicates of it at `spread * sigma` per coordinate (they share
+    the weight at every t, down to sigma = 1e-5) and `unrelated` random candidates.
+
+    Shared pool: every row's candidates in one pool of B (1 + duplicates) + unrelated, with `endpoint_index`.
+    Per-row pools: (B, 1 + duplicates + unrelated), the own endpoint in slot 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    t = torch.as_tensor(ts, dtype=torch.float32)
+    B = t.numel()
+    alpha, sigma = t, 1 - t
+    x, eps = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    z = alpha[:, None] * x + sigma[:, None] * eps
+    near = x[:, None] + spread * sigma[:, None, None] * torch.randn(B, duplicates, D, generator=g)
+    other = torch.randn(unrelated, D, generator=g)
+    kw = dict(endpoint=x, noise=eps)
+    if per_row:
+        pool = torch.cat([x[:, None], near, other[None].expand(B, -1, -1)], 1)
+    else:
+        pool = torch.cat([x, near.reshape(B * duplicates, D), other])
+        kw["endpoint_index"] = torch.arange(B)
+    to = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
+    args = (to(z), to(pool), alpha.to(device), sigma.to(device), *(c.to(device) for c in d_alpha_sigma(B)))
+    kw = {k: (to(v) if v.is_floating_point() else v.to(device)) for k, v in kw.items()}
+    return args, kw

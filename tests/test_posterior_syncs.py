@@ -1,0 +1,137 @@
+"""The op's Triton path never makes the host wait for the device and launches at most four kernels per call.
+
+It runs in the interpreter on CPU tensors, where a sync would not show by itself: a dispatch mode raises on every
+aten op that synchronises on a GPU (reads a value back to the host, or has a data-dependent output shape) and counts
+the ops that would launch a kernel; a wrapper of the interpreter's launch counts the Triton launches.
+"""
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.interpreter import InterpretedFunction
+
+from pafm_kernels import launch, posterior_velocity, shared_pool
+from pafm_kernels.naive import posterior_velocity_naive as oracle
+from pafm_kernels.testing import make_case, rel_err
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+# aten ops that wait for the device: values read by the host, or output shapes that depend on values.
+SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "masked_scatter", "unique",
+           "_unique", "_unique2", "unique_dim", "unique_consecutive", "equal", "bincount", "repeat_interleave",
+           "histc", "_assert_async", "allclose"}
+# aten ops that allocate or make views without launching anything.
+NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+             "_reshape_alias", "reshape", "as_strided", "alias", "detach", "lift_fresh", "t", "transpose",
+             "permute", "select", "slice", "unsqueeze", "squeeze", "expand", "unbind", "split"}
+
+
+class DeviceWork(TorchDispatchMode):
+    """Raises on syncing ops; records every launch (aten ops that compute or copy, and Triton kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = []
+        self.in_kernel = 0  # the interpreter's own tensor traffic inside a launch is not the op's
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if not self.in_kernel:
+            bool_index = name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for a in args if isinstance(a, (list, tuple)) for i in a)
+            if name in SYNCING or bool_index or (name == "_to_copy" and kwargs.get("device") is not None):
+                raise AssertionError(f"aten.{name} waits for the device")
+            if name not in NO_LAUNCH:
+                self.launches.append(f"aten.{name}")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def device_work(monkeypatch):
+    mode = DeviceWork()
+    run = InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        mode.launches.append(self.fn.__name__)
+        mode.in_kernel += 1
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            mode.in_kernel -= 1
+
+    def no_host_copy(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if not mode.in_kernel:
+                raise AssertionError(f"Tensor.{name} copies to the host")
+            return original(self, *args, **kwargs)
+        return guarded
+
+    monkeypatch.setattr(InterpretedFunction, "run", counted_run)
+    for name in ("tolist", "numpy", "__array__"):  # not dispatched as aten ops
+        monkeypatch.setattr(torch.Tensor, name, no_host_copy(name))
+    with mode:
+        yield mode
+
+
+SHARED = [  # (name, case, t_range): refined rows need sigma -> 0 at these small D; D > 128 and K > 64 split
+    ("plain", dict(B=6, K=70, S=(140,)), (0.3, 0.6)),
+    ("refined", dict(B=6, K=70, S=(140,), residual=True, own_index=True), (1 - 1e-4, 1 - 1e-4)),
+    ("features", dict(B=7, K=70, S=(3, 50), labels="2d", prior=True, tau="rows", residual=True, own_index=True),
+     (0.2, 0.9999)),
+    ("labels_1d", dict(B=5, K=90, S=(200,), labels="1d", tau=0.7), (0.5, 0.9999)),
+]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_wave", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,case,t_range", SHARED, ids=[c[0] for c in SHARED])
+def test_shared_pool_launches_without_host_sync(monkeypatch, name, case, t_range, dtype, split):
+    if split:  # pretend a GPU whose waves the tiny grids do not fill: K1 splits D, the mix splits K (+1 launch)
+        monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132)
+    args, kw = make_case(**case, dtype=dtype, t_range=t_range)
+    with device_work(monkeypatch) as work:
+        out = posterior_velocity(*args, **kw, backend="triton")
+    expected = ["_logits_kernel", "_row_kernel", "_mix_kernel"] + (["_mix_reduce_kernel"] if split else [])
+    assert work.launches == expected
+    v64, lse64, ess64 = oracle(*args, **kw)
+    assert max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)) <= 2e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("features", [False, True])
+def test_per_row_pool_launches_once_without_host_sync(monkeypatch, dtype, features):
+    extra = dict(labels="2d", prior=True, tau="rows", residual=True) if features else {}
+    args, kw = make_case(5, 9, (30,), per_row=True, dtype=dtype, t_range=(0.3, 0.9999), **extra)
+    with device_work(monkeypatch) as work:
+        posterior_velocity(*args, **kw, backend="triton")
+    assert work.launches == ["_per_row_kernel"]
+
+
+def test_the_guard_catches_syncs_and_launches(monkeypatch):
+    x = torch.arange(6.0)
+    with pytest.raises(AssertionError, match="nonzero"), device_work(monkeypatch):
+        (x > 2).nonzero()
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), device_work(monkeypatch):
+        bool((x > 2).any())
+    with pytest.raises(AssertionError, match="index"), device_work(monkeypatch):
+        x[x > 2]
+    with pytest.raises(AssertionError, match="tolist"), device_work(monkeypatch):
+        x.tolist()
+    with device_work(monkeypatch) as work:
+        torch.full((3,), 2.0)
+        x.float().contiguous()  # no-ops on a float contiguous tensor
+    assert work.launches == ["aten.full"]
+
+
+def test_refinement_switch_changes_nothing_on_launches(monkeypatch):
+    # REFINE_NATS = inf (the kernels alone) keeps the same three launches; the row kernel just skips refinement.
+    monkeypatch.setattr(shared_pool, "REFINE_NATS", float("inf"))
+    args, kw = make_case(6, 20, (40,), residual=True, t_range=(1 - 1e-4, 1 - 1e-4))
+    with device_work(monkeypatch) as work:
+        posterior_velocity(*args, **kw, backend="triton")
+    assert work.launches == ["_logits_kernel", "_row_kernel", "_mix_kernel"]
