@@ -1,7 +1,7 @@
 """The training log: a window of step statistics, written every `log.every` steps to metrics.jsonl, TensorBoard
 and the progress bar.
 
-Logging is side work: a failed write (full disk, a removed folder) is reported once per kind and counted in the next
+Logging is side work: a failed write (full disk, a removed folder) is reported as a warning, counted in the next
 record, and never stops training.  Only rank 0 writes; the window's sums live on the device so that a step costs no
 host sync beyond the loss shown on the progress bar.
 """
