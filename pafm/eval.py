@@ -39,13 +39,13 @@ import torch.distributed as dist
 
 from pafm.cli import USER_ERRORS, OneLineParser, SharedError, all_ranks_agree, one_line, parse_args, report_error
 from pafm.config import ConfigError, load_config, to_dict
-from pafm.data import load_digits_split
+from pafm.data import load_digits_split, load_mnist_split
 from pafm.distributed import cleanup, init_distributed
 from pafm.export import dataset_info, export_staleness, load_export, read_export_meta, resolve_export
 from pafm.files import atomic_savez, atomic_write_text
 from pafm.generate import Conditions, Decoder, generate, latent_shape, pick_device
-from pafm.metrics import (DigitsJudge, InceptionFeatures, check_reference, inception_metrics, read_reference_images,
-                          read_reference_statistics, to_uint8)
+from pafm.metrics import (DigitsJudge, InceptionFeatures, MnistJudge, check_reference, default_mnist_cnn,
+                          inception_metrics, read_reference_images, read_reference_statistics, to_uint8)
 from pafm.paths import build_path
 from pafm.sampling import SamplerConfig
 
@@ -54,10 +54,10 @@ INCEPTION_METRICS = ("fid", "isc", "prc", "kid")
 
 @dataclasses.dataclass
 class EvalSection:
-    """num_samples: total N (null: the ImageNet protocol's 50000; 1000 for the built-in digits).  batch_size: samples
+    """num_samples: total N (null: the ImageNet protocol's 50000; 1000 for the built-in digits and MNIST).  batch_size: samples
     per chunk (per rank at a time).  labels: random (i.i.d. uniform, DiT's and SiT's protocol) or balanced (sample i
-    gets class i % num_classes).  metrics: any of fid, isc, prc, kid, digits; null picks 'digits' for builtin:digits*
-    data and [fid, isc, prc] otherwise.  reference: a folder of images, an .npz with arr_0 (uint8 NHWC) and/or mu,
+    gets class i % num_classes).  metrics: any of fid, isc, prc, kid, digits, mnist; null picks 'digits' for
+    builtin:digits* data, 'mnist' for builtin:mnist and [fid, isc, prc] otherwise.  reference: a folder of images, an .npz with arr_0 (uint8 NHWC) and/or mu,
     sigma.  inception_weights: local torch-fidelity Inception file (else torch-fidelity downloads it)."""
 
     num_samples: Optional[int] = None
@@ -87,11 +87,12 @@ SEED_RULE = ("chunk c (eval.batch_size samples) draws its conditions, initial no
 
 def resolve_eval_defaults(cfg: EvalConfig, meta: dict) -> None:
     """Fill eval.num_samples and eval.metrics where they are null, from the export's dataset."""
-    digits = str((meta.get("data") or {}).get("spec", "")).startswith("builtin:digits")
+    spec = str((meta.get("data") or {}).get("spec", ""))
+    digits, mnist = spec.startswith("builtin:digits"), spec == "builtin:mnist"
     if cfg.eval.num_samples is None:
-        cfg.eval.num_samples = 1000 if digits else 50000
+        cfg.eval.num_samples = 1000 if digits or mnist else 50000
     if cfg.eval.metrics is None:
-        cfg.eval.metrics = ["digits"] if digits else ["fid", "isc", "prc"]
+        cfg.eval.metrics = ["digits"] if digits else ["mnist"] if mnist else ["fid", "isc", "prc"]
 
 
 def check_eval_config(cfg: EvalConfig, meta: dict) -> None:
@@ -103,9 +104,12 @@ def check_eval_config(cfg: EvalConfig, meta: dict) -> None:
         raise ConfigError(f"eval.num_samples must be >= 1, got {e.num_samples}")
     if e.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {e.batch_size}")
-    unknown = set(metrics) - set(INCEPTION_METRICS) - {"digits"}
+    unknown = set(metrics) - set(INCEPTION_METRICS) - {"digits", "mnist"}
     if unknown:
-        raise ConfigError(f"eval.metrics: unknown {sorted(unknown)}; valid: {list(INCEPTION_METRICS) + ['digits']}")
+        raise ConfigError(f"eval.metrics: unknown {sorted(unknown)}; valid: "
+                          f"{list(INCEPTION_METRICS) + ['digits', 'mnist']}")
+    if "mnist" in metrics and spec != "builtin:mnist":
+        raise ConfigError(f"eval.metrics 'mnist' needs a model of builtin:mnist, not of {spec or 'this dataset'}")
     if "digits" in metrics and (list(info.get("latent_shape") or []) != [1, 8, 8]
                                 or (info.get("encoder") or {"kind": "identity"}).get("kind") != "identity"):
         raise ConfigError(f"eval.metrics 'digits' needs a model of 8x8 single-channel digits (builtin:digits), not "
@@ -231,6 +235,15 @@ def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device,
         labels = samples["labels"] if (samples["labels"] >= 0).all() else None
         result.update(judge.score(floats, labels))
         reference.update(judge.reference())
+    if "mnist" in metrics:
+        images = samples["images"]
+        if images.shape[1:] != (28, 28, 1):
+            raise ConfigError(f"eval.metrics 'mnist' needs 28x28 single-channel samples, got {images.shape[1:]}")
+        train_images = load_mnist_split("train")[0]
+        judge = MnistJudge(default_mnist_cnn(), *load_mnist_split("heldout"), train_images)
+        labels = samples["labels"] if (samples["labels"] >= 0).all() else None
+        result.update(judge.score(images.astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1.0, labels))
+        reference.update(judge.reference(train_images, size=len(images)))
     wanted = [m for m in metrics if m in INCEPTION_METRICS]
     if wanted:
         if net is None:

@@ -280,3 +280,164 @@ class DigitsJudge:
         subset = np.random.default_rng(0).choice(len(self.train), len(self.heldout), replace=False)
         row["frechet_pixels"] = frechet_distance(*feature_statistics(self.train[subset]), *self.heldout_stats)
         return row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MNIST
+
+
+class MnistCNN(torch.nn.Module):
+    """A small LeNet-style classifier of 28x28 digits in [-1, 1]; `features` is its 128-d penultimate layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+        self.fc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 128), torch.nn.ReLU())
+        self.head = torch.nn.Linear(128, 10)
+
+    def features(self, x):
+        return self.fc(self.conv(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+CNN_VERSION = 1  # bump whenever the network or its training changes: cached weights are keyed by it
+CNN_EPOCHS = 2
+
+
+def train_mnist_cnn(images: torch.Tensor, labels: torch.Tensor, epochs: int = CNN_EPOCHS, seed: int = 0,
+                    batch_size: int = 128) -> MnistCNN:
+    """Train the classifier deterministically (fixed seed, fixed order, one thread so reductions never reorder)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = MnistCNN()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        x, y = images.float().reshape(-1, 1, 28, 28), labels.long()
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), batch_size):
+                ids = order[start:start + batch_size]
+                loss = torch.nn.functional.cross_entropy(net(x[ids]), y[ids])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return net.eval()
+
+
+def mnist_cnn(images: torch.Tensor, labels: torch.Tensor, cache: Path | None = None) -> MnistCNN:
+    """The classifier trained on `images`, read from `cache` (safetensors) when there, else trained and saved."""
+    from safetensors.torch import load_file, save_file
+
+    from pafm.files import atomic_write
+
+    if cache is not None and Path(cache).is_file():
+        net = MnistCNN()
+        net.load_state_dict(load_file(str(cache)))
+        return net.eval()
+    net = train_mnist_cnn(images, labels)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in net.state_dict().items()}
+        atomic_write(Path(cache), lambda tmp: save_file(state, str(tmp)))
+    return net
+
+
+def default_mnist_cnn() -> MnistCNN:
+    """The CNN trained once on builtin:mnist's 50,000 training images, cached beside the dataset."""
+    from pafm.data.mnist import WHEEL_SHA256, cache_dir, load_mnist_split
+
+    cache = cache_dir() / f"mnist-cnn-v{CNN_VERSION}-{WHEEL_SHA256[:12]}.safetensors"
+    if cache.is_file():
+        return mnist_cnn(None, None, cache)
+    return mnist_cnn(*load_mnist_split("train"), cache=cache)
+
+
+def nearest_two(x: np.ndarray, pool: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """(N, 2) Euclidean distances from each row of `x` to its nearest and second-nearest row of `pool` (float64)."""
+    pool_sq = (pool**2).sum(1)
+    out = np.empty((len(x), 2))
+    for start in range(0, len(x), chunk):
+        q = x[start:start + chunk]
+        d2 = (q**2).sum(1)[:, None] - 2 * q @ pool.T + pool_sq[None]
+        out[start:start + chunk] = np.sqrt(np.clip(np.partition(d2, 1, axis=1)[:, :2], 0.0, None))
+    return np.sort(out, axis=1)
+
+
+def mean_pairwise_distance(x: np.ndarray, labels: np.ndarray, per_class: int = 100) -> float:
+    """Mean Euclidean distance between distinct images of one class (the first `per_class` of each), averaged over
+    the classes present; a model that maps different noises to the same few images scores low."""
+    values = []
+    for c in np.unique(labels):
+        members = x[labels == c][:per_class]
+        if len(members) < 2:
+            continue
+        sq = (members**2).sum(1)
+        d = np.sqrt(np.clip(sq[:, None] - 2 * members @ members.T + sq[None], 0.0, None))
+        values.append(d[np.triu_indices(len(members), 1)].mean())
+    if not values:
+        raise MetricError("mean_pairwise_distance: no class has two images")
+    return float(np.mean(values))
+
+
+class MnistJudge:
+    """Metrics for 28x28 MNIST samples (images in [-1, 1]):
+
+    - accuracy: the CNN recognises the intended class;
+    - frechet_cnn: Frechet distance in the CNN's 128-d penultimate features against the held-out (test) split;
+    - memorization: share of samples whose nearest image of `memory` (the images trained on) is closer than 1/3 of
+      the second nearest, in pixels (Gu et al., 2023);
+    - diversity: mean pairwise pixel distance between samples of one class, over the same figure for held-out real
+      images (1 = as diverse as real digits; flow collapse drives it down).
+    """
+
+    def __init__(self, net: MnistCNN, heldout_images, heldout_labels, memory_images, ratio: float = 1.0 / 3.0):
+        self.net = net.eval()
+        self.heldout = _flat64(heldout_images)
+        self.heldout_labels = np.asarray(heldout_labels)
+        self.memory = _flat64(memory_images)
+        self.ratio = ratio
+        self.heldout_features = self.features(self.heldout)
+        self.heldout_stats = feature_statistics(self.heldout_features)
+        self.real_diversity = mean_pairwise_distance(self.heldout, self.heldout_labels)
+
+    @torch.no_grad()
+    def features(self, x: np.ndarray, batch: int = 1000) -> np.ndarray:
+        t = torch.from_numpy(np.asarray(x, np.float32)).reshape(-1, 1, 28, 28)
+        return torch.cat([self.net.features(t[i:i + batch]) for i in range(0, len(t), batch)]).double().numpy()
+
+    def score(self, images, labels=None) -> dict:
+        """images: (N, 1, 28, 28) or (N, 784) floats in [-1, 1]; labels: intended classes (accuracy, diversity)."""
+        x = _flat64(images)
+        if x.shape[1] != 784:
+            raise MetricError(f"MnistJudge: expected 28x28 single-channel images, got {np.asarray(images).shape}")
+        feats = self.features(x)
+        out = {}
+        if labels is not None:
+            labels = np.asarray(labels)
+            logits = self.net.head(torch.from_numpy(feats).float())
+            out["accuracy"] = float((logits.argmax(1).numpy() == labels).mean())
+            out["diversity"] = mean_pairwise_distance(x, labels) / self.real_diversity
+        out["frechet_cnn"] = frechet_distance(*feature_statistics(feats), *self.heldout_stats)
+        nearest = nearest_two(x, self.memory)
+        out["memorization"] = float((nearest[:, 0] < self.ratio * nearest[:, 1]).mean())
+        return out
+
+    def reference(self, train_images, size: int | None = None) -> dict:
+        """The reference row: held-out real images (accuracy, memorisation against `memory`, diversity 1) and, for
+        the Frechet distance, `size` training images (default: as many as held out) against the held-out split
+        (the finite-sample floor)."""
+        row = self.score(self.heldout, self.heldout_labels)
+        train = _flat64(train_images)
+        subset = np.random.default_rng(0).choice(len(train), min(size or len(self.heldout), len(train)),
+                                                 replace=False)
+        row["frechet_cnn"] = frechet_distance(*feature_statistics(self.features(train[subset])), *self.heldout_stats)
+        return row

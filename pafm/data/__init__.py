@@ -1,6 +1,6 @@
 """Latent datasets: shard format, the loader, the built-in digits datasets, text embedders.
 
-    dataset = open_dataset("builtin:digits")            # or a prepared folder (see `python -m pafm.prep`)
+    dataset = open_dataset("builtin:mnist")             # or a prepared folder (see `python -m pafm.prep`)
     dataset.validate()
     loader = LatentLoader(dataset, batch_size=64, rank=0, world_size=1, seed=0)
     batch = next(loader)                                 # dict of CPU tensors; loader.state_dict() to resume
@@ -11,13 +11,14 @@ import json
 from pathlib import Path
 
 from .digits import load_digits_split
+from .mnist import load_mnist_split
 from .loader import LatentLoader
 from .normalization import LatentNormalization
 from .shards import INDEX, DataError, LatentDataset, ShardWriter, prepare_hint
 from .text import BuiltinTextEmbedder, TransformersTextEmbedder, text_embedder_from_info
 
 __all__ = ["open_dataset", "has_split", "LatentDataset", "LatentLoader", "LatentNormalization", "DataError",
-           "ShardWriter", "load_digits_split", "BuiltinTextEmbedder", "TransformersTextEmbedder",
+           "ShardWriter", "load_digits_split", "load_mnist_split", "BuiltinTextEmbedder", "TransformersTextEmbedder",
            "text_embedder_from_info"]
 
 
@@ -30,11 +31,13 @@ def _split_folder(spec: str, split: str = "train") -> Path:
     """
     spec = str(spec)
     if spec.startswith("builtin:"):
-        from .digits import SPLITS, builtin_folder
+        from . import digits, mnist
 
-        if split not in SPLITS:
-            raise DataError(f"{spec} has splits {list(SPLITS)}, not {split!r}")
-        return builtin_folder(spec[len("builtin:"):]) / split
+        name = spec[len("builtin:"):]
+        module = mnist if name == "mnist" else digits
+        if split not in module.SPLITS:
+            raise DataError(f"{spec} has splits {list(module.SPLITS)}, not {split!r}")
+        return (mnist.builtin_folder() if name == "mnist" else digits.builtin_folder(name)) / split
     folder = Path(spec).expanduser()
     if (folder / split / INDEX).is_file():
         return folder / split
@@ -53,7 +56,8 @@ def _split_folder(spec: str, split: str = "train") -> Path:
 
 
 def open_dataset(spec: str, split: str = "train") -> LatentDataset:
-    """Open a dataset: a prepared folder, or `builtin:digits` / `builtin:digits-captions` (built on first use)."""
+    """Open a dataset: a prepared folder, or `builtin:digits` / `builtin:digits-captions` / `builtin:mnist` (built on
+    first use)."""
     return LatentDataset(_split_folder(spec, split))
 
 
