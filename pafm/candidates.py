@@ -4,8 +4,10 @@ Every source returns a `Candidates` whose pool always holds each row's own endpo
 estimate never loses the sample that actually produced z_t.
 
 - shared pools (K, *S), one set for every row: `batch` (the rank's minibatch), `global` (all data-parallel ranks'
-  minibatches, gathered asynchronously so the gather overlaps the model's forward), `bank` (a per-class FIFO of
-  past latents, StableVM-style, plus the current minibatch);
+  minibatches, gathered asynchronously so the gather overlaps the model's forward), `exact` (every training item:
+  the exact empirical posterior, for small data sets and studies);
+- `bank`: a per-class FIFO of past latents (StableVM-style) read per row, only the row's own class, plus the current
+  minibatch as a shared pool;
 - per-row pools (B, K, *S): `neighbors` (the dataset's precomputed same-class neighbours) and `resample` (fresh
   draws from the item's own VAE posterior), each with the row's own endpoint in slot 0.
 
@@ -26,6 +28,7 @@ class Candidates:
     ids: torch.Tensor | None  # (K,) or (B, K) int64, compared with the rows' ids; None: no label mask
     pooled: torch.Tensor | None = None  # (K, P) pooled text embeddings of the shared pool (similarity prior)
     own_index: torch.Tensor | None = None  # (B,) each row's own endpoint in a shared pool (kept by the refinement)
+    spread: float = 0.0  # > 0: each candidate stands for N(x_j, spread^2 I), not a point (the exact source)
 
     def wait(self) -> "Candidates":
         return self  # already local; see GatheredCandidates
@@ -141,6 +144,44 @@ class ClassBank(Source):
         self.count.copy_(state["count"])
 
 
+class ExactSource(Source):
+    """Every item of the training set as a shared pool, with its labels: the target is then the exact empirical
+    posterior mean (the closed-form optimum of flow matching on this data).  Memory and cost grow with the data set,
+    so it is meant for small data sets and for studies.
+
+    A dataset with VAE moments is a mixture of Gaussians N(mean_j, s^2 I); with one s for every item and dimension
+    (the dequantisation noise of the built-in pixel sets) its posterior is still exact in closed form, so the pool
+    holds the means and `spread` carries s.  The first call checks that the rows are the stored items (no flips)."""
+
+    def __init__(self, loader, device):
+        import numpy as np
+
+        dataset = loader.dataset
+        ids = np.arange(len(dataset))
+        items = loader.maker.latents(ids, np.zeros(len(ids), dtype=np.int64), 0)
+        self.spread = 0.0
+        if dataset.info["has_moments"]:
+            std = items["std"]
+            if float(std.max() - std.min()) > 1e-6 * float(std.abs().max()):
+                raise ValueError("objective.source=exact needs fixed endpoints or one VAE std shared by every item "
+                                 "and dimension; this dataset's std varies, so its posterior has no closed form here")
+            self.spread = float(std.flatten()[0])
+        self.moments = dataset.info["has_moments"]
+        self.items = (items["mean"] if self.moments else items["x"]).to(device)
+        self.labels = dataset.gather("label", ids).long().to(device) if dataset.info["has_labels"] else None
+        self.checked = False
+
+    def pool(self, x, ids, pooled, batch, resample) -> Candidates:
+        own = batch["index"].to(x.device)
+        if not self.checked:  # one comparison, on the first call only
+            stored = batch["mean"] if self.moments else x
+            if not torch.equal(self.items[own], stored.to(self.items)):
+                raise ValueError("objective.source=exact: the batch's endpoints are not the stored items (flipped "
+                                 "views?); set data.flip=false")
+            self.checked = True
+        return Candidates(self.items, self.labels, own_index=own, spread=self.spread)
+
+
 class NeighborSource(Source):
     """Per-row pools: the row's own endpoint and its k precomputed same-class nearest neighbours."""
 
@@ -180,15 +221,19 @@ class ResampleSource(Source):
 
 
 
-def build_source(kind: str, *, candidates: int, bank_per_class: int, num_classes: int, shape, device):
+def build_source(kind: str, *, candidates: int, bank_per_class: int, num_classes: int, shape, device, loader=None):
     if kind == "batch":
         return BatchSource()
     if kind == "global":
         return GlobalSource()
     if kind == "bank":
         return ClassBank(num_classes, bank_per_class, shape, device)
+    if kind == "exact":
+        if loader is None:
+            raise ValueError("objective.source=exact needs the training data (pass the loader to the Objective)")
+        return ExactSource(loader, device)
     if kind == "neighbors":
         return NeighborSource(candidates)
     if kind == "resample":
         return ResampleSource(candidates)
-    raise ValueError(f"unknown candidate source {kind!r}; valid: batch, global, bank, neighbors, resample")
+    raise ValueError(f"unknown candidate source {kind!r}; valid: batch, global, bank, exact, neighbors, resample")

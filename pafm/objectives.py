@@ -38,7 +38,7 @@ class ObjectiveConfig:
     time_mean: float = 0.0  # logit-normal location
     time_std: float = 1.0  # logit-normal scale
     cond_dropout: float = 0.1  # share of rows trained with the null condition (classifier-free guidance)
-    source: Literal["batch", "global", "bank", "neighbors", "resample"] = "batch"
+    source: Literal["batch", "global", "bank", "exact", "neighbors", "resample"] = "batch"
     candidates: int = 8  # per-row sources: neighbours or re-samples per row (0: the row's own endpoint alone)
     bank_per_class: int = 64  # bank source: FIFO length per class
     text_prior: Literal["self", "similarity"] = "self"  # captions: each its own class, or pooled-embedding cosine
@@ -126,7 +126,8 @@ class Prior:
 class Objective:
     """FM or PAFM for one rank of `world` ranks: draws, z_t, the candidate pool, the target and the loss."""
 
-    def __init__(self, cfg: ObjectiveConfig, data_info: dict, device, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: ObjectiveConfig, data_info: dict, device, rank: int = 0, world: int = 1, loader=None):
+        """`loader` (the training LatentLoader) is read only by the `exact` source, which holds the whole data set."""
         self.cfg, self.rank, self.world = cfg, rank, world
         self.path = build_path(cfg.path)
         self.time_sampler = TimeSampler(cfg.time_sampler, cfg.time_mean, cfg.time_std)
@@ -134,11 +135,12 @@ class Objective:
         self.shape = tuple(data_info["latent_shape"])
         self.source = None
         if cfg.kind == "pafm":
-            if cfg.source == "bank" and self.text:
-                raise ValueError("objective.source=bank needs class labels; use batch/global/resample for captions")
+            if cfg.source in ("bank", "exact") and self.text:
+                raise ValueError(f"objective.source={cfg.source} needs class labels; use batch/global/resample for "
+                                 "captions")
             self.source = build_source(
                 cfg.source, candidates=cfg.candidates, bank_per_class=cfg.bank_per_class,
-                num_classes=int(data_info.get("num_classes") or 0), shape=self.shape, device=device,
+                num_classes=int(data_info.get("num_classes") or 0), shape=self.shape, device=device, loader=loader,
             )
 
     # --- the one call per micro-batch --------------------------------------------------------------------------
@@ -214,22 +216,35 @@ class Objective:
         if not per_row and cand.pooled is not None:
             log_prior = (prior.pooled @ cand.pooled.T) / self.cfg.text_temperature
             log_prior = torch.where(draws.drop[:, None], torch.zeros_like(log_prior), log_prior)
+        if cand.spread:
+            # Each candidate is N(x_j, s^2 I), so z | j ~ N(alpha x_j, width^2 I) with width^2 = alpha^2 s^2 + sigma^2.
+            width = torch.sqrt(alpha.double() ** 2 * cand.spread ** 2 + sigma.double() ** 2).to(sigma.dtype)
+        else:
+            width = sigma
         temperature = self.cfg.temperature
         if self.cfg.target_ess is not None:
-            temperature = self._temperature_for_ess(z, cand, alpha, sigma, row_labels, pool_labels, log_prior)
-        out = posterior_velocity(
-            z, cand.pool, alpha, sigma, d_alpha, d_sigma, row_labels=row_labels, pool_labels=pool_labels,
-            log_prior=log_prior, temperature=temperature, endpoint=x, noise=draws.noise, backend=self.cfg.backend,
-            endpoint_index=None if per_row else cand.own_index,
-        )
-        # The own endpoint's logit is known in closed form: z - alpha x = sigma eps, so l_own = -|eps|^2 / (2 tau).
-        own_logit = -draws.noise.float().flatten(1).square().sum(1) / (2.0 * torch.as_tensor(temperature))
+            temperature = self._temperature_for_ess(z, cand, alpha, width, row_labels, pool_labels, log_prior)
+        weighting = dict(row_labels=row_labels, pool_labels=pool_labels, log_prior=log_prior, temperature=temperature,
+                         backend=self.cfg.backend, endpoint_index=None if per_row else cand.own_index)
+        if cand.spread:
+            out = posterior_velocity(z, cand.pool, alpha, width, torch.ones_like(alpha), torch.zeros_like(alpha),
+                                     **weighting)  # velocity = d_alpha mu = mu, the weighted mean of the x_j
+            velocity = mixture_velocity(z, out.velocity, alpha, sigma, d_alpha, d_sigma, cand.spread)
+            own = cand.pool[cand.own_index].double().flatten(1)
+            own_sq = (z.double().flatten(1) - alpha.double()[:, None] * own).square().sum(1)
+            own_logit = (-own_sq / (2.0 * width.double() ** 2 * torch.as_tensor(temperature).double())).float()
+        else:
+            out = posterior_velocity(z, cand.pool, alpha, sigma, d_alpha, d_sigma, endpoint=x, noise=draws.noise,
+                                     **weighting)
+            velocity = out.velocity
+            # The own endpoint's logit in closed form: z - alpha x = sigma eps, so l_own = -|eps|^2 / (2 tau).
+            own_logit = -draws.noise.float().flatten(1).square().sum(1) / (2.0 * torch.as_tensor(temperature))
         if log_prior is not None:
             own_logit = own_logit + (prior.pooled * prior.pooled).sum(1) / self.cfg.text_temperature * (~draws.drop)
         own_weight = torch.exp(own_logit - out.lse)
         lo, hi = self.cfg.t_range
         inside = (draws.t >= lo) & (draws.t <= hi)
-        target = torch.where(expand_rows(inside, u), out.velocity.to(u.dtype), u)
+        target = torch.where(expand_rows(inside, u), velocity.to(u.dtype), u)
         ess = torch.where(inside, out.ess, torch.ones_like(out.ess))
         own_weight = torch.where(inside, own_weight, torch.ones_like(own_weight))
         return target, {"ess": ess, "own_weight": own_weight}
@@ -250,6 +265,21 @@ class Objective:
             admissible = (row_labels[:, None] < 0) | (row_labels[:, None] == pool_labels[None, :])
             prior = prior.masked_fill(~admissible, float("-inf"))
         return ess_temperature(log_lik, prior, self.cfg.target_ess)
+
+
+def mixture_velocity(z, mu, alpha, sigma, d_alpha, d_sigma, spread: float):
+    """The posterior velocity when each candidate x_j stands for N(x_j, spread^2 I), given mu = sum_j w_j x_j.
+
+    Within component j, E[x | z] = x_j + c (z - alpha x_j) with c = alpha s^2 / (alpha^2 s^2 + sigma^2), and
+    E[eps | z] = (z - alpha E[x | z]) / sigma = sigma (z - alpha x_j) / (alpha^2 s^2 + sigma^2); both are affine
+    in x_j, so the mixture's means follow from mu.  Written without 1 / sigma, it stays finite as sigma -> 0."""
+    f64 = torch.float64
+    a, sg, da, ds = (c.to(f64).reshape(-1, *([1] * (z.dim() - 1))) for c in (alpha, sigma, d_alpha, d_sigma))
+    var = a * a * spread**2 + sg * sg
+    r = z.to(f64) - a * mu.to(f64)
+    x_mean = mu.to(f64) + a * spread**2 / var * r
+    eps_mean = sg / var * r
+    return (da * x_mean + ds * eps_mean).float()
 
 
 def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

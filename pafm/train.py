@@ -237,9 +237,9 @@ def build_model_and_optimizer(cfg: Config, world: World, info: dict):
     return model, optimizer, EMA(model, cfg.train.ema_decay)
 
 
-def build_objective(cfg: Config, info: dict, world: World) -> Objective:
+def build_objective(cfg: Config, info: dict, world: World, loader=None) -> Objective:
     try:
-        return Objective(cfg.objective, info, world.device, world.rank, world.size)
+        return Objective(cfg.objective, info, world.device, world.rank, world.size, loader=loader)
     except ValueError as err:
         raise SetupError(f"objective: {err}") from None
 
@@ -314,7 +314,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     info, loader, accum = build_data(cfg, world)
     check_settings(cfg, info)
     model, optimizer, ema = build_model_and_optimizer(cfg, world, info)
-    objective = build_objective(cfg, info, world)
+    objective = build_objective(cfg, info, world, loader)
     side = SideWork(world)
     pafm = cfg.objective.kind == "pafm"
     run_meta = {"model": model.config,

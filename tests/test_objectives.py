@@ -1,4 +1,5 @@
 """The FM and PAFM objectives and candidate sources, against independent float64 computations."""
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,43 @@ def test_shared_pools_name_each_rows_own_endpoint():
     for source in (BatchSource(), bank):
         cand = source.pool(x, ids, None, {}, None)
         assert torch.equal(cand.pool[cand.own_index], x), type(source).__name__
+
+
+def test_exact_source_is_the_whole_class_posterior_on_the_digits(env, monkeypatch):
+    """source=exact on the digits (a mixture of Gaussians: each item's mean with the dequantisation std), against
+    the posterior of that mixture written out directly in float64: masked to the row's class, all classes for
+    dropped rows."""
+    from pafm.data import LatentLoader, open_dataset
+
+    monkeypatch.setenv("PAFM_CACHE", env["PAFM_CACHE"])
+    dataset = open_dataset("builtin:digits")
+    loader = LatentLoader(dataset, 16, seed=3, flip=False)
+    cfg = ObjectiveConfig(kind="pafm", source="exact", cond_dropout=0.3, backend="torch")
+    objective = Objective(cfg, dataset.info, "cpu", loader=loader)
+    batch = next(loader)
+    x = batch["x"]
+    draws = objective.draw(step_generator(0, 1, 0, "cpu"), len(x), 0, 1, "cpu")
+    draws.t[:3] = torch.tensor([1e-4, 0.5, 0.999])
+    assert draws.drop.any() and not draws.drop.all()
+    target, u, diag = objective.targets(x, batch, draws)
+
+    ids = np.arange(len(dataset))
+    items = loader.maker.latents(ids, np.zeros(len(ids), dtype=np.int64), 0)
+    means, s = items["mean"].double().flatten(1), float(items["std"].flatten()[0])
+    labels = dataset.gather("label", ids).long()
+    z = objective.path.interpolate(x, draws.noise, draws.t).double().flatten(1)
+    a, sg, da, ds = (c.double()[:, None] for c in objective.path.coefficients(draws.t))
+    var = a**2 * s**2 + sg**2
+    logits = -(z[:, None] - a[:, :, None] * means[None]).square().sum(-1) / (2 * var)
+    admissible = draws.drop[:, None] | (labels[None] == batch["label"][:, None])
+    w = torch.softmax(logits.masked_fill(~admissible, float("-inf")), 1)
+    x_mean = w @ means + (a * s**2 / var) * (z - a * (w @ means))
+    want = da * x_mean + ds * (z - a * x_mean) / sg
+    assert torch.allclose(target.double().flatten(1), want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(diag["ess"].double(), 1 / (w * w).sum(1), rtol=1e-4)
+    own = w[torch.arange(len(x)), batch["index"]]
+    assert torch.allclose(diag["own_weight"].double(), own, rtol=1e-4, atol=1e-7)
+    # A flipped or shifted endpoint is not in the pool: refused on the first call.
+    fresh = Objective(cfg, dataset.info, "cpu", loader=loader)
+    with pytest.raises(ValueError, match="not the stored items"):
+        fresh.targets(x, dict(batch, mean=batch["mean"] + 1.0), draws)
