@@ -54,11 +54,12 @@ INCEPTION_METRICS = ("fid", "isc", "prc", "kid")
 
 @dataclasses.dataclass
 class EvalSection:
-    """num_samples: total N (null: the ImageNet protocol's 50000; 1000 for the built-in digits and MNIST).  batch_size: samples
-    per chunk (per rank at a time).  labels: random (i.i.d. uniform, DiT's and SiT's protocol) or balanced (sample i
-    gets class i % num_classes).  metrics: any of fid, isc, prc, kid, digits, mnist; null picks 'digits' for
-    builtin:digits* data, 'mnist' for builtin:mnist and [fid, isc, prc] otherwise.  reference: a folder of images, an .npz with arr_0 (uint8 NHWC) and/or mu,
-    sigma.  inception_weights: local torch-fidelity Inception file (else torch-fidelity downloads it)."""
+    """num_samples: total N (null: the ImageNet protocol's 50000; 1000 for the built-in digits and MNIST).
+    batch_size: samples per chunk (per rank at a time).  labels: random (i.i.d. uniform, DiT's and SiT's protocol) or
+    balanced (sample i gets class i % num_classes).  metrics: any of fid, isc, prc, kid, digits, mnist; null picks
+    'digits' for builtin:digits* data, 'mnist' for builtin:mnist and [fid, isc, prc] otherwise.  reference: a folder
+    of images, an .npz with arr_0 (uint8 NHWC) and/or mu, sigma.  inception_weights: local torch-fidelity Inception
+    file (else torch-fidelity downloads it)."""
 
     num_samples: Optional[int] = None
     batch_size: int = 125

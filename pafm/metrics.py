@@ -432,12 +432,14 @@ class MnistJudge:
         return out
 
     def reference(self, train_images, size: int | None = None) -> dict:
-        """The reference row: held-out real images (accuracy, memorisation against `memory`, diversity 1) and, for
-        the Frechet distance, `size` training images (default: as many as held out) against the held-out split
-        (the finite-sample floor)."""
-        row = self.score(self.heldout, self.heldout_labels)
+        """The reference row for `size` samples (default: as many as held out): that many held-out real images
+        (accuracy, memorisation against `memory`, diversity near 1) and, for the Frechet distance, that many training
+        images against the held-out split (the finite-sample floor at that sample size)."""
+        rng = np.random.default_rng(0)
+        size = min(size or len(self.heldout), len(self.heldout))
+        held = rng.choice(len(self.heldout), size, replace=False)
+        row = self.score(self.heldout[held], self.heldout_labels[held])
         train = _flat64(train_images)
-        subset = np.random.default_rng(0).choice(len(train), min(size or len(self.heldout), len(train)),
-                                                 replace=False)
+        subset = rng.choice(len(train), min(size, len(train)), replace=False)
         row["frechet_cnn"] = frechet_distance(*feature_statistics(self.features(train[subset])), *self.heldout_stats)
         return row

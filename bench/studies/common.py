@@ -1,0 +1,128 @@
+"""What every study shares: the environment record, runs of the public CLIs, summaries and result files.
+
+Studies train and evaluate only through `python -m pafm.train CONFIG key=value ...` and `python -m pafm.eval RUN ...`
+(and use `pafm.objectives.Objective(...).targets(...)` for targets), so they keep working as the engine changes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results" / "studies"
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a tiny size for the tests (seconds, not meaningful)")
+    p.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}/<study>[-quick])")
+    p.add_argument("--work", type=Path, default=None, help="where runs go (default OUT/runs, not committed)")
+    return p
+
+
+def environment(seeds) -> dict:
+    """Date, device, versions and seeds: what a result file must say about where it came from."""
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    cpu = platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({cpu}, {os.cpu_count()} cores)"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+            "numpy": np.__version__, "commit": commit, "seeds": list(seeds), "threads": torch.get_num_threads()}
+
+
+def out_dir(args, name: str) -> Path:
+    out = args.out or RESULTS / (f"{name}-quick" if args.quick else name)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    from pafm.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def cli(module: str, *args, log: Path | None = None) -> float:
+    """Run `python -m module args...` with this checkout first on the path; seconds taken. Raises on failure."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
+    with open(log or os.devnull, "a") as f:
+        done = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, stdout=f,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m {module} {' '.join(map(str, args))} failed ({done.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def train(config: str, run_dir: Path, overrides: list[str]) -> dict:
+    """Train (or resume) a run; its losses from metrics.jsonl and the wall time of this call."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    seconds = cli("pafm.train", config, f"run.dir={run_dir}", *overrides, log=run_dir.parent / f"{run_dir.name}.log")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"seconds": seconds, "steps": [r["step"] for r in rows if "loss" in r],
+            "loss": [r["loss"] for r in rows if "loss" in r], "fm_loss": [r["fm_loss"] for r in rows if "fm_loss" in r],
+            "sec_per_step": [r["sec_per_step"] for r in rows if "sec_per_step" in r]}
+
+
+def evaluate(run_dir: Path, overrides: list[str]) -> dict:
+    """pafm.eval on a run's EMA export; its eval.json."""
+    out = run_dir / "eval"
+    cli("pafm.eval", run_dir, f"eval.out_dir={out}", *overrides, log=run_dir.parent / f"{run_dir.name}.eval.log")
+    return json.loads((out / "eval.json").read_text())
+
+
+def mean_spread(values) -> dict:
+    """Mean, sample standard deviation and the values themselves."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+
+def t_bin_labels(bins: int = 5) -> list[str]:
+    return [f"[{i / bins:.1f}, {(i + 1) / bins:.1f})" for i in range(bins)]
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def loader_and_objective(spec: str, settings: dict, batch_size: int, seed: int = 0, device="cpu"):
+    """(dataset info, loader, Objective) for a PAFM source setting ({"source": ..., ...}) or {"kind": "fm"}, built
+    as the trainer builds them (one rank, no flips, neighbours loaded for the neighbours source)."""
+    from pafm.data import LatentLoader, open_dataset
+    from pafm.objectives import Objective, ObjectiveConfig
+
+    dataset = open_dataset(spec)
+    settings = {"kind": "pafm", **settings}
+    neighbors = settings.get("candidates", 8) if settings.get("source") == "neighbors" else 0
+    loader = LatentLoader(dataset, batch_size, rank=0, world_size=1, seed=seed, flip=False, neighbors=neighbors)
+    objective = Objective(ObjectiveConfig(**settings), dataset.info, device, loader=loader)
+    return dataset.info, loader, objective
+
+
+def applies(info: dict, settings: dict) -> bool:
+    """False for a source the dataset cannot feed (re-samples need stored moments)."""
+    return not (settings.get("source") == "resample" and not info["has_moments"])

@@ -1,0 +1,100 @@
+"""Study 3, sample quality: FM against PAFM (class bank; the exact whole-class posterior) at equal steps, three
+seeds each, on the digits and on MNIST; mean and spread of every metric, and the loss curves.
+
+    python bench/studies/sample_quality.py            # default size (see SIZES); results in bench/results/studies/
+    python bench/studies/sample_quality.py --quick    # seconds, for the tests
+
+Each run is `python -m pafm.train CONFIG key=value ...` then `python -m pafm.eval RUN ...` with the digits or MNIST
+metric set; runs that finished are reused when the study is rerun (the trainer resumes, a finished run returns).
+"""
+from __future__ import annotations
+
+import json
+
+from common import environment, evaluate, mean_spread, out_dir, parser, plt, train, write_json
+
+OBJECTIVES = {"fm": ["objective.kind=fm"],
+              "pafm-bank": ["objective.kind=pafm", "objective.source=bank"],
+              "pafm-exact": ["objective.kind=pafm", "objective.source=exact"]}
+# Steps, evaluation samples and sampler per dataset, sized for a shared 2-core CPU. MNIST at this size is early
+# training of a smaller model than the recipe's (which runs 1,200 steps of batch 64).
+SMALL_MNIST_MODEL = "model.kwargs={hidden_size: 64, num_heads: 2, depth: 2}"
+SIZES = {
+    "digits": {"config": "configs/digits_sit.yaml", "steps": 400, "samples": 500, "seeds": [0, 1, 2],
+               "extra": [], "sampler": ["sampler.method=heun", "sampler.steps=25", "sampler.cfg_scale=1.5"]},
+    "mnist": {"config": "configs/mnist_sit.yaml", "steps": 300, "samples": 300, "seeds": [0, 1, 2],
+              "extra": [SMALL_MNIST_MODEL, "data.batch_size=32"],
+              "sampler": ["sampler.method=heun", "sampler.steps=16", "sampler.cfg_scale=2.0"]},
+}
+QUICK = {"digits": {**SIZES["digits"], "steps": 3, "samples": 20, "seeds": [0],
+                    "sampler": ["sampler.method=euler", "sampler.steps=2", "sampler.cfg_scale=1.5"]}}
+QUICK_OBJECTIVES = ("fm", "pafm-exact")
+METRICS = {"digits": ("accuracy", "frechet_pixels", "memorization"),
+           "mnist": ("accuracy", "frechet_cnn", "memorization", "diversity")}
+
+
+def run_dataset(name: str, size: dict, objectives, work, save) -> dict:
+    """Seeds outermost, so that a study cut short still holds every objective at the seeds it reached; `save(rows)`
+    after every run."""
+    runs = {objective: [] for objective in objectives}
+    rows = {}
+    for seed in size["seeds"]:
+        for objective in objectives:
+            run_dir = work / f"{name}-{objective}-s{seed}"
+            overrides = [f"train.steps={size['steps']}", f"train.seed={seed}", f"checkpoint.every={size['steps']}",
+                         "log.sample_every=-1", f"log.every={max(1, size['steps'] // 30)}", *OBJECTIVES[objective],
+                         *size["extra"]]
+            curve = train(size["config"], run_dir, overrides)
+            report = evaluate(run_dir, [f"eval.num_samples={size['samples']}", f"eval.seed={seed}",
+                                        "eval.batch_size=100", *size["sampler"]])
+            runs[objective].append({"seed": seed, "curve": curve, "metrics": report["metrics"],
+                                    "reference": report["reference_metrics"]})
+            print(f"{name} {objective} seed {seed}: {report['metrics']} ({curve['seconds']:.0f} s training)",
+                  flush=True)
+            done = runs[objective]
+            rows[objective] = {"runs": done, **{m: mean_spread([r["metrics"][m] for r in done])
+                                                for m in METRICS[name] if m in done[0]["metrics"]}}
+            save(rows)
+    return rows
+
+
+def plot(results: dict, path) -> None:
+    pyplot = plt()
+    names = list(results["datasets"])
+    fig, axes = pyplot.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for objective, row in results["datasets"][name]["rows"].items():
+            for i, run in enumerate(row["runs"]):
+                c = run["curve"]
+                ax.plot(c["steps"], c["fm_loss"], color=f"C{list(OBJECTIVES).index(objective)}", alpha=0.7,
+                        label=objective if i == 0 else None)
+        ax.set(title=f"{name}: FM loss of the prediction (all seeds)", xlabel="step", ylabel="FM loss", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parser(__doc__).parse_args(argv)
+    out = out_dir(args, "sample_quality")
+    work = args.work or out / "runs"
+    sizes, objectives = (QUICK, QUICK_OBJECTIVES) if args.quick else (SIZES, tuple(OBJECTIVES))
+    seeds = sorted({s for size in sizes.values() for s in size["seeds"]})
+    results = {"study": "sample_quality", "quick": args.quick, "environment": environment(seeds), "datasets": {}}
+    for name, size in sizes.items():
+        def save(rows, name=name, size=size):  # after every run, so a study cut short keeps what it measured
+            results["datasets"][name] = {"size": size, "reference": rows[objectives[0]]["runs"][0]["reference"],
+                                         "rows": rows}
+            write_json(out / "results.json", results)
+            plot(results, out / "loss_curves.png")
+
+        run_dataset(name, size, objectives, work, save)
+    summary = {name: {obj: {m: (row[m]["mean"], row[m]["std"]) for m in METRICS[name] if m in row}
+                      for obj, row in d["rows"].items()} for name, d in results["datasets"].items()}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
