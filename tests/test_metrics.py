@@ -165,3 +165,71 @@ def test_inception_download_failure_says_how_to_provide_the_file(monkeypatch):
     with pytest.raises(MetricError, match="eval.inception_weights=") as err:
         InceptionFeatures(None)
     assert "weights-inception-2015-12-05" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MNIST metrics (a stand-in network: the real one is trained on builtin:mnist on first use)
+
+
+def _bars(n, rng):
+    """28x28 images in [-1, 1] of 10 separable classes (a bright bar at row 2 + 2c), with pixel noise."""
+    labels = torch.arange(n) % 10
+    x = torch.full((n, 1, 28, 28), -1.0)
+    for i, c in enumerate(labels.tolist()):
+        x[i, 0, 2 + 2 * c: 4 + 2 * c, 4:24] = 1.0
+    return (x + 0.1 * torch.from_numpy(rng.normal(size=x.shape)).float()).clamp(-1, 1), labels
+
+
+def test_mnist_cnn_trains_deterministically_caches_and_learns(tmp_path):
+    from pafm.metrics import mnist_cnn, train_mnist_cnn
+
+    rng = np.random.default_rng(0)
+    x, y = _bars(300, rng)
+    a, b = (train_mnist_cnn(x, y, epochs=3, batch_size=16) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    test_x, test_y = _bars(100, np.random.default_rng(1))
+    with torch.no_grad():
+        assert (a(test_x).argmax(1) == test_y).float().mean() > 0.9
+    cache = tmp_path / "cnn.safetensors"
+    first = mnist_cnn(x, y, cache=cache)
+    again = mnist_cnn(None, None, cache=cache)  # read back: no training data needed
+    assert all(torch.equal(p, q) for p, q in zip(first.state_dict().values(), again.state_dict().values()))
+
+
+def test_nearest_two_and_pairwise_distance_against_loops():
+    from pafm.metrics import mean_pairwise_distance, nearest_two
+
+    rng = np.random.default_rng(0)
+    x, pool = rng.normal(size=(7, 5)), rng.normal(size=(30, 5))
+    d = np.array([[np.linalg.norm(a - b) for b in pool] for a in x])
+    np.testing.assert_allclose(nearest_two(x, pool, chunk=3), np.sort(d, 1)[:, :2], rtol=1e-10)
+    labels = np.array([0, 0, 0, 1, 1, 2, 2])
+    per_class = []
+    for c in (0, 1, 2):
+        m = x[labels == c]
+        per_class.append(np.mean([np.linalg.norm(m[i] - m[j]) for i in range(len(m)) for j in range(i + 1, len(m))]))
+    assert mean_pairwise_distance(x, labels) == pytest.approx(np.mean(per_class), rel=1e-10)
+
+
+def test_mnist_judge_on_copies_noise_and_collapse():
+    from pafm.metrics import MnistCNN, MnistJudge
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    net = MnistCNN()  # random weights: features are still a fixed map, which is all FD needs
+    memory, memory_y = _bars(100, rng)
+    held, held_y = _bars(200, np.random.default_rng(1))
+    judge = MnistJudge(net, held, held_y, memory)
+    copies = judge.score(memory[:50], memory_y[:50])
+    assert copies["memorization"] == 1.0  # exact training images: nearest at distance 0
+    fresh = judge.score(held[:50], held_y[:50])
+    assert fresh["memorization"] == 0.0  # other noisy bars are about as far as the nearest
+    assert judge.score(held, held_y)["frechet_cnn"] == pytest.approx(0.0, abs=1e-6)  # the reference itself
+    collapsed = judge.score(held[:10].repeat(5, 1, 1, 1), held_y[:10].repeat(5))  # 5 copies of one image per class
+    assert collapsed["diversity"] == pytest.approx(0.0, abs=1e-6) and fresh["diversity"] > 0.8
+    blank = judge.score(-torch.ones(50, 1, 28, 28), held_y[:50])
+    assert blank["frechet_cnn"] > 10 * judge.reference(memory, size=50)["frechet_cnn"] > 0
+    ref = judge.reference(memory, size=50)
+    assert ref["memorization"] == 0.0 and set(ref) == {"accuracy", "diversity", "frechet_cnn", "memorization"}
+    with pytest.raises(MetricError, match="28x28"):
+        judge.score(torch.zeros(3, 1, 8, 8))

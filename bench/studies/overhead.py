@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     for name, size in sizes.items():
         results["datasets"][name] = {"size": size, "variants": measure(size, device)}
         write_json(out / "results.json", results)
-        print(name, json.dumps({v: round(r["ratio_to_fm"], 3) for v, r in results["datasets"][name]["variants"].items()}),
-              flush=True)
+        ratios = {v: round(r["ratio_to_fm"], 3) for v, r in results["datasets"][name]["variants"].items()}
+        print(name, json.dumps(ratios), flush=True)
     plot(results, out / "overhead.png")
     return 0
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from .digits import load_digits_split
-from .mnist import load_mnist_split
 from .loader import LatentLoader
+from .mnist import load_mnist_split
 from .normalization import LatentNormalization
 from .shards import INDEX, DataError, LatentDataset, ShardWriter, prepare_hint
 from .text import BuiltinTextEmbedder, TransformersTextEmbedder, text_embedder_from_info

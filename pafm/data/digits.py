@@ -112,7 +112,8 @@ def _write_split(folder: Path, split: str, captions: bool) -> None:
 def builtin_folder(name: str, root: Path | None = None) -> Path:
     """The cache folder of `digits` or `digits-captions`, building it first if needed."""
     if name not in ("digits", "digits-captions"):
-        raise DataError(f"unknown built-in dataset {name!r}: choose builtin:digits, builtin:digits-captions or builtin:mnist")
+        raise DataError(f"unknown built-in dataset {name!r}: choose builtin:digits, builtin:digits-captions or "
+                        f"builtin:mnist")
     root = Path(root) if root is not None else cache_dir()
     folder = root / f"{name}-v{BUILD_VERSION}"
     if all((folder / s / INDEX).is_file() for s in SPLITS):

@@ -34,9 +34,10 @@ PICKLE = "mnist/data/mnist.pkl.gz"
 SPLITS = ("train", "heldout")
 NEIGHBORS_K = 8
 BUILD_VERSION = 1  # bump whenever the built content changes: caches are keyed by it
-# What the pickle may name: numpy's array reconstruction (numpy 1 and 2 spell its module differently).
+# What the pickle may name: numpy's array reconstruction (numpy 1 and 2 spell its module differently), and the
+# str-to-bytes codec with which Python 3 writes an array's raw bytes at protocol 2.
 ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                   ("numpy", "ndarray"), ("numpy", "dtype")}
+                   ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
 
 def cache_dir() -> Path:
@@ -47,7 +48,11 @@ class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays may load")
-        if module.startswith("numpy.") and module.endswith("multiarray"):
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
+        if module.endswith("multiarray"):
             from numpy._core.multiarray import _reconstruct  # numpy 2's home of numpy.core.multiarray
 
             return _reconstruct

@@ -1,0 +1,85 @@
+"""Each study's --quick size end to end (train and evaluate through the CLIs, results file with its environment,
+PNG plot). Quick sizes are tiny: the tests check that the studies run and record what they must, not the science."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_study(name, out, env):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "studies" / f"{name}.py"), "--quick", "--out",
+                           str(out)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    environment = results["environment"]
+    for key in ("date", "device", "torch", "numpy", "seeds", "commit"):
+        assert key in environment
+    assert results["quick"] is True
+    return results
+
+
+def check_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_target_quality_quick(tmp_path, env):
+    r = run_study("target_quality", tmp_path, env)
+    rows = r["datasets"]["digits"]["sources"]
+    assert set(rows) == {"batch-32", "bank-64", "neighbors-8", "resample-8"}
+    for row in rows.values():
+        assert len(row["by_t"]["err"]) == 5 and all(e >= 0 for e in row["by_t"]["err"])
+        assert all(1.0 - 1e-4 <= e for e in row["by_t"]["ess"])
+    check_png(tmp_path / "target_quality.png")
+
+
+def test_gradient_variance_quick(tmp_path, env):
+    r = run_study("gradient_variance", tmp_path, env)
+    for rows in r["states"].values():
+        assert rows["fm"]["fm_over_this"] == 1.0
+        assert all(v > 0 for row in rows.values() for v in row["variance_by_t"])
+    check_png(tmp_path / "gradient_variance.png")
+
+
+def test_sample_quality_quick(tmp_path, env):
+    r = run_study("sample_quality", tmp_path, env)
+    rows = r["datasets"]["digits"]["rows"]
+    assert set(rows) == {"fm", "pafm-exact"}
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"]["mean"] <= 1.0 and row["frechet_pixels"]["mean"] > 0
+        assert row["runs"][0]["curve"]["steps"]
+    check_png(tmp_path / "loss_curves.png")
+
+
+def test_overhead_quick(tmp_path, env):
+    r = run_study("overhead", tmp_path, env)
+    rows = r["datasets"]["digits"]["variants"]
+    assert rows["fm"]["ratio_to_fm"] == 1.0 and {"bank-64", "exact", "resample-8"} <= set(rows)
+    assert all(row["ms_per_step"] > 0 for row in rows.values())
+    check_png(tmp_path / "overhead.png")
+
+
+def test_memorisation_quick_on_a_stand_in_mnist(tmp_path, env, monkeypatch):
+    """builtin:mnist is built in the test's cache from a stand-in wheel (no download), as in test_mnist."""
+    from test_mnist import fake_splits, install_fake_wheel
+
+    from pafm.data import mnist
+
+    cache = Path(env["PAFM_CACHE"])
+    if not (cache / f"mnist-v{mnist.BUILD_VERSION}").is_dir():
+        wheel_root = tmp_path / "wheel"
+        install_fake_wheel(wheel_root, monkeypatch, pickle.dumps(fake_splits(), protocol=2))
+        mnist.builtin_folder(wheel_root)
+        os.rename(wheel_root / f"mnist-v{mnist.BUILD_VERSION}", cache / f"mnist-v{mnist.BUILD_VERSION}")
+    r = run_study("memorisation", tmp_path / "out", env)
+    rows = r["subsets"]["20"]
+    assert rows["closed-form optimum"]["memorization"] == 1.0  # the empirical optimum reproduces training images
+    assert 0.0 <= rows["fm"]["memorization"] <= 1.0 and rows["fm"]["diversity"] > 0
+    assert "real test digits" in rows
+    check_png(tmp_path / "out" / "memorisation.png")
