@@ -24,7 +24,7 @@ setup(
         "scikit-learn>=1.3",  # the embedded digits dataset and its evaluation classifier
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "scipy", "torch-fidelity", "diffusers", "transformers"],
+        "test": ["pytest>=8", "pytest-benchmark", "scipy", "torch-fidelity", "diffusers", "transformers", "matplotlib"],
         "eval": ["torch-fidelity", "scipy"],
         "prep": ["diffusers", "transformers"],
     },
