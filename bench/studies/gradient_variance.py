@@ -24,7 +24,7 @@ BINS = 5
 VARIANTS = {"fm": {"kind": "fm"}, "batch-128": {"source": "batch"}, "bank-64": {"source": "bank"},
             "exact": {"source": "exact"}, "neighbors-8": {"source": "neighbors", "candidates": 8},
             "resample-8": {"source": "resample", "candidates": 8}}
-SIZE = {"spec": "builtin:digits", "batch": 128, "states": [50, 300], "draws": 12, "lr": 1e-3}
+SIZE = {"spec": "builtin:digits", "batch": 128, "states": [50, 200], "draws": 10, "lr": 1e-3}
 QUICK = {**SIZE, "batch": 16, "states": [1, 2], "draws": 2}
 QUICK_VARIANTS = ("fm", "bank-64", "exact")
 
