@@ -18,10 +18,11 @@ def default_chunk_elems(device: torch.device) -> int:
 
 
 def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=None,
-                                 pool_labels=None, log_prior=None, endpoint=None, noise=None, chunk_elems=None):
+                                 pool_labels=None, log_prior=None, endpoint=None, noise=None, pool_index=None,
+                                 chunk_elems=None):
     """Reference posterior velocity on already-validated inputs.
 
-    z (B, D); pool (K, D) shared or (B, K, D) per row; alpha, sigma, d_alpha, d_sigma (B,); temperature a float or
+    z (B, D); pool (K, D) shared, or (B, K, D) per row, or (N, K, D) read through pool_index (B,); alpha, sigma, d_alpha, d_sigma (B,); temperature a float or
     (B,); row_labels (B,) with pool_labels (K,) or (B, K); log_prior (B, K); endpoint, noise (B, D).
     Returns (velocity (B, D), lse (B,), ess (B,)) in float32, or float64 for float64 inputs.
     """
@@ -29,6 +30,9 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
     B, D = z.shape
     shared = pool.dim() == 2
     K = pool.shape[-2]
+
+    def candidates(r0, r1, k0, k1):  # rows r0:r1's candidates k0:k1 of per-row pools, gathered one tile at a time
+        return pool[r0:r1, k0:k1] if pool_index is None else pool[pool_index[r0:r1], k0:k1]
     chunk_elems = chunk_elems or default_chunk_elems(z.device)
     k_chunk = max(1, min(K, chunk_elems // D))
     r_chunk = max(1, min(B, chunk_elems // (k_chunk * D)))
@@ -57,7 +61,7 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
             k1 = min(K, k0 + k_chunk)
             for r0 in range(0, B, r_chunk):
                 r1 = min(B, r0 + r_chunk)
-                diff = z64[r0:r1, None, :] - a64[r0:r1, None, None] * pool[r0:r1, k0:k1].to(f64)
+                diff = z64[r0:r1, None, :] - a64[r0:r1, None, None] * candidates(r0, r1, k0, k1).to(f64)
                 logits[r0:r1, k0:k1] = diff.square_().sum(-1) * -scale[r0:r1, None]
     if log_prior is not None:
         logits += log_prior.to(f64)
@@ -81,7 +85,7 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
         else:
             for r0 in range(0, B, r_chunk):
                 r1 = min(B, r0 + r_chunk)
-                x = pool[r0:r1, k0:k1].to(f64)
+                x = candidates(r0, r1, k0, k1).to(f64)
                 if centre is not None:
                     x = x - centre[r0:r1, None]
                 mu[r0:r1] += torch.bmm(w[r0:r1, None, k0:k1], x)[:, 0]
