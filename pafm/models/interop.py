@@ -308,10 +308,9 @@ def main(argv=None) -> int:
 
             model, meta = load_export(args.checkpoint)
             out = export_sit_checkpoint(model, args.out, args.learn_sigma)
-            grid = model.input_size * 8
-            print(f"wrote {out}: {model.config['name']} (step {meta.get('step')}) in SiT's format; e.g. "
-                  f"python sample.py SDE --model {model.config['name']} --image-size {grid} "
-                  f"--num-classes {model.num_classes} --ckpt {out}")
+            size = f" --image-size {model.input_size * 8}" if model.input_size in (32, 64) else ""
+            print(f"wrote {out}: {model.config['name']} (step {meta.get('step')}) in SiT's format, for SiT's "
+                  f"sample.py --model {model.config['name']}{size} --num-classes {model.num_classes} --ckpt {out}")
     except USER_ERRORS as err:
         return report_error(err)
     return 0
