@@ -1,7 +1,7 @@
 """Generate N samples from an EMA export, spread over ranks, and score them; resumable.
 
     torchrun --nproc_per_node=8 -m pafm.eval RUN eval.num_samples=50000 eval.reference=VIRTUAL_imagenet256_labeled.npz \
-        eval.inception_weights=weights-inception-2015-12-05-6726825d.pth sampler.method=sde sampler.steps=250
+        eval.inception_weights=weights-inception-2015-12-05-6726825d.pth sampler.method=sde sampler.steps=249
     python -m pafm.eval RUN_DIGITS sampler.cfg_scale=2.0          # the digits: accuracy, pixel FD, memorisation
 
 Samples are drawn in chunks of eval.batch_size; chunk c goes to rank c % world_size and is written to
