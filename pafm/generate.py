@@ -213,7 +213,7 @@ def generate(model, flow_path, conditions: Conditions, indices, shape, cfg: Samp
     key = int(indices[0]) if key is None else int(key)
     noise = torch.randn(len(indices), *shape, generator=stream_generator(seed, key, NOISE_STREAM))
     cond, names = conditions(indices, device, key=key)
-    fn = guided_velocity(model, cond, cfg.cfg_scale, tuple(cfg.cfg_interval), cfg.precision)
+    fn = guided_velocity(model, cond, cfg.cfg_scale, tuple(cfg.cfg_interval), cfg.precision, cfg.cfg_channels)
     sde_gen = stream_generator(seed, key, SDE_STREAM)  # CPU: the same noise on every device
     x, nfe = sample(fn, noise.to(device), flow_path, cfg, generator=sde_gen)
     return x, names, nfe
