@@ -226,7 +226,8 @@ def build_data(cfg: Config, world: World):
     use_neighbors = cfg.objective.kind == "pafm" and cfg.objective.source == "neighbors"
     loader = LatentLoader(dataset, micro, rank=world.rank, world_size=world.size, seed=cfg.train.seed,
                           flip=cfg.data.flip, num_workers=cfg.data.num_workers,
-                          neighbors=cfg.objective.candidates if use_neighbors else 0)
+                          neighbors=cfg.objective.candidates if use_neighbors else 0,
+                          pin_memory=world.device.type == "cuda")
     return dataset.info, loader, accum
 
 
