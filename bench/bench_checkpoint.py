@@ -1,6 +1,6 @@
 """Checkpoint cost at SiT-XL/2 size: save time, the step-time stall it causes, file sizes, peak memory per rank.
 
-    python bench/bench_checkpoint.py [--model SiT-XL/2] [--nproc 2] [--steps 4] [--every 2] [--out FILE.jsonl]
+    python bench/bench_checkpoint.py [--model SiT-XL/2] [--nproc 2] [--steps 2] [--every 1] [--out FILE.jsonl]
 
 Runs the real trainer (`pafm.train`) under torchrun on `--nproc` CPU ranks (gloo, FSDP2, fp32, FM, global batch
 = nproc, one image per rank) on a synthetic 4x32x32 dataset of 1,000 classes (64 items, written under --folder),
@@ -80,8 +80,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="SiT-XL/2")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--every", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--every", type=int, default=1)
     p.add_argument("--folder", default="/tmp/pafm-bench-checkpoint")
     p.add_argument("--out", default=None)
     p.add_argument("--inner", nargs=argparse.REMAINDER, default=None, help=argparse.SUPPRESS)

@@ -82,12 +82,18 @@ def save_export(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
         meta_json = json.dumps(meta)
     except TypeError as err:
         raise ExportError(f"save_export({path}): meta is not JSON-serialisable: {err}") from None
-    tensors = {}
+    tensors, storages = {}, set()
     for name, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise ExportError(f"save_export({path}): state_dict[{name!r}] is a {type(value).__name__}, not a tensor")
-        # clone: safetensors refuses tensors that share storage (tied weights, views)
-        tensors[name] = value.detach().to("cpu").contiguous().clone()
+        t = value.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share storage (tied weights, views): those are cloned; the others (the
+        # gathered EMA weights) are written as they are, so the export needs no second copy of the model
+        if storage.data_ptr() in storages or storage.nbytes() != t.nbytes:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: meta_json}))
 

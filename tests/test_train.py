@@ -76,6 +76,11 @@ def test_nan_in_the_data_is_found_before_training(env, tmp_path):
     proc = train(env, tmp_path / "run", f"data.spec={tmp_path / 'bad'}", "train.steps=1", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "item 13" in proc.stderr and "NaN" in proc.stderr and "Traceback" not in proc.stderr
+    # The shards that passed are remembered for the next start; the bad one is not, so it is checked again.
+    assert sorted(p.name for p in (tmp_path / "bad" / ".validated").iterdir()) == [
+        "shard-00001.safetensors.json", "shard-00002.safetensors.json"]
+    proc = train(env, tmp_path / "run", f"data.spec={tmp_path / 'bad'}", "train.steps=1", check=False)
+    assert proc.returncode == 2 and "item 13" in proc.stderr
 
 
 def test_two_fsdp_ranks_match_one_process(env, tmp_path):
