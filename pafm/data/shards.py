@@ -240,6 +240,16 @@ def _bad_elements(block: np.ndarray, exponent, negative: bool) -> np.ndarray:
     return bad
 
 
+def _suspect(words: np.ndarray, exponent, negative: bool, scratch: np.ndarray) -> bool:
+    """Whether a block may hold a bad value, from one max-reduction: a magnitude with all exponent bits set is Inf
+    or NaN; with `negative`, any word with the sign bit set (>= the exponent mask too) is suspect as well (-0.0
+    included, so a suspect block is then checked element by element)."""
+    if negative:
+        return bool(words.max() >= exponent)
+    magnitude = ~(words.dtype.type(1) << words.dtype.type(8 * words.itemsize - 1))
+    return bool(np.bitwise_and(words, magnitude, out=scratch[:len(words)]).max() >= exponent)
+
+
 def scan_shard(path, header: dict, data_start: int, floats: dict[str, bool], checksum: bool):
     """One sequential read of a shard: (sha256 of the whole file or None, {name: first bad row or None}).
 
@@ -268,6 +278,7 @@ def scan_shard(path, header: dict, data_start: int, floats: dict[str, bool], che
             if check:
                 uint, exponent = _EXPONENT_BITS[header[name]["dtype"]]
                 exponent = uint(exponent)
+                scratch = np.empty(_READ_BLOCK // np.dtype(uint).itemsize, dtype=uint)
                 per_row = math.prod(header[name]["shape"][1:]) or 1
                 begin = pos
             while pos < stop:
@@ -277,10 +288,11 @@ def scan_shard(path, header: dict, data_start: int, floats: dict[str, bool], che
                 if digest:
                     digest.update(view[:n])
                 if check and first_bad[name] is None:
-                    bad = _bad_elements(np.frombuffer(buffer, dtype=uint, count=n // np.dtype(uint).itemsize),
-                                        exponent, floats[name])
-                    if bad.any():
-                        first_bad[name] = ((pos - begin) // np.dtype(uint).itemsize + int(np.argmax(bad))) // per_row
+                    words = np.frombuffer(buffer, dtype=uint, count=n // np.dtype(uint).itemsize)
+                    if _suspect(words, exponent, floats[name], scratch):
+                        bad = _bad_elements(words, exponent, floats[name])
+                        if bad.any():
+                            first_bad[name] = ((pos - begin) // words.itemsize + int(np.argmax(bad))) // per_row
                 pos += n
 
         read_to(data_start, None)
