@@ -10,7 +10,7 @@ Writes (once; reused while it exists) a synthetic dataset with the project's own
 - `restart`: open the dataset and validate with the per-shard memo filled by a previous check (what a resumed run
   pays at start-up); `restart_one_changed`: the same after one shard was rewritten (it alone is checked again).
 The last two need a `validate(remember=...)`; on code without it only the full rows are written. Each row: device,
-versions, date, load average, GiB, seconds, GiB/s.
+versions, date, load average, GiB, wall seconds and GiB/s, CPU seconds (all threads) and GiB per CPU-second.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import time
@@ -64,10 +65,16 @@ def commit() -> str:
         return "unknown"
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of fn(); on a shared machine the CPU time is the steadier figure."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def main():
@@ -89,10 +96,13 @@ def main():
             "shards": len(list(folder.glob("shard-*.safetensors")))}
     rows = []
 
-    def row(what, seconds, **extra):
+    def row(what, times, **extra):
+        seconds, cpu = times if isinstance(times, tuple) else (times, None)
         r = {**base, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "load_avg": os.getloadavg()[0], "what": what, "seconds": round(seconds, 3),
              "gib_per_s": round(gib / seconds, 3), **extra}
+        if cpu:
+            r.update(cpu_s=round(cpu, 3), gib_per_cpu_s=round(gib / cpu, 3))
         print(json.dumps(r), flush=True)
         rows.append(r)
 
