@@ -472,7 +472,8 @@ class LatentDataset:
             return s
 
         shards = list(shards)
-        workers = max(1, min(len(shards), threads or min(8, len(os.sched_getaffinity(0)))))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(1, min(len(shards), threads or min(8, cores)))
         with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(check, shards))
         errors = [r for r in results if isinstance(r, DataError)]
