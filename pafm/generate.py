@@ -250,8 +250,9 @@ def save_grid(images: torch.Tensor, labels: list[str], out, cols: int | None = N
 
 
 class PreviewGrid:
-    """The trainer's preview: one model (rebuilt from an export's `meta` once), its decoder (the VAE, loaded once) and
-    its conditions, reused by every grid of the run; `save(state_dict, out)` loads the weights and saves a grid.
+    """The trainer's preview: one model (rebuilt from an export's `meta` once, kept on the CPU between grids), its
+    decoder (the VAE, loaded once) and its conditions (the text embedder, loaded once), reused by every grid of the
+    run; `save(state_dict, out)` loads the weights onto the device and saves a grid.
 
     Class models: one sample per class up to 64 classes, else 32 classes spread over the label range.  Text models:
     one sample per prompt of `prompts` when given, else 16 captions of the dataset's held-out split, or of its train
@@ -262,7 +263,7 @@ class PreviewGrid:
                  prompts: list[str] | None = None, num: int | None = None, device=None):
         self.device = pick_device("auto") if device is None else torch.device(device)
         self.meta, self.seed = meta, seed
-        self.model = model_from_meta(meta, "the training grid").to(self.device).eval().requires_grad_(False)
+        self.model = model_from_meta(meta, "the training grid").eval().requires_grad_(False)  # on the CPU between grids
         labels = None
         if self.model.cond_kind == "class":
             n_cls = num_classes(self.model)
@@ -275,9 +276,12 @@ class PreviewGrid:
         self.decoder = Decoder(dataset_info(meta), self.device)
 
     def save(self, state_dict: dict, out) -> Path:
-        load_weights(self.model, state_dict, self.device, "the training grid")
-        x, names, _ = generate(self.model, self.flow_path, self.conditions, list(range(self.num)),
-                               latent_shape(self.model, self.meta), self.sampler, self.seed, self.device)
+        try:
+            load_weights(self.model, state_dict, self.device, "the training grid")
+            x, names, _ = generate(self.model, self.flow_path, self.conditions, list(range(self.num)),
+                                   latent_shape(self.model, self.meta), self.sampler, self.seed, self.device)
+        finally:
+            self.model.to("cpu")  # training never holds a second full model on the GPU
         images = self.decoder(x)
         return save_grid(images, names, out, cols=min(self.num, 10 if self.num <= 20 else 8))
 

@@ -188,12 +188,12 @@ def rank0_error_check(world: World, fn):
 def validate_split(world: World, dataset):
     """Every rank checks its share of the shards (shard s on rank s % world size; rank 0 also the neighbours), skipping
     those whose check passed before and that are unchanged since; a problem found by any rank stops every rank."""
-    from pafm.cli import SharedError, all_ranks_agree
+    from pafm.cli import all_ranks_agree
 
     try:
         all_ranks_agree(lambda: dataset.validate(remember=True, shards=range(world.rank, len(dataset.shards),
                                                                               world.size), neighbors=world.is_main))
-    except (SharedError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # a SharedError is a ValueError
         raise SetupError(str(err)) from None
 
 
