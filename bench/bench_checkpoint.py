@@ -108,7 +108,8 @@ def main():
     step_s = statistics.median(parts[0]["steps"])
     save_s = max(max(p["saves"]) for p in parts)
     row = {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores), {args.nproc} gloo ranks",
-           "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "load_avg": os.getloadavg()[0], "model": args.model, "steps": args.steps, "every": args.every,
            "step_s": [round(s, 2) for s in parts[0]["steps"]], "median_step_s": round(step_s, 2),
            "save_s": [round(s, 2) for s in parts[0]["saves"]],

@@ -79,7 +79,8 @@ def main():
     import faiss
 
     row = {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "torch": torch.__version__,
-           "faiss": faiss.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "faiss": faiss.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "load_avg": os.getloadavg()[0], "items": args.items, "dim": 4096, "k": args.k,
            "data": "64-dim clustered latent x random 4096 map + 0.3 noise", "write_s": round(write_s, 1),
            "build_s": round(result["seconds"], 1),

@@ -89,8 +89,8 @@ def faiss_knn(dataset, members: np.ndarray, k: int, seed: int = 0) -> np.ndarray
     try:
         import faiss
     except ImportError:
-        raise DataError(f"a group of {len(members)} items is searched with FAISS, which is not installed: "
-                        f"`pip install faiss-cpu` (or faiss-gpu), or search it exactly with a larger --exact-max") from None
+        raise DataError(f"a group of {len(members)} items is searched with FAISS, which is not installed: `pip "
+                        f"install faiss-cpu` (or faiss-gpu), or search it exactly with a larger --exact-max") from None
 
     n = len(members)
     dim = int(np.prod(dataset.info["latent_shape"]))
