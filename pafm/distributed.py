@@ -20,9 +20,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-# Ranks wait in a collective while rank 0 alone validates the dataset or draws the preview grids, and at evaluation's
-# barrier for the slowest rank's share of chunks; NCCL's 10-minute default would abort them.
-COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+# How long a rank waits in a collective before the run is declared hung.  Ranks do the same work between
+# collectives (dataset validation is split over them, and a restart skips shards checked before), so the waits are
+# the spread between ranks plus rank 0's side work (a preview grid, the EMA export): seconds to a few minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass
