@@ -31,6 +31,7 @@ sampling; a user error stops every rank with exit code 2 and rank 0 prints it in
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -366,7 +367,9 @@ def evaluate(checkpoint, overrides: list[str] | None = None, config_file=None) -
             raise SharedError(one_line(err)) from None
         raise
     if world > 1:  # under torchrun: cuda:LOCAL_RANK on GPUs
-        device = init_distributed(device.type).device
+        # Ranks meet at barriers after their share of the sampling, which resumed chunks can make uneven, so a
+        # collective may wait far longer than a training step's; a dead rank still ends the job through torchrun.
+        device = init_distributed(device.type, timeout=datetime.timedelta(hours=6)).device
     try:
         job = all_ranks_agree(prepare, checkpoint, cfg, rank, device)
         sample_everywhere(job, cfg, rank, world, device)
