@@ -24,8 +24,9 @@ setup(
         "scikit-learn>=1.3",  # the embedded digits dataset and its evaluation classifier
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "scipy", "torch-fidelity", "diffusers", "transformers", "matplotlib"],
+        "test": ["pytest>=8", "pytest-benchmark", "scipy", "torch-fidelity", "diffusers", "transformers", "faiss-cpu",
+                 "matplotlib"],
         "eval": ["torch-fidelity", "scipy"],
-        "prep": ["diffusers", "transformers"],
+        "prep": ["diffusers", "transformers", "faiss-cpu"],  # faiss: neighbours of groups too large for exact search
     },
 )

@@ -29,9 +29,12 @@ import triton  # noqa: E402
 from pafm_kernels import posterior_velocity  # noqa: E402
 from pafm_kernels.reference import posterior_velocity_reference  # noqa: E402
 
-GPU_SHAPES = [("shared", 256, 256, 4096), ("shared", 256, 4096, 4096), ("shared", 32, 65536, 4096),
+# (layout, B, K, D).  "bank": each row's own class's K entries of a class bank of BANK_CLASSES classes, read in
+# place through pool_index (the minibatch part of the bank source is the "shared" (B, B, D) shape).
+GPU_SHAPES = [("shared", 256, 256, 4096), ("shared", 256, 4096, 4096), ("bank", 256, 64, 4096),
               ("shared", 32, 32, 4096), ("shared", 256, 4096, 16384), ("per_row", 256, 16, 4096)]
-CPU_SHAPES = [("shared", 32, 32, 256), ("shared", 64, 256, 1024), ("per_row", 32, 16, 1024)]
+CPU_SHAPES = [("shared", 32, 32, 256), ("shared", 64, 256, 1024), ("per_row", 32, 16, 1024), ("bank", 32, 16, 1024)]
+BANK_CLASSES = {"cuda": 1000, "cpu": 10}
 PROVIDERS = ["triton", "triton_unrefined", "eager", "compile"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM; the floor is a reference point, gpu_check.py measures the machine's own
@@ -51,6 +54,10 @@ def make_inputs(layout, B, K, D, device, dtype=torch.bfloat16, seed=0):
         n = min(B, K)
         pool[:n] = x[:n]
         extra["endpoint_index"] = torch.where(torch.arange(B) < K, torch.arange(B), -1).to(device)
+    elif layout == "bank":
+        classes = BANK_CLASSES["cuda" if torch.device(device).type == "cuda" else "cpu"]
+        pool = torch.randn(classes, K, D, generator=g)
+        extra["pool_index"] = torch.randint(0, classes, (B,), generator=g).to(device)
     else:
         pool = torch.randn(B, K, D, generator=g)
         pool[:, 0] = x
@@ -77,7 +84,8 @@ def make_fn(provider, inputs):
         return lambda: posterior_velocity(**inputs, backend="torch")
     ref = torch.compile(posterior_velocity_reference, dynamic=False)
     args = [inputs[k] for k in ("z", "pool", "alpha", "sigma", "d_alpha", "d_sigma")]
-    return lambda: ref(*args, 1.0, endpoint=inputs["endpoint"], noise=inputs["noise"])
+    return lambda: ref(*args, 1.0, endpoint=inputs["endpoint"], noise=inputs["noise"],
+                       pool_index=inputs.get("pool_index"))
 
 
 def time_fn(fn, device, cpu_seconds=2.0, cpu_calls=3):
@@ -132,7 +140,7 @@ def peak_extra_bytes(fn, device):
 
 
 def roofline(layout, B, K, D, dtype):
-    pool = K * D if layout == "shared" else B * K * D
+    pool = K * D if layout == "shared" else B * K * D  # a bank's rows read their class's entries: B K D at most
     itemsize = torch.finfo(dtype).bits // 8
     bytes_moved = (3 * B * D + pool) * itemsize + B * D * 4  # read z, x_own, eps and the pool once, write fp32 v
     flops = 4 * B * K * D

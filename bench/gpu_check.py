@@ -13,7 +13,8 @@ printed as it comes and appended to DIR/gpu_check.jsonl with the device, torch/t
                down to sigma = 1e-5 with near-duplicates, labels/prior/temperature, grids under and over a wave;
                and the fp32 expansion's measured logit error as a fraction of the bound that decides refinement
   op_time      Triton / Triton without refinement / eager reference / torch.compile of it at (256, 256, 4096),
-               (256, 4096, 4096) and a bank (32, 65536, 4096), bf16 and fp32: times, ratios, kernels and host
+               (256, 4096, 4096) and a bank's per-class part (256 rows x 64 entries x 4096 of 1000 classes), bf16
+               and fp32 (the training dtype): times, ratios, kernels and host
                syncs per call (torch.profiler)
   train_step   SiT-B/2 (batch 256) and SiT-XL/2 with FM and PAFM (a filled class bank) in bf16: images/s, MFU
 
@@ -302,6 +303,54 @@ def correctness(rows: Rows):
 
     for dtype in dtypes:
         rows.guarded(f"logit_bound_{dtype}", logit_error_vs_bound, rows, dtype)
+    rows.guarded("bank_pool_index", bank_case, rows, check, make_case, D)
+    if not rows.dry_run:
+        rows.guarded("over_2_31_elements", large_case, rows)
+
+
+def bank_case(rows: Rows, check, make_case, D):
+    """Per-row pools read in place from a class bank's non-contiguous slice (pool_index), as the bank source does."""
+    import torch
+
+    from pafm_kernels import posterior_velocity
+    from pafm_kernels.naive import posterior_velocity_naive
+    from pafm_kernels.testing import rel_err
+
+    B, K, classes = (16, 8, 4) if rows.dry_run else (64, 64, 100)
+    for dtype in (torch.float32, torch.bfloat16):
+        args, kw = make_case(B, K, (D,), per_row=True, dtype=dtype, labels="2d", residual=True, seed=7)
+        index = torch.randint(0, classes, (B,), generator=torch.Generator().manual_seed(0))
+        padded = torch.randn(classes, K + 1, D).to(dtype)
+        padded[index, :K] = args[1]
+        bank = padded.to(rows.device)[:, :K]
+        on = [a.to(rows.device) for a in args]
+        kw = {k: v.to(rows.device) for k, v in kw.items()}
+        out = posterior_velocity(on[0], bank, *on[2:], **kw, pool_index=index.to(rows.device), backend="triton")
+        v64, lse64, ess64 = posterior_velocity_naive(on[0], bank[index.to(rows.device)], *on[2:], **kw)
+        err = max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64))
+        rows.emit(case="bank_pool_index", dtype=str(dtype).replace("torch.", ""), B=B, K=K, D=D, classes=classes,
+                  max_rel_err=err, ok=err <= 2e-4)
+
+
+def large_case(rows: Rows):
+    """Per-row pools of more than 2^31 elements (64-bit offsets), bf16, against the float64-grade reference."""
+    import torch
+
+    from pafm_kernels import posterior_velocity
+    from pafm_kernels.reference import posterior_velocity_reference
+    from pafm_kernels.testing import rel_err
+
+    B, K, D = 64, 8200, 4096  # 2.15e9 elements, 4.3 GB in bf16
+    g = torch.Generator(device=rows.device).manual_seed(0)
+    pool = torch.randn(B, K, D, device=rows.device, dtype=torch.bfloat16, generator=g)
+    t = torch.rand(B, device=rows.device, generator=g) * 0.9 + 0.05
+    x = pool[:, -1].float()  # the own endpoint in the last slot: its offsets are the largest
+    z = (t[:, None] * x + (1 - t)[:, None] * torch.randn(B, D, device=rows.device, generator=g)).bfloat16()
+    coefs = (t, 1 - t, torch.ones_like(t), -torch.ones_like(t))
+    out = posterior_velocity(z, pool, *coefs, backend="triton")
+    v64, lse64, ess64 = posterior_velocity_reference(z.double(), pool, *coefs, 1.0)
+    err = max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64))
+    rows.emit(case="over_2_31_elements", B=B, K=K, D=D, elements=B * K * D, max_rel_err=err, ok=err <= 2e-4)
 
 
 def logit_error_vs_bound(rows: Rows, dtype):
@@ -341,10 +390,10 @@ def op_time(rows: Rows):
     import bench_posterior
 
     if rows.dry_run:  # torch.compile builds C++ on a CPU: once, for the first shape
-        shapes = [("shared", 8, 16, 64), ("shared", 4, 256, 64), ("per_row", 8, 4, 64)]
+        shapes = [("shared", 8, 16, 64), ("shared", 4, 256, 64), ("per_row", 8, 4, 64), ("bank", 8, 4, 64)]
         dtypes, providers = [torch.float32], ["triton", "triton_unrefined", "eager"]
     else:
-        shapes = [("shared", 256, 256, 4096), ("shared", 256, 4096, 4096), ("shared", 32, 65536, 4096)]
+        shapes = [("shared", 256, 256, 4096), ("shared", 256, 4096, 4096), ("bank", 256, 64, 4096)]
         dtypes = [torch.bfloat16] if rows.quick else [torch.bfloat16, torch.float32]
         providers = bench_posterior.PROVIDERS
 
@@ -372,11 +421,11 @@ def train_step(rows: Rows):
     dev = rows.device
     if rows.dry_run:
         models = [("SiT-T/2", 8, 8, 1, 10, "fp32")]
-        steps, warmup, prefill = 2, 1, 2
+        steps, warmup = 2, 1
     else:
         models = [("SiT-B/2", 256, 32, 4, 1000, "bf16")] + ([] if rows.quick else [("SiT-XL/2", 256, 32, 4, 1000,
                                                                                       "bf16")])
-        steps, warmup, prefill = (3, 2, 300) if rows.quick else (5, 3, 300)  # 300 x 256 rows fill 1000 x 64
+        steps, warmup = (3, 2) if rows.quick else (5, 3)
     peak_measured = None
     rows_file = rows.out / ROWS_FILE
     if rows_file.exists():  # the roofline item's GEMM, measured in the same run
@@ -389,7 +438,7 @@ def train_step(rows: Rows):
     def one(label, model, batch, size, channels, classes, precision, kind, source, fm_seconds):
         seconds, net = bench_train.time_step(model, size=size, channels=channels, classes=classes, batch=batch,
                                              precision=precision, kind=kind, source=source, device=dev, steps=steps,
-                                             warmup=warmup, prefill_bank=prefill)
+                                             warmup=warmup, fill_bank=True)
         flops = bench_train.train_flops_per_image(net) * batch / seconds
         rows.emit(case=label, model=model, batch=batch, latent=[channels, size, size], precision=precision,
                   objective=kind, source=source if kind == "pafm" else None, ms_per_step=seconds * 1e3,

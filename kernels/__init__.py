@@ -2,6 +2,6 @@
 
 Importing this package never touches a GPU driver; the Triton kernels are imported on first use.
 """
-from .posterior_velocity import PosteriorTarget, posterior_velocity
+from .posterior_velocity import PosteriorTarget, combine_posteriors, posterior_velocity
 
-__all__ = ["posterior_velocity", "PosteriorTarget"]
+__all__ = ["posterior_velocity", "combine_posteriors", "PosteriorTarget"]

@@ -57,7 +57,7 @@ def _arg_type(name: str, dtype: str) -> str:
     """Triton signature type of a kernel argument, from the naming convention of these kernels."""
     if name in ("Z", "X", "ENDPOINT", "NOISE"):
         return f"*{dtype}"  # the op's inputs
-    if name in ("ROW_LAB", "POOL_LAB", "OWN"):
+    if name in ("ROW_LAB", "POOL_LAB", "OWN", "POOL_INDEX"):
         return "*i64"
     if name in ("tau_value", "refine_nats", "g_dot", "g_sum"):
         return "fp32"
@@ -91,7 +91,7 @@ def kernel_variants(dtype: str):
     const = dict(RESIDUAL=True, BLOCK_M=sp.REDUCE_BLOCK_M, BLOCK_D=sp.REDUCE_BLOCK_D)
     yield "shared_mix_sum", sp._mix_reduce_kernel, const, sp.REDUCE_WARPS, 3
     for cfg in pr.PER_ROW_CONFIGS:
-        const = dict(features, RESIDUAL=True, EMULATE_FMA=False, **cfg.kwargs)
+        const = dict(features, HAS_POOL_INDEX=True, RESIDUAL=True, EMULATE_FMA=False, **cfg.kwargs)
         yield "per_row", pr._per_row_kernel, const, cfg.num_warps, cfg.num_stages
 
 

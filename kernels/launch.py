@@ -40,27 +40,31 @@ class KernelInputs(NamedTuple):
     endpoint: torch.Tensor
     noise: torch.Tensor
     endpoint_index: torch.Tensor
+    pool_index: torch.Tensor
     row_tau: bool
     has_labels: bool
     labels_2d: bool
     has_prior: bool
     residual: bool
     has_own: bool
+    has_pool_index: bool
 
 
 def prepare(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=None, pool_labels=None,
-            log_prior=None, endpoint=None, noise=None, endpoint_index=None) -> KernelInputs:
+            log_prior=None, endpoint=None, noise=None, endpoint_index=None, pool_index=None) -> KernelInputs:
     """Inputs already validated by `posterior_velocity`; `temperature` is a float or a (B,) tensor."""
     def arg(t):
         return z if t is None else t.contiguous()  # contiguous() is free on the trainer's (contiguous) tensors
 
     row_tau = isinstance(temperature, torch.Tensor)
+    # Per-row pools are read through their strides, so a bank's slice (N, K, D) is used in place.
+    per_row_in_place = pool.dim() == 3 and pool.stride(-1) == 1
     return KernelInputs(
-        z.contiguous(), pool.contiguous(), arg(alpha), arg(sigma), arg(d_alpha), arg(d_sigma),
+        z.contiguous(), pool if per_row_in_place else pool.contiguous(), arg(alpha), arg(sigma), arg(d_alpha), arg(d_sigma),
         arg(temperature if row_tau else None), 1.0 if row_tau else float(temperature),
         arg(row_labels), arg(pool_labels), arg(log_prior), arg(endpoint), arg(noise), arg(endpoint_index),
-        row_tau, row_labels is not None, pool_labels is not None and pool_labels.dim() == 2, log_prior is not None,
-        endpoint is not None, endpoint_index is not None)
+        arg(pool_index), row_tau, row_labels is not None, pool_labels is not None and pool_labels.dim() == 2, log_prior is not None,
+        endpoint is not None, endpoint_index is not None, pool_index is not None)
 
 
 def size_bucket(n: int) -> int:

@@ -6,11 +6,14 @@ import torch
 
 
 def posterior_velocity_naive(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=None, pool_labels=None,
-                             log_prior=None, temperature=1.0, endpoint=None, noise=None, endpoint_index=None):
+                             log_prior=None, temperature=1.0, endpoint=None, noise=None, endpoint_index=None,
+                             pool_index=None):
     """Same arguments as `pafm_kernels.posterior_velocity` (endpoint_index, a hint for the kernels, is not needed);
     returns float64 (velocity (B, *S), lse (B,), ess (B,))."""
     f = lambda t: t.detach().to(torch.float64)  # noqa: E731
     B = z.shape[0]
+    if pool_index is not None:
+        pool = pool[pool_index]
     zf = f(z).reshape(B, -1)
     shared = pool.dim() == z.dim()
     X = f(pool).reshape(pool.shape[0], -1)[None] if shared else f(pool).reshape(B, pool.shape[1], -1)

@@ -17,11 +17,11 @@ from .launch import INTERPRET, KernelInputs, load_row_coefficients, size_bucket
 
 
 @triton.jit
-def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT,
-                    NOISE, LOGITS, V, LSE, ESS,
+def _per_row_kernel(Z, X, POOL_INDEX, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR,
+                    ENDPOINT, NOISE, LOGITS, V, LSE, ESS,
                     K, D, stride_z, stride_xb, stride_xk, stride_pl, stride_lp, k_bucket,
                     ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PRIOR: tl.constexpr,
-                    RESIDUAL: tl.constexpr, EMULATE_FMA: tl.constexpr, BLOCK_K: tl.constexpr,
+                    HAS_POOL_INDEX: tl.constexpr, RESIDUAL: tl.constexpr, EMULATE_FMA: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
@@ -29,7 +29,10 @@ def _per_row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LA
     a, sg, tau, inv = load_row_coefficients(ALPHA, SIGMA, TAU, tau_value, row, row >= 0, ROW_TAU)
     if HAS_LABELS:
         row_lab = tl.load(ROW_LAB + row)
-    x_row = X + row * stride_xb
+    if HAS_POOL_INDEX:  # a class bank: the row's own class's entries, read in place
+        x_row = X + tl.load(POOL_INDEX + row).to(tl.int64) * stride_xb
+    else:
+        x_row = X + row * stride_xb
     z_row = Z + row * stride_z
 
     # Pass 1: logits and per-lane online softmax statistics (lanes are merged after the loop).
@@ -110,12 +113,14 @@ PER_ROW_CONFIGS = [
     triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
     for bk, bd, w, st in [(16, 256, 4, 2), (8, 512, 4, 2)]
 ]
-_per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["k_bucket", "D", "HAS_LABELS", "HAS_PRIOR", "RESIDUAL"])(
+_per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["k_bucket", "D", "HAS_LABELS", "HAS_PRIOR", "HAS_POOL_INDEX",
+                                                      "RESIDUAL"])(
     _per_row_kernel)
 
 
 def per_row_posterior(inp: KernelInputs):
-    """Triton posterior velocity for z (B, D) against per-row pools (B, K, D); returns fp32 (velocity, lse, ess)."""
+    """Triton posterior velocity for z (B, D) against per-row pools (B, K, D), or (N, K, D) read through
+    pool_index; returns fp32 (velocity, lse, ess)."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[1]
@@ -123,11 +128,12 @@ def per_row_posterior(inp: KernelInputs):
     logits = torch.empty(B, K, **f32)
     velocity = torch.empty(B, D, **f32)
     lse_ess = torch.empty(2, B, **f32)
-    args = (z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma, inp.row_labels,
+    args = (z, pool, inp.pool_index, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma, inp.row_labels,
             inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, logits, velocity, lse_ess[0], lse_ess[1],
             K, D, z.stride(0), pool.stride(0), pool.stride(1), K if inp.labels_2d else 0, K if inp.has_prior else 0,
             size_bucket(K))
-    flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, HAS_PRIOR=inp.has_prior, RESIDUAL=inp.residual,
+    flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, HAS_PRIOR=inp.has_prior,
+                 HAS_POOL_INDEX=inp.has_pool_index, RESIDUAL=inp.residual,
                  EMULATE_FMA=INTERPRET)
     if INTERPRET:
         _per_row_kernel[(B,)](*args, **flags, BLOCK_K=max(2, min(16, triton.next_power_of_2(K))),

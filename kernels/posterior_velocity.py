@@ -19,6 +19,25 @@ class PosteriorTarget(NamedTuple):
     ess: torch.Tensor  # (B,) float32: 1 / sum_j w_ij^2, in [1, admissible count]; 0 when none is admissible
 
 
+def combine_posteriors(*parts: PosteriorTarget) -> PosteriorTarget:
+    """The op over the union of disjoint candidate sets, from its results on each set (same z, coefficients,
+    temperature and form): the velocity is affine in the weighted mean, so the parts mix with weights
+    exp(lse_p - lse), and 1 / ESS = sum_p exp(2 (lse_p - lse)) / ESS_p. A part without an admissible candidate
+    adds nothing; a row with none in any part gets lse = -inf, ess = 0 and a NaN velocity, as the op gives."""
+    lse = torch.logsumexp(torch.stack([p.lse for p in parts]), 0)
+    none = torch.isneginf(lse)
+    per_row = (-1,) + (1,) * (parts[0].velocity.dim() - 1)  # broadcasts a (B,) factor over a row's features
+    velocity = torch.zeros_like(parts[0].velocity)
+    inv_ess = torch.zeros_like(lse)
+    for p in parts:
+        share = torch.where(torch.isneginf(p.lse) | none, 0.0, torch.exp(p.lse - lse))
+        used = share > 0
+        velocity += torch.where(used.view(per_row), share.view(per_row) * p.velocity, 0.0)
+        inv_ess += torch.where(used, share * share / p.ess, 0.0)
+    velocity = torch.where(none.view(per_row), float("nan"), velocity)
+    return PosteriorTarget(velocity, lse, torch.where(none, 0.0, 1.0 / inv_ess))
+
+
 def _check_tensor(name, t, shape, device, *, floating=None, integer=False):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(t).__name__}")
@@ -34,7 +53,7 @@ def _check_tensor(name, t, shape, device, *, floating=None, integer=False):
 
 def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=None, pool_labels=None,
                        log_prior=None, temperature=1.0, endpoint=None, noise=None, endpoint_index=None,
-                       backend="auto"):
+                       pool_index=None, backend="auto"):
     """Self-normalised importance-sampling estimate of the posterior-mean flow-matching velocity.
 
     Logits l_ij = -||z_i - alpha_i x_j||^2 / (2 sigma_i^2 tau_i) + log_prior_ij over the candidates x_j admitted by
@@ -44,7 +63,9 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
 
     Args:
         z: (B, *S) noisy points, float32/float16/bfloat16 (float64 with the torch backend).
-        pool: (K, *S) candidates shared by every row, or (B, K, *S) one set per row; same dtype as z.
+        pool: (K, *S) candidates shared by every row, or (B, K, *S) one set per row; same dtype as z. With
+            `pool_index`, per-row pools are (N, K, *S) for any N and row i reads pool[pool_index[i]] in place (a
+            class bank: no (B, K, *S) copy); only the last dims need be contiguous.
         alpha, sigma, d_alpha, d_sigma: (B,) path coefficients at each row's t (sigma > 0).
         row_labels: (B,) integer labels; a negative label admits every candidate. Needs `pool_labels`,
             (K,) or (B, K) integers: candidate j is admissible for row i only if the labels are equal.
@@ -54,6 +75,7 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
         endpoint_index: (B,) integers, the pool index of each row's own endpoint in a shared pool (negative: not in
             the pool). Optional; the shared-pool kernels then always compute that candidate's logit exactly (near
             sigma -> 0 it carries the weight). Per-row pools and the reference compute every logit exactly.
+        pool_index: (B,) integers in [0, N), the per-row pool each row reads (not checked: no host sync).
         backend: "torch" (memory-bounded float64-grade reference), "triton" (fused kernels; CUDA, or CPU tensors
             when TRITON_INTERPRET=1), or "auto" (Triton on CUDA tensors except float64, the reference elsewhere).
             The op has no autograd: it builds a stop-gradient target. The Triton path never waits for the device
@@ -80,11 +102,16 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
         raise ValueError(f"pool must be a torch.Tensor, got {type(pool).__name__}")
     if pool.dim() == z.dim() and tuple(pool.shape[1:]) == S:
         shared, K = True, pool.shape[0]
-    elif pool.dim() == z.dim() + 1 and pool.shape[0] == B and tuple(pool.shape[2:]) == S:
+    elif (pool.dim() == z.dim() + 1 and tuple(pool.shape[2:]) == S
+          and (pool.shape[0] == B or (pool_index is not None and pool.shape[0] > 0))):
         shared, K = False, pool.shape[1]
     else:
-        raise ValueError(f"pool must have shape (K, *S) = (K, {', '.join(map(str, S))}) or (B, K, *S) with B = {B}, "
-                         f"got {tuple(pool.shape)}")
+        raise ValueError(f"pool must have shape (K, *S) = (K, {', '.join(map(str, S))}) or (B, K, *S) with B = {B} "
+                         f"(any first size with pool_index), got {tuple(pool.shape)}")
+    if pool_index is not None:
+        if shared:
+            raise ValueError("pool_index selects per-row pools: pool must have shape (N, K, *S)")
+        _check_tensor("pool_index", pool_index, (B,), device, integer=True)
     if K == 0:
         raise ValueError("pool must hold at least one candidate (K >= 1)")
     if pool.device != device:
@@ -134,7 +161,7 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             raise ValueError(f"backend='triton' needs CUDA tensors (z is on {device}) or TRITON_INTERPRET=1")
 
     z2 = z.reshape(B, D)
-    pool2 = pool.reshape(K, D) if shared else pool.reshape(B, K, D)
+    pool2 = pool.reshape(K, D) if shared else pool.reshape(pool.shape[0], K, D)  # a view for a bank's slice
     end2 = endpoint.reshape(B, D) if endpoint is not None else None
     noise2 = noise.reshape(B, D) if noise is not None else None
     optional = dict(row_labels=row_labels, pool_labels=pool_labels, log_prior=log_prior, endpoint=end2, noise=noise2)
@@ -143,7 +170,7 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             from .launch import prepare
 
             inputs = prepare(z2, pool2, alpha, sigma, d_alpha, d_sigma, temperature, **optional,
-                             endpoint_index=endpoint_index if shared else None)
+                             endpoint_index=endpoint_index if shared else None, pool_index=pool_index)
             if shared:
                 from .shared_pool import shared_pool_posterior
 
@@ -156,5 +183,5 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             if isinstance(temperature, torch.Tensor) and not bool((temperature > 0).all()):  # also rejects NaN
                 raise ValueError("temperature must be positive in every row")
             velocity, lse, ess = posterior_velocity_reference(z2, pool2, alpha, sigma, d_alpha, d_sigma, temperature,
-                                                              **optional)
+                                                              **optional, pool_index=pool_index)
     return PosteriorTarget(velocity.reshape(z.shape), lse, ess)

@@ -6,6 +6,8 @@ per-row pools the direct ||z - a x_j||^2 over tiles of rows x candidates. Every 
 elements, so the peak extra memory is O(B*K + B*D + chunk_elems) and no B x K x D tensor ever exists.
 Everything after the input cast runs in float64 (B x K logits, B x D mean, chunk-sized temporaries), so the result
 is float64-grade and returned as float32 (float64 for float64 inputs, which the tests use as an oracle).
+Per-row pools read through `pool_index` (a class bank) are solved as one shared pool per distinct index; finding
+those groups reads the index on the host, the one place this backend waits for the device.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ def default_chunk_elems(device: torch.device) -> int:
 
 
 def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=None,
-                                 pool_labels=None, log_prior=None, endpoint=None, noise=None, chunk_elems=None):
+                                 pool_labels=None, log_prior=None, endpoint=None, noise=None, pool_index=None,
+                                 chunk_elems=None):
     """Reference posterior velocity on already-validated inputs.
 
-    z (B, D); pool (K, D) shared or (B, K, D) per row; alpha, sigma, d_alpha, d_sigma (B,); temperature a float or
+    z (B, D); pool (K, D) shared, or (B, K, D) per row, or (N, K, D) read through pool_index (B,); alpha, sigma, d_alpha, d_sigma (B,); temperature a float or
     (B,); row_labels (B,) with pool_labels (K,) or (B, K); log_prior (B, K); endpoint, noise (B, D).
     Returns (velocity (B, D), lse (B,), ess (B,)) in float32, or float64 for float64 inputs.
     """
@@ -29,6 +32,15 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
     B, D = z.shape
     shared = pool.dim() == 2
     K = pool.shape[-2]
+
+    def candidates(r0, r1, k0, k1):  # rows r0:r1's candidates k0:k1 of per-row pools
+        return pool[r0:r1, k0:k1]
+
+    if pool_index is not None:
+        # A class bank read through pool_index: rows that read the same pool form a shared-pool problem, solved
+        # group by group (a host loop over the distinct pools; no B x K x D gather).
+        return _grouped_by_pool(z, pool, pool_index, alpha, sigma, d_alpha, d_sigma, temperature, row_labels,
+                                pool_labels, log_prior, endpoint, noise, chunk_elems)
     chunk_elems = chunk_elems or default_chunk_elems(z.device)
     k_chunk = max(1, min(K, chunk_elems // D))
     r_chunk = max(1, min(B, chunk_elems // (k_chunk * D)))
@@ -57,7 +69,7 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
             k1 = min(K, k0 + k_chunk)
             for r0 in range(0, B, r_chunk):
                 r1 = min(B, r0 + r_chunk)
-                diff = z64[r0:r1, None, :] - a64[r0:r1, None, None] * pool[r0:r1, k0:k1].to(f64)
+                diff = z64[r0:r1, None, :] - a64[r0:r1, None, None] * candidates(r0, r1, k0, k1).to(f64)
                 logits[r0:r1, k0:k1] = diff.square_().sum(-1) * -scale[r0:r1, None]
     if log_prior is not None:
         logits += log_prior.to(f64)
@@ -81,7 +93,7 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
         else:
             for r0 in range(0, B, r_chunk):
                 r1 = min(B, r0 + r_chunk)
-                x = pool[r0:r1, k0:k1].to(f64)
+                x = candidates(r0, r1, k0, k1).to(f64)
                 if centre is not None:
                     x = x - centre[r0:r1, None]
                 mu[r0:r1] += torch.bmm(w[r0:r1, None, k0:k1], x)[:, 0]
@@ -96,3 +108,23 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
     else:
         velocity = da * mu + ds * (z64 - a64[:, None] * mu) / s
     return velocity.to(ct), lse.to(ct), ess.to(ct)
+
+
+def _grouped_by_pool(z, pool, pool_index, alpha, sigma, d_alpha, d_sigma, temperature, row_labels, pool_labels,
+                     log_prior, endpoint, noise, chunk_elems):
+    """Per-row pools read through pool_index, as one shared-pool call per distinct pool (float64 GEMM expansion,
+    as for any shared pool), the results scattered back to their rows."""
+    ct = torch.float64 if z.dtype == torch.float64 else torch.float32
+    B, D = z.shape
+    velocity = torch.empty(B, D, dtype=ct, device=z.device)
+    lse, ess = torch.empty(B, dtype=ct, device=z.device), torch.empty(B, dtype=ct, device=z.device)
+    per_row = lambda t: None if t is None else t[rows]  # noqa: E731
+    for p in pool_index.unique().tolist():
+        rows = (pool_index == p).nonzero()[:, 0]
+        tau = temperature[rows] if isinstance(temperature, torch.Tensor) else temperature
+        v, l, e = posterior_velocity_reference(
+            z[rows], pool[p], alpha[rows], sigma[rows], d_alpha[rows], d_sigma[rows], tau,
+            row_labels=per_row(row_labels), pool_labels=per_row(pool_labels), log_prior=per_row(log_prior),
+            endpoint=per_row(endpoint), noise=per_row(noise), chunk_elems=chunk_elems)
+        velocity[rows], lse[rows], ess[rows] = v, l, e
+    return velocity, lse, ess

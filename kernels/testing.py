@@ -1,5 +1,20 @@
 """Inputs and an error measure for checking the posterior-velocity op, shared by the tests and bench/gpu_check.py."""
+import os
+
 import torch
+
+
+def kernel_device() -> torch.device:
+    """Where the Triton kernels are checked: CPU tensors under the interpreter (TRITON_INTERPRET=1), else the GPU."""
+    return torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+
+
+def on_kernel_device(posterior_velocity, *args, **kw):
+    """Run the op's Triton path on `kernel_device()` with CPU inputs, and bring its results back to the CPU."""
+    device = kernel_device()
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = posterior_velocity(*map(move, args), **{k: move(v) for k, v in kw.items()}, backend="triton")
+    return type(out)(*(t.cpu() for t in out))
 
 
 def rel_err(x, ref):

@@ -29,6 +29,8 @@ class Candidates:
     pooled: torch.Tensor | None = None  # (K, P) pooled text embeddings of the shared pool (similarity prior)
     own_index: torch.Tensor | None = None  # (B,) each row's own endpoint in a shared pool (kept by the refinement)
     spread: float = 0.0  # > 0: each candidate stands for N(x_j, spread^2 I), not a point (the exact source)
+    class_entries: torch.Tensor | None = None  # (C, P, *S) the bank: each row also sees its own class's entries
+    class_count: torch.Tensor | None = None  # (C,) items ever pushed per class (slots >= count are empty)
 
     def wait(self) -> "Candidates":
         return self  # already local; see GatheredCandidates
@@ -95,6 +97,12 @@ class GlobalSource(Source):
 class ClassBank(Source):
     """A per-class FIFO of past latents kept on the device (StableVM), plus the current minibatch.
 
+    A conditioned row's candidates are its own class's entries, read in place by the per-row kernel (pool_index),
+    and the minibatch's rows of its class: the cost does not grow with the number of classes, nothing is copied
+    per step, and the pool has its full size from the first step (empty slots are never admissible), so the
+    kernels' tuning key never changes.  Rows trained with the null condition see the minibatch only: reading
+    every class's entries for them would bring back the cost that grows with the number of classes.
+
     Endpoints are fixed data, so old entries never go stale (unlike MoCo's features).  Each rank keeps its own bank,
     filled from its own minibatches; its contents are part of the checkpoint so that a resumed run is exact.
     """
@@ -110,12 +118,8 @@ class ClassBank(Source):
         self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)  # items ever pushed per class
 
     def pool(self, x, ids, pooled, batch, resample) -> Candidates:
-        per_class = self.entries.shape[1]
-        filled = torch.arange(per_class, device=x.device)[None, :] < self.count[:, None]  # (C, per_class)
-        classes = torch.arange(self.entries.shape[0], device=x.device)[:, None].expand_as(filled)
-        pool = torch.cat([self.entries[filled].to(x.dtype), x])
-        own = len(pool) - len(x) + torch.arange(len(x), device=x.device)  # the batch comes last
-        return Candidates(pool, torch.cat([classes[filled], ids]), own_index=own)
+        own = torch.arange(len(x), device=x.device)
+        return Candidates(x, ids, own_index=own, class_entries=self.entries, class_count=self.count)
 
     @torch.no_grad()
     def update(self, x, ids):
@@ -221,13 +225,14 @@ class ResampleSource(Source):
 
 
 
-def build_source(kind: str, *, candidates: int, bank_per_class: int, num_classes: int, shape, device, loader=None):
+def build_source(kind: str, *, candidates: int, bank_per_class: int, num_classes: int, shape, device, loader=None,
+                 dtype=torch.float32):
     if kind == "batch":
         return BatchSource()
     if kind == "global":
         return GlobalSource()
     if kind == "bank":
-        return ClassBank(num_classes, bank_per_class, shape, device)
+        return ClassBank(num_classes, bank_per_class, shape, device, dtype)
     if kind == "exact":
         if loader is None:
             raise ValueError("objective.source=exact needs the training data (pass the loader to the Objective)")

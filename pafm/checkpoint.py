@@ -474,9 +474,10 @@ class Checkpointer:
                      "loader": self.loader.state_dict()}
         folder = save_checkpoint(self.root, state.step, self.model, self.optimizer, self.ema, rank_meta,
                                  self.objective.state_dict(), self.keep, self.run_meta)
-        weights = self.ema.full_state_dict()  # a collective: outside the side-work guard so no rank waits alone
-        if self.world.is_main:
-            from pafm.export import EXPORT_NAME, save_export
+        from pafm.export import EXPORT_NAME, gather_state_dict, save_export
+
+        weights = gather_state_dict(self.ema.state_dict())  # a collective: outside the side-work guard, so no rank
+        if self.world.is_main:  # waits alone; the full weights exist on rank 0 only
 
             self.side.run("writing the EMA export", save_export, self.run_dir / EXPORT_NAME, weights,
                           {**self.export_meta, "step": state.step})

@@ -20,9 +20,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-# Ranks wait in a collective while rank 0 alone validates the dataset or draws the preview grids, and at evaluation's
-# barrier for the slowest rank's share of chunks; NCCL's 10-minute default would abort them.
-COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+# How long a rank waits in a collective before the run is declared hung.  Ranks do the same work between
+# collectives (dataset validation is split over them, and a restart skips shards checked before), so the waits are
+# the spread between ranks plus rank 0's side work (a preview grid, the EMA export): seconds to a few minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass
@@ -56,11 +57,13 @@ def die_with_launcher():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def init_distributed(device: str = "auto", backend: str | None = None) -> World:
+def init_distributed(device: str = "auto", backend: str | None = None,
+                     timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> World:
     """Initialise the default process group and pick this rank's device (auto, cpu, or cuda: cuda:LOCAL_RANK).
 
     backend: nccl on GPUs, gloo on the CPU, unless given (dataset preparation asks for gloo: it only waits at a
-    barrier, while its encoders use the GPU)."""
+    barrier, while its encoders use the GPU). timeout: how long a collective may wait before the group fails; a
+    tool whose ranks wait at a barrier for each other's share of long work passes a longer one."""
     die_with_launcher()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,7 +80,7 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> World:
         dev = torch.device("cpu")
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=dev if backend == "nccl" else None, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(backend, device_id=dev if backend == "nccl" else None, timeout=timeout)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 

@@ -1,7 +1,7 @@
 """Generate N samples from an EMA export, spread over ranks, and score them; resumable.
 
     torchrun --nproc_per_node=8 -m pafm.eval RUN eval.num_samples=50000 eval.reference=VIRTUAL_imagenet256_labeled.npz \
-        eval.inception_weights=weights-inception-2015-12-05-6726825d.pth sampler.method=sde sampler.steps=250
+        eval.inception_weights=weights-inception-2015-12-05-6726825d.pth sampler.method=sde sampler.steps=249
     python -m pafm.eval RUN_DIGITS sampler.cfg_scale=2.0          # the digits: accuracy, pixel FD, memorisation
 
 Samples are drawn in chunks of eval.batch_size; chunk c goes to rank c % world_size and is written to
@@ -18,12 +18,20 @@ sha256(eval.seed, c, stream).  SiT seeds one generator per rank instead; both dr
 protocol is statistically the same, but here a chunk's samples depend on neither the number of ranks nor the order
 chunks run in, which keeps a resumed evaluation exact.
 
+A SiT or REPA checkpoint (.pt: SiT's SiT-XL-2-256x256.pt, REPA's last.pt) is evaluated directly, no run folder
+needed: it is imported (pafm.models.interop) with its latents decoded by eval.vae, the SD-VAE folder they were
+trained with (sd-vae-ft-ema for the published numbers); eval.checkpoint_format=auto tells REPA by its projector heads.
+SiT's protocol is sampler.method=sde sampler.steps=249 (SiT's num_steps 250: 249 Euler-Maruyama steps and the last
+step), sampler.method=dopri5 the ODE alternative, sampler.cfg_channels=3 the compatibility switch for SiT's code,
+which guides only the first 3 latent channels.
+
 Every check (config, export, reference, Inception weights, conditions, output folder) runs on every rank before any
 sampling; a user error stops every rank with exit code 2 and rank 0 prints it in one line.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -46,6 +54,7 @@ from pafm.files import atomic_savez, atomic_write_text
 from pafm.generate import Conditions, Decoder, generate, latent_shape, pick_device
 from pafm.metrics import (DigitsJudge, InceptionFeatures, MnistJudge, check_reference, default_mnist_cnn,
                           inception_metrics, read_reference_images, read_reference_statistics, to_uint8)
+from pafm.models.interop import import_checkpoint, is_torch_checkpoint
 from pafm.paths import build_path
 from pafm.sampling import SamplerConfig
 
@@ -59,7 +68,9 @@ class EvalSection:
     balanced (sample i gets class i % num_classes).  metrics: any of fid, isc, prc, kid, digits, mnist; null picks
     'digits' for builtin:digits* data, 'mnist' for builtin:mnist and [fid, isc, prc] otherwise.  reference: a folder
     of images, an .npz with arr_0 (uint8 NHWC) and/or mu, sigma.  inception_weights: local torch-fidelity Inception
-    file (else torch-fidelity downloads it)."""
+    file (else torch-fidelity downloads it).
+    vae, checkpoint_format: for a SiT or REPA .pt checkpoint only: the diffusers AutoencoderKL folder decoding its
+    latents, and auto | sit | repa."""
 
     num_samples: Optional[int] = None
     batch_size: int = 125
@@ -74,6 +85,8 @@ class EvalSection:
     kid_subset_size: int = 1000
     save_npz: bool = True
     device: str = "auto"
+    vae: Optional[str] = None
+    checkpoint_format: Literal["auto", "sit", "repa"] = "auto"
 
 
 @dataclasses.dataclass
@@ -130,11 +143,30 @@ def check_eval_config(cfg: EvalConfig, meta: dict) -> None:
                           f"{e.num_samples}")
 
 
+def check_import_options(cfg: EvalConfig, imported: bool) -> None:
+    """eval.vae and eval.checkpoint_format belong to SiT and REPA checkpoints; their samples are SD-VAE latents."""
+    if not imported:
+        for key, default in (("vae", None), ("checkpoint_format", "auto")):
+            if getattr(cfg.eval, key) != default:
+                raise ConfigError(f"eval.{key} applies to SiT and REPA .pt checkpoints only; an export records "
+                                  f"its own decoder and format")
+        return
+    metrics = INCEPTION_METRICS if cfg.eval.metrics is None else cfg.eval.metrics  # null: fid, isc, prc
+    if cfg.eval.vae is None and any(m in INCEPTION_METRICS for m in metrics):
+        raise ConfigError("eval.vae is required for a SiT or REPA checkpoint: its samples are SD-VAE latents; point "
+                          "it at the diffusers AutoencoderKL folder (sd-vae-ft-ema for the published numbers)")
+    if cfg.eval.vae is not None and not Path(cfg.eval.vae).expanduser().is_dir():
+        raise ConfigError(f"eval.vae: {cfg.eval.vae} is not a folder (a diffusers AutoencoderKL folder)")
+
+
 def settings_of(cfg: EvalConfig, export_path: Path, meta: dict, conditions: Conditions) -> dict:
     """Everything that determines the samples; a resumed evaluation must match it exactly."""
-    return {"checkpoint": str(export_path.resolve()), "step": meta.get("step"), "model": meta.get("model"),
-            "num_samples": cfg.eval.num_samples, "batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed,
-            "labels": cfg.eval.labels, "conditions": conditions.describe(), "sampler": to_dict(cfg.sampler)}
+    settings = {"checkpoint": str(export_path.resolve()), "step": meta.get("step"), "model": meta.get("model"),
+                "num_samples": cfg.eval.num_samples, "batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed,
+                "labels": cfg.eval.labels, "conditions": conditions.describe(), "sampler": to_dict(cfg.sampler)}
+    if "import" in meta:
+        settings["import"] = {**meta["import"], "decoder": dataset_info(meta)["encoder"]}
+    return settings
 
 
 def default_out_dir(cfg: EvalConfig, export_path: Path, settings: dict) -> Path:
@@ -287,12 +319,19 @@ class Job:
 def prepare(checkpoint, cfg: EvalConfig, rank: int, device) -> Job:
     """Every check before sampling (cheapest first), on every rank; rank 0 also builds the Inception network now, so
     a wrong or undownloadable weight file stops the evaluation before sampling rather than after it."""
-    export_path = resolve_export(checkpoint)
-    meta = read_export_meta(export_path)
+    model, imported = None, is_torch_checkpoint(checkpoint)
+    check_import_options(cfg, imported)
+    if imported:  # SiT's or REPA's own checkpoint: the import reads the weights to learn the architecture
+        export_path = Path(checkpoint).expanduser()
+        model, meta = import_checkpoint(export_path, cfg.eval.checkpoint_format, vae=cfg.eval.vae, device=device)
+    else:
+        export_path = resolve_export(checkpoint)
+        meta = read_export_meta(export_path)
     resolve_eval_defaults(cfg, meta)
     check_eval_config(cfg, meta)
     metrics = cfg.eval.metrics
-    model, meta = load_export(export_path, device=device)
+    if model is None:
+        model, meta = load_export(export_path, device=device)
     conditions = Conditions(model, meta, order=cfg.eval.labels, seed=cfg.eval.seed)
     decoder = Decoder(dataset_info(meta), device)
     settings = settings_of(cfg, export_path, meta, conditions)
@@ -305,7 +344,7 @@ def prepare(checkpoint, cfg: EvalConfig, rank: int, device) -> Job:
     if rank == 0 and any(m in INCEPTION_METRICS for m in metrics):
         inception = InceptionFeatures(cfg.eval.inception_weights, device="cpu",
                                       batch_size=cfg.eval.inception_batch_size)
-    warning = export_staleness(export_path)
+    warning = None if imported else export_staleness(export_path)
     if rank == 0:
         if warning:
             print(warning, file=sys.stderr, flush=True)
@@ -342,7 +381,9 @@ def evaluate(checkpoint, overrides: list[str] | None = None, config_file=None) -
             raise SharedError(one_line(err)) from None
         raise
     if world > 1:  # under torchrun: cuda:LOCAL_RANK on GPUs
-        device = init_distributed(device.type).device
+        # Ranks meet at barriers after their share of the sampling, which resumed chunks can make uneven, so a
+        # collective may wait far longer than a training step's; a dead rank still ends the job through torchrun.
+        device = init_distributed(device.type, timeout=datetime.timedelta(hours=6)).device
     try:
         job = all_ranks_agree(prepare, checkpoint, cfg, rank, device)
         sample_everywhere(job, cfg, rank, world, device)
@@ -366,6 +407,7 @@ def finish(job: Job, cfg: EvalConfig, device) -> dict:
     report = {
         "checkpoint": str(job.export_path), "step": meta.get("step"), "export_step": meta.get("step"),
         "export_warning": job.export_warning, "model": (meta.get("model") or {}).get("name"),
+        "import": meta.get("import"),
         "data": (meta.get("data") or {}).get("spec"), "path": meta.get("path", "linear"),
         "num_samples": n, "labels": cfg.eval.labels, "seed_rule": SEED_RULE,
         "conditions": job.conditions.describe(),

@@ -29,6 +29,46 @@ class ExportError(ValueError):
     """A missing, incomplete or inconsistent export file."""
 
 
+def gather_state_dict(state_dict: dict[str, torch.Tensor], dst: int = 0) -> dict[str, torch.Tensor] | None:
+    """Full CPU copies of a sharded state dict on rank `dst` only; None on the other ranks (a collective).
+
+    FSDP2 shards every tensor along dim 0; each tensor's shards are gathered onto `dst` alone, one tensor at a time,
+    so the full state exists once (SiT-XL/2's EMA: 2.7 GB) rather than on every rank.  Tensors that are not
+    sharded along dim 0 are all-gathered (the general DTensor path), and dropped away from `dst`."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {} if rank == dst else None
+    for name, t in state_dict.items():
+        if not isinstance(t, DTensor):
+            full = t
+        elif len(t.placements) == 1 and t.placements[0] == Shard(0):
+            full = _gather_dim0(t, dst)
+        else:
+            full = t.full_tensor()
+        if out is not None:
+            out[name] = full.detach().cpu().contiguous()
+    return out
+
+
+def _gather_dim0(t, dst: int) -> torch.Tensor | None:
+    """The full tensor of a DTensor sharded along dim 0 (torch.chunk's split: equal rows, the last shards shorter
+    or empty) on `dst`, None elsewhere."""
+    import torch.distributed as dist
+
+    group = t.device_mesh.get_group()
+    world, rows = dist.get_world_size(group), t.shape[0]
+    per = -(-rows // world)
+    local = t.to_local()
+    padded = local.new_zeros((per, *t.shape[1:]))
+    padded[:local.shape[0]] = local
+    is_dst = dist.get_rank() == dst
+    parts = [torch.empty_like(padded) for _ in range(world)] if is_dst else None
+    dist.gather(padded, parts, dst=dst, group=group)
+    return torch.cat(parts)[:rows] if is_dst else None
+
+
 def save_export(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write `state_dict` (CPU copies, contiguous) and `meta` (JSON) to `path` atomically (temporary file, rename).
 
@@ -42,12 +82,18 @@ def save_export(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
         meta_json = json.dumps(meta)
     except TypeError as err:
         raise ExportError(f"save_export({path}): meta is not JSON-serialisable: {err}") from None
-    tensors = {}
+    tensors, storages = {}, set()
     for name, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise ExportError(f"save_export({path}): state_dict[{name!r}] is a {type(value).__name__}, not a tensor")
-        # clone: safetensors refuses tensors that share storage (tied weights, views)
-        tensors[name] = value.detach().to("cpu").contiguous().clone()
+        t = value.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share storage (tied weights, views): those are cloned; the others (the
+        # gathered EMA weights) are written as they are, so the export needs no second copy of the model
+        if storage.data_ptr() in storages or storage.nbytes() != t.nbytes:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: meta_json}))
 

@@ -213,7 +213,7 @@ def generate(model, flow_path, conditions: Conditions, indices, shape, cfg: Samp
     key = int(indices[0]) if key is None else int(key)
     noise = torch.randn(len(indices), *shape, generator=stream_generator(seed, key, NOISE_STREAM))
     cond, names = conditions(indices, device, key=key)
-    fn = guided_velocity(model, cond, cfg.cfg_scale, tuple(cfg.cfg_interval), cfg.precision)
+    fn = guided_velocity(model, cond, cfg.cfg_scale, tuple(cfg.cfg_interval), cfg.precision, cfg.cfg_channels)
     sde_gen = stream_generator(seed, key, SDE_STREAM)  # CPU: the same noise on every device
     x, nfe = sample(fn, noise.to(device), flow_path, cfg, generator=sde_gen)
     return x, names, nfe
@@ -249,26 +249,44 @@ def save_grid(images: torch.Tensor, labels: list[str], out, cols: int | None = N
     return out
 
 
-def save_training_grid(state_dict: dict, meta: dict, out, steps: int = 32, cfg_scale: float = 1.0, seed: int = 0,
-                       prompts: list[str] | None = None, num: int | None = None, device=None) -> Path:
-    """The trainer's preview: rebuild the model from an export's `meta`, load `state_dict`, save a labelled grid.
+class PreviewGrid:
+    """The trainer's preview: one model (rebuilt from an export's `meta` once, kept on the CPU between grids), its
+    decoder (the VAE, loaded once) and its conditions (the text embedder, loaded once), reused by every grid of the
+    run; `save(state_dict, out)` loads the weights onto the device and saves a grid.
 
     Class models: one sample per class up to 64 classes, else 32 classes spread over the label range.  Text models:
     one sample per prompt of `prompts` when given, else 16 captions of the dataset's held-out split, or of its train
     split where it has none.  Heun with `steps` steps, CFG scale `cfg_scale`, fixed `seed`.
     """
-    device = pick_device("auto") if device is None else torch.device(device)
-    model = load_weights(model_from_meta(meta, "the training grid"), state_dict, device, "the training grid")
-    labels = None
-    if model.cond_kind == "class":
-        n_cls = num_classes(model)
-        num = num or (n_cls if n_cls <= 64 else 32)
-        labels = [i * n_cls // num for i in range(num)] if num < n_cls else None
-    num = num or (len(prompts) if prompts else 16)
-    conditions = Conditions(model, meta, labels=labels, prompts=prompts)
-    cfg = SamplerConfig(method="heun", steps=steps, cfg_scale=cfg_scale)
-    flow_path = build_path(meta.get("path", "linear"))
-    x, names, _ = generate(model, flow_path, conditions, list(range(num)), latent_shape(model, meta), cfg, seed,
-                           device)
-    images = Decoder(dataset_info(meta), device)(x)
-    return save_grid(images, names, out, cols=min(num, 10 if num <= 20 else 8))
+
+    def __init__(self, meta: dict, steps: int = 32, cfg_scale: float = 1.0, seed: int = 0,
+                 prompts: list[str] | None = None, num: int | None = None, device=None):
+        self.device = pick_device("auto") if device is None else torch.device(device)
+        self.meta, self.seed = meta, seed
+        self.model = model_from_meta(meta, "the training grid").eval().requires_grad_(False)  # on the CPU between grids
+        labels = None
+        if self.model.cond_kind == "class":
+            n_cls = num_classes(self.model)
+            num = num or (n_cls if n_cls <= 64 else 32)
+            labels = [i * n_cls // num for i in range(num)] if num < n_cls else None
+        self.num = num or (len(prompts) if prompts else 16)
+        self.conditions = Conditions(self.model, meta, labels=labels, prompts=prompts)
+        self.sampler = SamplerConfig(method="heun", steps=steps, cfg_scale=cfg_scale)
+        self.flow_path = build_path(meta.get("path", "linear"))
+        self.decoder = Decoder(dataset_info(meta), self.device)
+
+    def save(self, state_dict: dict, out) -> Path:
+        try:
+            load_weights(self.model, state_dict, self.device, "the training grid")
+            x, names, _ = generate(self.model, self.flow_path, self.conditions, list(range(self.num)),
+                                   latent_shape(self.model, self.meta), self.sampler, self.seed, self.device)
+        finally:
+            self.model.to("cpu")  # training never holds a second full model on the GPU
+        images = self.decoder(x)
+        return save_grid(images, names, out, cols=min(self.num, 10 if self.num <= 20 else 8))
+
+
+def save_training_grid(state_dict: dict, meta: dict, out, steps: int = 32, cfg_scale: float = 1.0, seed: int = 0,
+                       prompts: list[str] | None = None, num: int | None = None, device=None) -> Path:
+    """One preview grid (see `PreviewGrid`; the trainer keeps one for the whole run)."""
+    return PreviewGrid(meta, steps, cfg_scale, seed, prompts, num, device).save(state_dict, out)

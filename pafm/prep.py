@@ -2,7 +2,7 @@
 
     python -m pafm.prep imagenet  IMAGE_FOLDER OUT --vae VAE_PATH [--resolution 256]
     python -m pafm.prep captions  SOURCE OUT --vae VAE_PATH --text-encoder PATH [--pooled-encoder CLIP_PATH]
-    python -m pafm.prep neighbors DATASET [--k 8]
+    python -m pafm.prep neighbors DATASET [--k 8] [--exact-max 20000]
     python -m pafm.prep inspect   DATASET [--split train]
 
 `imagenet` reads class subfolders (ImageFolder layout); `captions` reads a folder of image + .txt pairs, or a folder
@@ -31,7 +31,7 @@ import torch
 
 from pafm.cli import USER_ERRORS, OneLineParser, all_ranks_agree, parse_args, positive_int, report_error
 from pafm.data import DataError, TransformersTextEmbedder, open_dataset
-from pafm.data.neighbors import add_neighbors
+from pafm.data.neighbors import EXACT_MAX, add_neighbors
 from pafm.data.shards import CAPTION_TENSORS, read_header, write_index, write_shard
 from pafm.data.text import check_text_len
 from pafm.distributed import cleanup, init_distributed
@@ -416,9 +416,23 @@ def prep_captions(args) -> dict | None:
 def run_neighbors(args) -> dict:
     dataset = open_dataset(args.dataset, args.split)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    entry = add_neighbors(dataset.folder, k=args.k, chunk=args.chunk, device=device)
-    print(f"wrote {args.k} neighbours per item of {dataset.folder} ({len(dataset)} items)")
+    entry = add_neighbors(dataset.folder, k=args.k, chunk=args.chunk, device=device, exact_max=args.exact_max,
+                          recall_sample=args.recall_sample)
+    print(f"wrote {args.k} neighbours per item of {dataset.folder} ({len(dataset)} items; {describe_search(entry)})")
     return entry
+
+
+def describe_search(entry: dict) -> str:
+    """How the neighbours were found, with the measured recall of the approximate part."""
+    search = entry.get("search")
+    if not search:
+        return "exact search"
+    text = f"{search['exact_groups']} groups searched exactly"
+    if search["faiss_groups"]:
+        text += (f", {search['faiss_groups']} with FAISS {search['index']} ({search['faiss_items']} items): "
+                 f"recall@{entry['k']} {search['recall_at_k']:.4f} against exact search on {search['recall_queries']}"
+                 f" queries")
+    return text
 
 
 def run_inspect(args) -> int:
@@ -434,6 +448,8 @@ def run_inspect(args) -> int:
         print(f"normalization {json.dumps(info['normalization'])}")
         if info.get("latent_stats"):
             print(f"latent stats  {json.dumps(info['latent_stats'])}")
+        if dataset.index.get("neighbors"):
+            print(f"neighbours {describe_search(dataset.index['neighbors'])}")
         print(f"encoder  {json.dumps(info['encoder'])}")
         if info.get("class_names"):
             names = info["class_names"]
@@ -483,11 +499,16 @@ def build_parser() -> OneLineParser:
     p.add_argument("--pooled-encoder", default=None, help="local CLIP text encoder for the pooled vector")
     p.add_argument("--max-text-len", type=positive_int, default=77)
     p.add_argument("--text-dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
-    p = sub.add_parser("neighbors", help="exact same-class k-nearest neighbours, written into the dataset")
+    p = sub.add_parser("neighbors", help="same-class k-nearest neighbours (exact, or FAISS for large groups), "
+                                          "written into the dataset")
     p.add_argument("dataset")
     p.add_argument("--split", default="train")
     p.add_argument("--k", type=positive_int, default=8)
     p.add_argument("--chunk", type=positive_int, default=4096, help="rows per distance block")
+    p.add_argument("--exact-max", type=positive_int, default=EXACT_MAX,
+                   help="groups up to this many items are searched exactly, larger ones with FAISS")
+    p.add_argument("--recall-sample", type=positive_int, default=1000,
+                   help="queries on which FAISS's recall@k is measured against exact search")
     p.add_argument("--device", default=None)
     p = sub.add_parser("inspect", help="print what a dataset holds and validate it")
     p.add_argument("dataset", help="dataset folder or builtin:digits / builtin:digits-captions")

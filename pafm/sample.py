@@ -14,6 +14,7 @@ from pathlib import Path
 from pafm.cli import USER_ERRORS, OneLineParser, parse_args, positive_int, report_error
 from pafm.export import dataset_info, export_staleness, load_export, model_skeleton, read_export_meta, resolve_export
 from pafm.generate import Conditions, Decoder, generate, latent_shape, num_classes, pick_device, save_grid
+from pafm.models.interop import is_torch_checkpoint
 from pafm.paths import build_path
 from pafm.sampling import SamplerConfig
 
@@ -25,6 +26,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                    help="guidance interval in t (noise at 0, data at 1)")
+    p.add_argument("--cfg-channels", type=positive_int, default=None,
+                   help="guide only the first N latent channels (3: as SiT's code does; default: all)")
     p.add_argument("--method", choices=["euler", "heun", "dopri5", "sde"], default="heun")
     p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -79,10 +82,13 @@ def run_sample(args) -> Path:
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--interval must satisfy 0 <= LO <= HI <= 1, got {lo:g} {hi:g}")
     out = check_out_path(args.out)
+    if is_torch_checkpoint(args.checkpoint):
+        raise ValueError(f"{args.checkpoint} is a torch checkpoint (SiT's or REPA's format): import it first with "
+                         f"python -m pafm.models.interop import {args.checkpoint} OUT.safetensors --vae VAE_FOLDER")
     export_path = resolve_export(args.checkpoint)
     meta = read_export_meta(export_path)
     cfg = SamplerConfig(method=args.method, steps=args.steps, cfg_scale=args.cfg, cfg_interval=(lo, hi),
-                        precision=args.precision)
+                        cfg_channels=args.cfg_channels, precision=args.precision)
     device = pick_device(args.device)
     skeleton = model_skeleton(meta, export_path)
     conditions = Conditions(skeleton, meta, labels=parse_labels(args.labels, meta, skeleton), prompts=args.prompt)

@@ -33,6 +33,10 @@ class SamplerConfig:
     shift: time-grid shift (SD3's, applied to the noise level 1 - t): > 1 puts more steps near the noise end.
     cfg_scale / cfg_interval: classifier-free guidance with scale s inside [lo, hi] in THIS project's t (noise at 0);
     outside it the plain conditional model is used.  REPA's interval [0, 0.7] (noise at t = 1) is [0.3, 1.0] here.
+    cfg_channels: null guides every channel; 3 guides only the first 3 latent channels (the others stay
+    conditional), the compatibility switch for SiT's and DiT's code, which do that.
+    SiT's and REPA's SDE with num_steps = N (250 for their FID-50K) is method sde, steps N - 1 here: N - 1
+    Euler-Maruyama steps over [0, 1 - last_step_size] plus the last step, N model evaluations.
     diffusion, diffusion_norm, last_step, last_step_size, t_start: the SDE (SiT's names; 'SBDM' is infinite at t = 0,
     so it needs t_start > 0).  atol, rtol: dopri5 tolerances (SiT's defaults).  precision: bf16 runs the model under
     autocast; the sampler state stays float32.
@@ -44,6 +48,7 @@ class SamplerConfig:
     t_start: float = 0.0
     cfg_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_channels: Optional[int] = None
     atol: float = 1e-6
     rtol: float = 1e-3
     diffusion: Literal["constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"] = "sigma"
@@ -63,7 +68,8 @@ class SamplerConfig:
             name = f"sde-{self.steps} ({self.diffusion}, last step {self.last_step})"
         else:
             name = f"{self.method}-{self.steps}"
-        return name + (f", shift {self.shift:g}" if self.shift != 1.0 else "")
+        name += f", shift {self.shift:g}" if self.shift != 1.0 else ""
+        return name + (f", cfg on {self.cfg_channels} channels" if self.cfg_channels is not None else "")
 
 
 def check_sampler_config(cfg: SamplerConfig) -> None:
@@ -77,6 +83,10 @@ def check_sampler_config(cfg: SamplerConfig) -> None:
     lo, hi = cfg.cfg_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"sampler.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {tuple(cfg.cfg_interval)}")
+    if cfg.cfg_channels is not None and (isinstance(cfg.cfg_channels, bool) or not isinstance(cfg.cfg_channels, int)
+                                         or cfg.cfg_channels < 1):
+        raise ValueError(f"sampler.cfg_channels must be null (every channel) or a positive int, got "
+                         f"{cfg.cfg_channels!r}")
     if cfg.atol <= 0 or cfg.rtol <= 0:
         raise ValueError(f"sampler.atol and sampler.rtol must be > 0, got {cfg.atol}, {cfg.rtol}")
     if cfg.diffusion not in DIFFUSIONS:
@@ -274,14 +284,16 @@ def _gen_device(generator, x):
 
 
 def guided_velocity(model, cond, cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0),
-                    precision: str = "fp32") -> VelocityFn:
+                    precision: str = "fp32", cfg_channels: int | None = None) -> VelocityFn:
     """The velocity function of a model for fixed conditions, with classifier-free guidance inside `cfg_interval`.
 
     Rows whose t lies outside the interval get scale 1, i.e. the plain conditional model; when no row is inside, or
-    the scale is 1, the conditional forward alone is run (half the cost).  precision 'bf16' wraps the model call in
-    autocast; the returned velocity is always float32 (the sampler's dtype).
+    the scale is 1, the conditional forward alone is run (half the cost).  cfg_channels n guides only the first n
+    channels.  precision 'bf16' wraps the model call in autocast; the returned velocity is always float32 (the
+    sampler's dtype).
     """
     lo, hi = cfg_interval
+    channels = {} if cfg_channels is None else {"channels": cfg_channels}
 
     def fn(x, t):
         ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
@@ -291,7 +303,7 @@ def guided_velocity(model, cond, cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0)
                 v = model(x, t, cond)
             else:
                 scale = torch.where(inside, torch.full_like(t, cfg_scale), torch.ones_like(t))
-                v = model.forward_with_cfg(x, t, cond, scale)
+                v = model.forward_with_cfg(x, t, cond, scale, **channels)
         return v.to(x.dtype)
 
     return fn

@@ -39,7 +39,8 @@ class DataConfig:
     micro_batch_size: Optional[int] = None  # rows per rank per forward; default batch_size / world size
     flip: bool = True  # pick the stored horizontally flipped copy with probability 1/2
     num_workers: int = 2
-    validate: bool = True  # full check of the shards (checksums, NaN/Inf) before the first step
+    validate: bool = True  # check the shards (checksums, NaN/Inf) before the first step; a shard that passed
+    #                        before and is unchanged since is not read again
 
 
 @dataclass
@@ -184,6 +185,18 @@ def rank0_error_check(world: World, fn):
         raise SetupError(message[0])
 
 
+def validate_split(world: World, dataset):
+    """Every rank checks its share of the shards (shard s on rank s % world size; rank 0 also the neighbours), skipping
+    those whose check passed before and that are unchanged since; a problem found by any rank stops every rank."""
+    from pafm.cli import all_ranks_agree
+
+    try:
+        all_ranks_agree(lambda: dataset.validate(remember=True, shards=range(world.rank, len(dataset.shards),
+                                                                              world.size), neighbors=world.is_main))
+    except (ValueError, OSError) as err:  # a SharedError is a ValueError
+        raise SetupError(str(err)) from None
+
+
 def check_settings(cfg: Config, info: dict):
     """Settings that are valid one by one but not together with this dataset."""
     obj = cfg.objective
@@ -197,12 +210,12 @@ def check_settings(cfg: Config, info: dict):
 
 # --- building the run ---------------------------------------------------------------------------------------------
 def build_data(cfg: Config, world: World):
-    """The training split (validated on rank 0 before anything expensive) and this rank's loader."""
+    """The training split (validated before anything expensive) and this rank's loader."""
     from pafm.data import LatentLoader, open_dataset
 
     dataset = open_dataset(cfg.data.spec, split="train")
     if cfg.data.validate:
-        rank0_error_check(world, dataset.validate)
+        validate_split(world, dataset)
     if cfg.data.batch_size % world.size:
         raise SetupError(f"data.batch_size={cfg.data.batch_size} is not divisible by the world size {world.size}")
     micro = cfg.data.micro_batch_size or cfg.data.batch_size // world.size
@@ -213,7 +226,8 @@ def build_data(cfg: Config, world: World):
     use_neighbors = cfg.objective.kind == "pafm" and cfg.objective.source == "neighbors"
     loader = LatentLoader(dataset, micro, rank=world.rank, world_size=world.size, seed=cfg.train.seed,
                           flip=cfg.data.flip, num_workers=cfg.data.num_workers,
-                          neighbors=cfg.objective.candidates if use_neighbors else 0)
+                          neighbors=cfg.objective.candidates if use_neighbors else 0,
+                          pin_memory=world.device.type == "cuda")
     return dataset.info, loader, accum
 
 
@@ -287,16 +301,30 @@ def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Obje
     return step_loss[0], step_loss[1], grad_norm, kept, bins
 
 
-def sample_grid(cfg: Config, world: World, ema, export_meta: dict, side: SideWork, run_dir: Path, step: int):
-    """The EMA model's preview grid (side work: a failure is reported and counted, never fatal)."""
-    weights = ema.full_state_dict()  # a collective: outside the side-work guard so no rank waits alone
-    if world.is_main:
-        from pafm.generate import save_training_grid
+class PreviewGrids:
+    """The EMA model's preview grids (side work: a failure is reported and counted, never fatal).  Rank 0 builds
+    the grid's model and decoder at the first grid and reuses them for every later one."""
 
-        log = cfg.log
-        side.run(f"the preview grid of step {step}", save_training_grid, weights, {**export_meta, "step": step},
-                 run_dir / "samples" / f"step_{step:07d}.png", steps=log.sample_steps, cfg_scale=log.sample_cfg,
-                 seed=cfg.train.seed, prompts=log.sample_prompts)
+    def __init__(self, cfg: Config, world: World, ema, export_meta: dict, side: SideWork, run_dir: Path):
+        self.cfg, self.world, self.ema, self.export_meta, self.side, self.run_dir = cfg, world, ema, export_meta, \
+            side, run_dir
+        self.grid = None
+
+    def _draw(self, weights: dict, step: int):
+        from pafm.generate import PreviewGrid
+
+        if self.grid is None:
+            log = self.cfg.log
+            self.grid = PreviewGrid(self.export_meta, steps=log.sample_steps, cfg_scale=log.sample_cfg,
+                                    seed=self.cfg.train.seed, prompts=log.sample_prompts)
+        self.grid.save(weights, self.run_dir / "samples" / f"step_{step:07d}.png")
+
+    def __call__(self, step: int):
+        from pafm.export import gather_state_dict
+
+        weights = gather_state_dict(self.ema.state_dict())  # a collective: outside the side-work guard so no rank
+        if self.world.is_main:  # waits alone; the full weights exist on rank 0 only
+            self.side.run(f"the preview grid of step {step}", self._draw, weights, step)
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -332,6 +360,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, side=side)
     # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir)
     stop = StopSignal()
     data_iter = iter(loader)
     last_checkpoint = None
@@ -348,7 +377,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
         if state.step % cfg.checkpoint.every == 0 or last or stop_now or state.bad_in_row >= cfg.train.max_bad_steps:
             last_checkpoint = checkpointer.save(state)
         if cfg.log.sample_every > 0 and state.step % cfg.log.sample_every == 0 and not last:
-            sample_grid(cfg, world, ema, export_meta, side, run_dir, state.step)
+            grids(state.step)
         if state.bad_in_row >= cfg.train.max_bad_steps:
             raise TrainingStopped(f"stopped at step {state.step}: {state.bad_in_row} non-finite losses or gradients "
                                   f"in a row (train.max_bad_steps={cfg.train.max_bad_steps}); checkpoint "
@@ -361,7 +390,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     logger.close()
     loader.close()
     if state.step == cfg.train.steps and cfg.log.sample_every >= 0:
-        sample_grid(cfg, world, ema, export_meta, side, run_dir, state.step)
+        grids(state.step)
     return {"step": state.step, "run_dir": run_dir, "checkpoint": last_checkpoint or checkpointer.latest(),
             "skipped": state.skipped, "stopped": stop.requested, "side_work_failures": side.failures}
 

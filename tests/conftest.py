@@ -1,11 +1,14 @@
-"""Test-wide settings. TRITON_INTERPRET must be set before any kernel module is imported, so it lives here."""
+"""Test-wide settings. TRITON_INTERPRET must be set before any kernel module is imported, so it lives here:
+without a GPU the kernel tests run the interpreter on CPU tensors, with one they run the compiled kernels on it."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

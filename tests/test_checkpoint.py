@@ -281,6 +281,7 @@ _TWO_RANKS = textwrap.dedent("""
     from torch.distributed.fsdp import fully_shard
     import pafm.checkpoint as ck
     from pafm.ema import EMA
+    from pafm.export import gather_state_dict
 
     def main(rank, port, root):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
@@ -293,6 +294,15 @@ _TWO_RANKS = textwrap.dedent("""
         fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(model.parameters())
         ema = EMA(model, 0.9)
+        for t in ema.shadow.values():  # distinct values in every row, so a misplaced shard shows
+            t.to_local().copy_(torch.randn(t.to_local().shape))
+        gathered = gather_state_dict(ema.state_dict())  # the export's gather: onto rank 0 alone
+        full = ema.full_state_dict()  # every rank
+        if rank == 0:
+            assert gathered.keys() == full.keys() and all(torch.equal(gathered[k], full[k]) for k in full)
+            assert any(v.shape[0] % 2 for v in full.values())  # uneven shards (3 rows over 2 ranks) are covered
+        else:
+            assert gathered is None
         meta = {"model": {"name": "tiny"}, "world_size": 2}
         folder = ck.save_checkpoint(root, 1, model, optimizer, ema, {"step": rank}, {}, 0, meta)
         saved_hashes = list(hashed)
@@ -326,7 +336,7 @@ _TWO_RANKS = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_split_the_hashing(tmp_path):
+def test_two_ranks_split_the_hashing_and_gather_the_export_on_rank_0(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,5 +1,6 @@
 """Shard format, validation, the built-in digits datasets, exact kNN, the built-in text embedder."""
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,68 @@ def test_validate_names_file_and_item(tmp_path, fault):
         assert "checksum" in msg
     if fault in ("shape", "dtype"):
         assert "the index says" in msg
+
+
+def test_bit_level_check_finds_every_non_finite_and_negative_value(tmp_path):
+    """The raw-bit check against torch.isfinite / < 0 on every dtype, bad values at random rows and positions."""
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for bad in (float("nan"), float("inf"), -float("inf"), -1e-3):
+            x = torch.rand(9, 3, 5, generator=g).to(dtype)
+            x[2, 1, 1] = -0.0  # negative zero is no negative std
+            row = int(torch.randint(3, 9, (1,), generator=g))
+            x[row, int(torch.randint(0, 3, (1,), generator=g)), int(torch.randint(0, 5, (1,), generator=g))] = bad
+            folder = tmp_path / f"{str(dtype)[6:]}{bad}"
+            writer = ShardWriter(folder, shard_size=4)
+            writer.add(latent=x.view(9, 1, 3, 5, 1), std=x.view(9, 1, 3, 5, 1), label=torch.zeros(9, dtype=torch.long))
+            writer.close({"kind": "class", "latent_shape": [3, 5, 1], "num_classes": 1, "class_names": None,
+                          "normalization": {"shift": [0.0] * 3, "scale": [1.0] * 3}, "encoder": {"kind": "test"}})
+            with pytest.raises(DataError) as err:
+                LatentDataset(folder).validate()
+            want = "negative 'std'" if bad == -1e-3 else "'latent' holding NaN or Inf"
+            assert want in str(err.value) and f"item {row} " in str(err.value), (dtype, bad, str(err.value))
+
+
+def test_remembered_checks_skip_unchanged_shards_only(tmp_path):
+    import os
+
+    folder = tmp_path / "d"
+    write_moments_dataset(folder, n=13)  # shards of 4, 4, 4, 1 items
+    assert LatentDataset(folder).validate(remember=True) == [0, 1, 2, 3]
+    assert LatentDataset(folder).validate(remember=True) == []  # a restart reads no shard
+    assert LatentDataset(folder).validate() == [0, 1, 2, 3]  # the full check ignores what was remembered
+    assert LatentDataset(folder).validate(remember=True, shards=[1, 3]) == []
+    # A shard rewritten with the same bytes (new inode and mtime) is checked again, and only it.
+    shard = folder / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes())
+    assert LatentDataset(folder).validate(remember=True) == [2]
+    # A byte flipped near the end with size and mtime restored: the fingerprint differs, the check runs and fails.
+    stat = shard.stat()
+    _flip_byte(shard, 3)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match="shard-00002.safetensors: checksum mismatch"):
+        LatentDataset(folder).validate(remember=True)
+    # A remembered check without checksums does not stand in for one with them.
+    folder2 = tmp_path / "e"
+    write_moments_dataset(folder2, n=8)
+    assert LatentDataset(folder2).validate(checksums=False, remember=True) == [0, 1]
+    assert LatentDataset(folder2).validate(checksums=False, remember=True) == []
+    assert LatentDataset(folder2).validate(checksums=True, remember=True) == [0, 1]
+    assert LatentDataset(folder2).validate(checksums=False, remember=True) == []
+
+
+def test_remembered_checks_of_a_read_only_folder_go_to_the_cache(tmp_path, monkeypatch):
+    import pafm.data.shards as shards
+
+    monkeypatch.setenv("PAFM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "d"
+    write_moments_dataset(folder, n=8)
+    # The tests may run as root, who can write into any folder: the folder's writability is what is replaced here.
+    monkeypatch.setattr(shards.os, "access", lambda path, mode: Path(path) != folder.resolve())
+    assert LatentDataset(folder).validate(remember=True) == [0, 1]
+    assert LatentDataset(folder).validate(remember=True) == []
+    assert len(list((tmp_path / "cache" / "validated").rglob("*.json"))) == 2
+    assert not (folder / ".validated").exists()
 
 
 def test_missing_folder_says_how_to_prepare(tmp_path):
@@ -253,3 +316,67 @@ def test_builtin_text_embedder():
     assert not torch.equal(other[0][0], tokens[2])
     with pytest.raises(ValueError):
         BuiltinTextEmbedder(dim=7)
+
+
+def _clustered_dataset(folder, sizes, dim=32, seed=0):
+    """One class per entry of `sizes`; items on a few clusters of a 4-dim subspace, plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, dim, generator=g)
+    parts, labels = [], []
+    for c, n in enumerate(sizes):
+        centres = 3 * torch.randn(5, 4, generator=g)
+        h = centres[torch.randint(0, 5, (n,), generator=g)] + torch.randn(n, 4, generator=g)
+        parts.append(h @ w + 0.05 * torch.randn(n, dim, generator=g))
+        labels.append(torch.full((n,), c))
+    order = torch.randperm(sum(sizes), generator=g)  # classes interleaved across shards
+    x, y = torch.cat(parts)[order], torch.cat(labels)[order]
+    writer = ShardWriter(folder, shard_size=128)
+    writer.add(latent=x.view(len(x), 1, dim // 4, 2, 2), label=y)
+    writer.close({"kind": "class", "latent_shape": [dim // 4, 2, 2], "num_classes": len(sizes), "class_names": None,
+                  "normalization": {"shift": [0.0] * (dim // 4), "scale": [1.0] * (dim // 4)},
+                  "encoder": {"kind": "test"}})
+    return x.double(), y
+
+
+def test_recall_at_k_counts_exact_neighbours_found(tmp_path):
+    from pafm.data.neighbors import recall_at_k
+
+    x, _ = _clustered_dataset(tmp_path / "d", [300])
+    ds = LatentDataset(tmp_path / "d")
+    members = np.arange(300)
+    exact = knn(x, 4).numpy()
+    assert recall_at_k(ds, members, exact, 4, sample=50) == (1.0, 50)
+    half = exact.copy()
+    half[:, 2:] = (np.arange(300)[:, None] + 150) % 300  # one wrong id, twice: not among the exact four
+    half[:, 3] = (np.arange(300) + 151) % 300
+    wrong = [len(set(exact[i]) & set(half[i])) for i in range(300)]
+    got, _ = recall_at_k(ds, members, half, 4, sample=300)
+    assert got == pytest.approx(np.mean(wrong) / 4)
+
+
+def test_large_groups_use_faiss_small_ones_exact(tmp_path, capsys, monkeypatch):
+    import pafm.data.neighbors as neighbors
+    from pafm.prep import main
+
+    monkeypatch.setattr(neighbors, "PCA_DIM", 8)  # 32 dims reduced to 8, as 4096 to 256 at scale
+
+    x, y = _clustered_dataset(tmp_path / "d", [900, 60])
+    entry = neighbors.add_neighbors(tmp_path / "d", k=5, exact_max=100, recall_sample=200)
+    search = entry["search"]
+    assert search["exact_groups"] == 1 and search["faiss_groups"] == 1 and search["faiss_items"] == 900
+    assert search["index"].startswith("PCA8,IVF120,SQfp16") and search["recall_queries"] == 200
+    ds = LatentDataset(tmp_path / "d")
+    ds.validate()
+    ids = torch.from_numpy(np.array(ds.neighbor_ids)).long()
+    assert torch.all(y[ids] == y[:, None]) and not torch.any(ids == torch.arange(len(y))[:, None])
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    d[y[:, None] != y[None, :]] = float("inf")
+    exact = torch.argsort(d, dim=1)[:, :5]
+    small = torch.nonzero(y == 1).flatten()
+    assert torch.equal(ids[small], exact[small])  # the small class: exact search
+    big = torch.nonzero(y == 0).flatten()
+    recall = np.mean([len(set(ids[i].tolist()) & set(exact[i].tolist())) / 5 for i in big.tolist()])
+    assert recall > 0.9 and abs(recall - search["recall_at_k"]) < 0.05  # the sampled recall describes the whole
+    assert main(["inspect", str(tmp_path / "d")]) == 0
+    assert f"recall@5 {search['recall_at_k']:.4f} against exact search on 200 queries" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pafm.models import MMDiT, SiT, build_model, list_models
-from pafm.models.layers import TIME_SCALE, RMSNorm, sincos_pos_embed_2d, timestep_embedding
+from pafm.models.layers import DIT_TIME_SCALE, RMSNorm, sincos_pos_embed_2d, timestep_embedding
 
 TEXT = dict(text_dim=12, pooled_dim=10, max_text_len=7)
 
@@ -125,7 +125,7 @@ def test_meta_then_materialise_matches_eager_init():
 
 
 def test_timestep_embedding_float64():
-    t = torch.rand(7, dtype=torch.float64) * TIME_SCALE
+    t = torch.rand(7, dtype=torch.float64) * DIT_TIME_SCALE
     for dim in (256, 9):
         half = dim // 2
         freqs = torch.tensor([10000.0 ** (-k / half) for k in range(half)], dtype=torch.float64)
@@ -226,9 +226,9 @@ def sit_block64(block, x, c, heads):
     return x + mods[5][:, None] * mlp64(block.mlp, h)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_sit_forward_float64_reference(qk_norm):
-    model = randomize(tiny_sit(qk_norm=qk_norm))
+@pytest.mark.parametrize("qk_norm,time_scale", [(False, 1.0), (True, 1.0), (False, DIT_TIME_SCALE)])
+def test_sit_forward_float64_reference(qk_norm, time_scale):
+    model = randomize(tiny_sit(qk_norm=qk_norm, time_scale=time_scale))
     x, t = inputs()
     y = torch.tensor([1, 0, 10, 7])
     out = model(x, t, y)
@@ -240,7 +240,7 @@ def test_sit_forward_float64_reference(qk_norm):
     h = h + sincos_pos_embed_2d(4, model.hidden_size).double()
     half = 128
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
-    args = t.double()[:, None] * TIME_SCALE * freqs
+    args = t.double()[:, None] * time_scale * freqs
     temb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     mlp = model.t_embedder.mlp
     c = lin64(mlp[2], F.silu(lin64(mlp[0], temb))) + model.y_embedder.weight.double()[y]

@@ -152,9 +152,9 @@ def test_class_bank_is_a_per_class_fifo():
     assert bank.count.tolist() == [3, 1, 1]
     new = torch.tensor([[10.0], [11.0]])
     cand = bank.pool(new, torch.tensor([1, 2]), None, {}, None)
-    # filled entries (class 0: two, class 1: one, class 2: one), then the current batch
-    assert cand.pool.shape == (6, 1) and cand.ids.tolist()[-2:] == [1, 2]
-    assert sorted(zip(cand.ids.tolist()[:4], cand.pool[:4, 0].tolist())) == [(0, 1.0), (0, 2.0), (1, 3.0), (2, 4.0)]
+    # the batch as the shared pool, the whole bank in place (no copy) with its fill counts
+    assert torch.equal(cand.pool, new) and cand.class_entries.data_ptr() == bank.entries.data_ptr()
+    assert cand.class_count is bank.count
     bank.update(torch.tensor([[7.0]]), torch.tensor([0]))  # overwrites the oldest of class 0 (1.0)
     assert sorted(bank.entries[0, :, 0].tolist()) == [2.0, 7.0]
     # A batch with more rows of one class than the FIFO holds: the last per_class rows land, in order.
@@ -163,6 +163,63 @@ def test_class_bank_is_a_per_class_fifo():
     assert sorted(bank.entries[2, :, 0].tolist()) == [4.0, 23.0]
     with pytest.raises(ValueError, match="class-conditional"):
         ClassBank(num_classes=0, per_class=2, shape=(1,), device="cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bank_target_is_the_posterior_over_own_class_entries_and_the_batch(backend):
+    """Conditioned rows: their class's filled bank entries plus the batch's rows of their class; null-condition
+    rows: the whole batch; written out per row in float64.  Triton runs on the GPU when there is one."""
+    from pafm_kernels.naive import posterior_velocity_naive
+    from pafm_kernels.testing import kernel_device
+
+    device = kernel_device() if backend == "triton" else torch.device("cpu")
+    info = dict(CLASS_INFO, num_classes=4)
+    cfg = ObjectiveConfig(kind="pafm", source="bank", bank_per_class=3, cond_dropout=0.4, backend=backend)
+    objective = Objective(cfg, info, device)
+    g = torch.Generator().manual_seed(0)
+    # class 0 overfull (4 pushes into 3 slots), class 1 one entry, class 2 none, class 3 full
+    pushed = torch.randn(8, *SHAPE, generator=g)
+    objective.source.update(pushed.to(device), torch.tensor([0, 0, 1, 0, 3, 0, 3, 3], device=device))
+    x, labels = torch.randn(9, *SHAPE, generator=g), torch.tensor([0, 1, 2, 3, 0, 2, 1, 3, 0])
+    draws = objective.draw(step_generator(0, 2, 0, "cpu"), len(x), 0, 1, "cpu")
+    draws.t[:2] = torch.tensor([0.999, 1e-3])
+    assert draws.drop.any() and not draws.drop.all()
+    on_device = type(draws)(*(None if v is None else v.to(device) for v in vars(draws).values()))
+    target, _, diag = objective.targets(x.to(device), {"x": x.to(device), "label": labels.to(device)}, on_device)
+    target, ess_got = target.cpu(), diag["ess"].cpu()
+    z = objective.path.interpolate(x, draws.noise, draws.t)
+    coefs = objective.path.coefficients(draws.t)
+    entries, count = objective.source.entries.cpu(), objective.source.count.cpu()
+    for i in range(len(x)):
+        pool, pool_labels = [x], [labels]
+        if not draws.drop[i]:
+            filled = int(min(count[labels[i]], 3))
+            pool.append(entries[labels[i], :filled])
+            pool_labels.append(torch.full((filled,), int(labels[i])))
+        row = torch.tensor([-1 if draws.drop[i] else int(labels[i])])
+        v, _, ess = posterior_velocity_naive(z[i:i + 1], torch.cat(pool), *(c[i:i + 1] for c in coefs),
+                                             row_labels=row, pool_labels=torch.cat(pool_labels),
+                                             endpoint=x[i:i + 1], noise=draws.noise[i:i + 1])
+        assert torch.allclose(target[i:i + 1].double(), v, rtol=1e-4, atol=1e-5), i
+        assert ess_got[i].item() == pytest.approx(ess.item(), rel=1e-4)
+
+
+def test_bfloat16_op_inputs_keep_u_where_the_weight_is_on_the_own_endpoint():
+    """op_dtype=bfloat16: near the rows' own endpoints the target is u to fp32 rounding (only the correction goes
+    through the rounded inputs); elsewhere within bf16's resolution of the float32 target."""
+    def target(op_dtype):
+        cfg = ObjectiveConfig(kind="pafm", source="batch", cond_dropout=0.0, backend="torch", op_dtype=op_dtype)
+        objective = Objective(cfg, CLASS_INFO, "cpu")
+        batch = make_batch(b=12, seed=4)
+        draws = objective.draw(step_generator(0, 5, 0, "cpu"), 12, 0, 1, "cpu")
+        return objective.targets(batch["x"], batch, draws)
+
+    t32, u, diag = target("float32")
+    t16, _, _ = target("bfloat16")
+    sharp = diag["own_weight"] >= 1 - 1e-7
+    assert sharp.any() and not sharp.all()
+    assert torch.allclose(t16[sharp], u[sharp], rtol=1e-6, atol=1e-6)
+    assert ((t16 - t32).norm() / t32.norm()).item() < 2e-2
 
 
 def test_loss_and_bins():

@@ -263,3 +263,22 @@ def test_target_carries_no_gradient():
     z = args[0].clone().requires_grad_(True)
     out = posterior_velocity(z, *args[1:], **kw, backend="torch")
     assert not out.velocity.requires_grad and not out.lse.requires_grad
+
+
+def test_combining_disjoint_parts_equals_the_op_over_their_union():
+    """combine_posteriors(op(A), op(B)) = op(A u B), including rows with nothing admissible in one part or in both."""
+    from pafm_kernels import combine_posteriors
+
+    args, kw = make_case(6, 10, (3, 5), labels="1d", residual=True, seed=3)
+    z, pool = args[0], args[1]
+    row_labels, pool_labels = kw.pop("row_labels"), kw.pop("pool_labels")
+    row_labels[0], row_labels[1] = 7, 1  # row 0: no admissible candidate anywhere
+    pool_labels[:5] = torch.tensor([0, 2, 0, 2, 1])  # part A holds no label 1: row 1 finds it only in part B
+    whole = posterior_velocity(z, pool, *args[2:], row_labels=row_labels, pool_labels=pool_labels, **kw)
+    parts = [posterior_velocity(z, pool[s], *args[2:], row_labels=row_labels, pool_labels=pool_labels[s], **kw)
+             for s in (slice(0, 4), slice(4, 10))]
+    assert torch.isneginf(parts[0].lse[1]) and torch.isfinite(parts[1].lse[1])
+    both = combine_posteriors(*parts)
+    assert torch.isneginf(both.lse[0]) and both.ess[0] == 0 and both.velocity[0].isnan().all()
+    for got, want in zip(both, whole):
+        assert torch.allclose(got[1:], want[1:], rtol=1e-5, atol=1e-6)

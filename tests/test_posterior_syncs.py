@@ -5,6 +5,7 @@ aten op that synchronises on a GPU (reads a value back to the host, or has a dat
 the ops that would launch a kernel; a wrapper of the interpreter's launch counts the Triton launches.
 """
 import contextlib
+import os
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from pafm_kernels import launch, posterior_velocity, shared_pool
 from pafm_kernels.naive import posterior_velocity_naive as oracle
 from pafm_kernels.testing import make_case, rel_err
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="counts the interpreter's launches; on a GPU bench/gpu_check.py profiles them")]
 
 # aten ops that wait for the device: values read by the host, or output shapes that depend on values.
 SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "masked_scatter", "unique",
@@ -135,3 +138,24 @@ def test_refinement_switch_changes_nothing_on_launches(monkeypatch):
     with device_work(monkeypatch) as work:
         posterior_velocity(*args, **kw, backend="triton")
     assert work.launches == ["_logits_kernel", "_row_kernel", "_mix_kernel"]
+
+
+@pytest.mark.parametrize("filled", [0, 2, 5], ids=["empty", "filling", "full"])
+def test_bank_target_launches_the_same_kernels_without_host_sync_while_it_fills(monkeypatch, filled):
+    """The bank's whole target (minibatch pool, own class's entries in place, combination): no sync, and the same
+    four kernels whatever the fill, so nothing re-tunes while the bank fills."""
+    from pafm.objectives import Objective, ObjectiveConfig, step_generator
+
+    shape = (2, 6, 6)
+    cfg = ObjectiveConfig(kind="pafm", source="bank", bank_per_class=4, cond_dropout=0.3, backend="triton")
+    objective = Objective(cfg, {"kind": "class", "latent_shape": list(shape), "num_classes": 3}, "cpu")
+    g = torch.Generator().manual_seed(filled)
+    if filled:
+        objective.source.update(torch.randn(3 * filled, *shape, generator=g), torch.arange(3 * filled) % 3)
+    x, labels = torch.randn(6, *shape, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    draws = objective.draw(step_generator(0, 0, 0, "cpu"), len(x), 0, 1, "cpu")
+    with device_work(monkeypatch) as work:
+        target, _, diag = objective.targets(x, {"x": x, "label": labels}, draws)
+    kernels = [name for name in work.launches if not name.startswith("aten.")]
+    assert kernels == ["_logits_kernel", "_row_kernel", "_mix_kernel", "_per_row_kernel"]
+    assert torch.isfinite(target).all() and (diag["ess"] >= 1 - 1e-5).all()

@@ -1,11 +1,18 @@
-"""Triton kernels (run by the interpreter on the CPU) against the float64 oracle and the op's contract."""
+"""Triton kernels against the float64 oracle and the op's contract: on the GPU when there is one, else run by the
+interpreter on the CPU (`op` moves the inputs there and the results back)."""
 
 import pytest
 import torch
 
 from pafm_kernels import launch, per_row_pool, posterior_velocity, shared_pool
 from pafm_kernels.naive import posterior_velocity_naive as oracle
-from pafm_kernels.testing import make_case, rel_err, t_grid_case
+from pafm_kernels.testing import kernel_device, make_case, on_kernel_device, rel_err, t_grid_case
+
+INTERPRETED = kernel_device().type == "cpu"
+
+
+def op(*args, **kw):
+    return on_kernel_device(posterior_velocity, *args, **kw)
 
 # numpy warns about log(0) and -inf - -inf in padded rows whose results are masked out on store
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -32,7 +39,7 @@ PER_ROW = [
 
 
 def _check(args, kw, tol):
-    out = posterior_velocity(*args, **kw, backend="triton")
+    out = op(*args, **kw)
     assert out.velocity.dtype == torch.float32 and out.velocity.shape == args[0].shape
     v64, lse64, ess64 = oracle(*args, **kw)
     errs = rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)
@@ -63,11 +70,10 @@ def test_single_admissible_candidate_gives_flow_matching_target(per_row):
     z, pool, a, s, da, ds = args
     x, eps = kw["endpoint"], kw["noise"]
     if per_row:
-        out = posterior_velocity(z, x[:, None], a, s, da, ds, backend="triton")
+        out = op(z, x[:, None], a, s, da, ds)
     else:
         ids = torch.arange(B)
-        out = posterior_velocity(z, x, a, s, da, ds, row_labels=ids, pool_labels=ids, endpoint=x, noise=eps,
-                                 backend="triton")
+        out = op(z, x, a, s, da, ds, row_labels=ids, pool_labels=ids, endpoint=x, noise=eps)
     u = da[:, None] * x + ds[:, None] * eps
     assert rel_err(out.velocity, u) <= 1e-5
     torch.testing.assert_close(out.ess, torch.ones(B), rtol=0, atol=1e-5)
@@ -79,7 +85,7 @@ def test_row_without_admissible_candidate(per_row):
     args, _ = make_case(B, K, (20,), per_row=per_row)
     row_labels = torch.tensor([0, 7, -1, 0])
     pool_labels = torch.zeros(B, K, dtype=torch.long)
-    out = posterior_velocity(*args, row_labels=row_labels, pool_labels=pool_labels, backend="triton")
+    out = op(*args, row_labels=row_labels, pool_labels=pool_labels)
     assert out.lse[1] == float("-inf") and out.ess[1] == 0 and torch.isnan(out.velocity[1]).all()
     keep = torch.tensor([0, 2, 3])
     v64, lse64, _ = oracle(*args, row_labels=row_labels, pool_labels=pool_labels)
@@ -90,7 +96,7 @@ def test_row_without_admissible_candidate(per_row):
 def test_data_end_stays_finite_with_residual_form(per_row):
     # sigma = 1e-4 on the linear path with near-duplicate candidates (per row) or distinct ones (shared).
     args, kw = make_case(6, 8, (64,), per_row=per_row, residual=True, t_range=(1 - 1e-4, 1 - 1e-4), seed=2)
-    out = posterior_velocity(*args, **kw, backend="triton")
+    out = op(*args, **kw)
     assert torch.isfinite(out.velocity).all() and torch.isfinite(out.lse).all() and torch.isfinite(out.ess).all()
     v64, lse64, _ = oracle(*args, **kw)
     err = rel_err(out.velocity, v64)
@@ -118,7 +124,7 @@ def test_shared_pool_near_duplicates_at_small_sigma_are_refined(residual):
     if residual:
         kw.update(endpoint=x, noise=eps)
     args = (z, pool, a, sigma, torch.ones(B), -torch.ones(B))
-    out = posterior_velocity(*args, **kw, backend="triton")
+    out = op(*args, **kw)
     v64, lse64, ess64 = oracle(*args, **kw)
     assert (ess64[sigma < 0.01] > 1.2).all()  # the near-duplicates share the weight
     errs = rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)
@@ -134,7 +140,7 @@ def test_t_grid_at_d4096_with_near_duplicates(per_row, dtype):
     # Each row's endpoint, three near-duplicates at 0.1 sigma per coordinate and eight unrelated candidates, D = 4096:
     # at the data end the fp32 expansion is off by ~1e6 nats and every shared-pool row is refined on the device.
     args, kw = t_grid_case(T_GRID, 4096, dtype=dtype, per_row=per_row)
-    out = posterior_velocity(*args, **kw, backend="triton")
+    out = op(*args, **kw)
     v64, lse64, ess64 = oracle(*args, **kw)
     assert (ess64[:4] > 1.5).all()  # the weights are spread up to t = 0.4
     # Measured worst cases (interpreter): shared 1.2e-7 (velocity) and 2e-7 (ESS); per-row 3.2e-5 and 2e-5 (its fp32
@@ -146,7 +152,7 @@ def test_t_grid_at_d4096_with_near_duplicates(per_row, dtype):
         # Without refinement the data-end rows are wrong: the refinement is what keeps them exact.
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(shared_pool, "REFINE_NATS", float("inf"))
-            raw = posterior_velocity(*args, **kw, backend="triton")
+            raw = op(*args, **kw)
         assert rel_err(raw.velocity[-1], v64[-1]) > 100 * rel_err(out.velocity[-1], v64[-1])
         assert (raw.lse.double() - lse64).abs().max() > 1e3
 
@@ -164,12 +170,13 @@ def test_endpoint_index_keeps_the_own_endpoint():
     pool = torch.cat([(x[:, None] + 1e-4 * torch.randn(B, n, D, generator=g)).reshape(B * n, D), x])
     args = (z, pool, a, sigma, torch.ones(B), -torch.ones(B))
     v64, lse64, _ = oracle(*args, endpoint=x, noise=eps)
-    kept = posterior_velocity(*args, endpoint=x, noise=eps, endpoint_index=B * n + torch.arange(B), backend="triton")
+    kept = op(*args, endpoint=x, noise=eps, endpoint_index=B * n + torch.arange(B))
     assert rel_err(kept.velocity, v64) <= 1e-6 and (kept.lse.double() - lse64).abs().max() <= 1e-3
-    lost = posterior_velocity(*args, endpoint=x, noise=eps, backend="triton")
+    lost = op(*args, endpoint=x, noise=eps)
     assert rel_err(lost.velocity, v64) > 1e-2  # what the index prevents
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="emulates the GPU host path in the interpreter; a GPU runs it for real")
 def test_gpu_launch_path_buckets_k_and_splits_small_grids(monkeypatch):
     # The GPU host path (autotuned kernels, GPU tile sizes, splits under one wave of 132 SMs) run by the
     # interpreter with fp32 inputs (its bf16 dots are wrong) and a stand-in benchmark for the autotuner.
@@ -190,13 +197,13 @@ def test_gpu_launch_path_buckets_k_and_splits_small_grids(monkeypatch):
     for K in (300, 400, 700):  # 300 and 400 share the bucket 512: a filling bank does not re-tune every step
         args, kw = make_case(6, K, (300,), labels="1d", prior=True, residual=True, own_index=True,
                              t_range=(0.3, 0.9999))
-        out = posterior_velocity(*args, **kw, backend="triton")
+        out = op(*args, **kw)
         tuned_after.append((len(shared_pool._logits_tuned.cache), len(shared_pool._mix_tuned.cache)))
         v64, lse64, ess64 = oracle(*args, **kw)
         assert max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)) <= 2e-4
     assert tuned_after == [(1, 1), (1, 1), (2, 2)] and len(benchmarks) == 8  # two configurations each
     args, kw = make_case(6, 9, (300,), per_row=True, residual=True)
-    out = posterior_velocity(*args, **kw, backend="triton")
+    out = op(*args, **kw)
     assert rel_err(out.velocity, oracle(*args, **kw)[0]) <= TOL_PER_ROW
     assert len(per_row_pool._per_row_tuned.cache) == 1 and len(benchmarks) == 8 + len(per_row_pool.PER_ROW_CONFIGS)
 
@@ -215,6 +222,46 @@ def test_weight_spread_over_more_candidates_than_refined():
     args = (z, pool, a, sigma, torch.ones(B), -torch.ones(B))
     v64, lse64, ess64 = oracle(*args, endpoint=x, noise=eps)
     assert (ess64 > 30).all()
-    out = posterior_velocity(*args, endpoint=x, noise=eps, endpoint_index=torch.arange(B), backend="triton")
+    out = op(*args, endpoint=x, noise=eps, endpoint_index=torch.arange(B))
     assert rel_err(out.velocity, v64) <= 2e-3 and rel_err(out.ess, ess64) <= 0.2
     assert rel_err(out.velocity[[0, 3]], v64[[0, 3]]) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_pool_index_reads_per_row_pools_in_place(backend):
+    """A class bank's slice (N, K, *S), non-contiguous, read through pool_index equals the gathered per-row pools."""
+    B, K, S, N = 7, 5, (2, 9), 4
+    device = kernel_device() if backend == "triton" else torch.device("cpu")
+    args, kw = make_case(B, K, S, per_row=True, labels="2d", residual=True, tau="rows", seed=5)
+    z, pool = args[0], args[1]
+    g = torch.Generator().manual_seed(1)
+    index = torch.randint(0, N, (B,), generator=g)
+    padded = torch.randn(N, K + 1, *S, generator=g)  # a scratch slot past each class, as the bank keeps
+    padded[index, :K] = pool  # rows sharing a class get the same pool (the last write wins)
+    bank = padded.to(device)[:, :K]
+    assert not bank.is_contiguous()
+    on = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    rest = [on(v) for v in args[2:]]
+    kw_on = {k: on(v) for k, v in kw.items()}
+    out = posterior_velocity(on(z), bank, *rest, **kw_on, pool_index=on(index), backend=backend)
+    v64, lse64, ess64 = oracle(z, padded[index, :K], *args[2:], **kw)
+    assert max(rel_err(out.velocity.cpu(), v64), rel_err(out.lse.cpu(), lse64), rel_err(out.ess.cpu(), ess64)) \
+        <= TOL_PER_ROW
+    with pytest.raises(ValueError, match="pool_index selects per-row pools"):
+        posterior_velocity(on(z), on(pool[0]), *rest, pool_index=on(index), backend=backend)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="4.3 GB of candidates: the interpreter would take hours; GPU only "
+                                        "(bench/gpu_check.py runs the same case)")
+def test_per_row_pools_over_2_31_elements_use_64_bit_offsets():
+    from pafm_kernels.reference import posterior_velocity_reference
+
+    B, K, D = 64, 8200, 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pool = torch.randn(B, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = torch.rand(B, device="cuda", generator=g) * 0.9 + 0.05
+    z = (t[:, None] * pool[:, -1].float() + (1 - t)[:, None] * torch.randn(B, D, device="cuda", generator=g))
+    coefs = (t, 1 - t, torch.ones_like(t), -torch.ones_like(t))
+    out = posterior_velocity(z.bfloat16(), pool, *coefs, backend="triton")
+    v64, lse64, ess64 = posterior_velocity_reference(z.bfloat16().double(), pool, *coefs, 1.0)
+    assert max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)) <= TOL_PER_ROW

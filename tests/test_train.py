@@ -76,6 +76,11 @@ def test_nan_in_the_data_is_found_before_training(env, tmp_path):
     proc = train(env, tmp_path / "run", f"data.spec={tmp_path / 'bad'}", "train.steps=1", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "item 13" in proc.stderr and "NaN" in proc.stderr and "Traceback" not in proc.stderr
+    # The shards that passed are remembered for the next start; the bad one is not, so it is checked again.
+    assert sorted(p.name for p in (tmp_path / "bad" / ".validated").iterdir()) == [
+        "shard-00001.safetensors.json", "shard-00002.safetensors.json"]
+    proc = train(env, tmp_path / "run", f"data.spec={tmp_path / 'bad'}", "train.steps=1", check=False)
+    assert proc.returncode == 2 and "item 13" in proc.stderr
 
 
 def test_two_fsdp_ranks_match_one_process(env, tmp_path):
@@ -174,3 +179,41 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(env, tmp_path):
     stopped = int(proc.stderr.split("stopped at step ")[1].split(":")[0])
     assert (run / "checkpoints" / f"step_{stopped:07d}").is_dir()
     assert metrics(run)[-1]["skipped_steps"] >= 2
+
+
+def test_preview_grids_reuse_one_model_and_decoder(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import pafm.generate as generate
+    from pafm.data import open_dataset
+    from pafm.models import build_model
+
+    monkeypatch.setenv("PAFM_CACHE", str(tmp_path / "cache"))
+    built = {"model": 0, "decoder": 0}
+    model_from_meta, decoder = generate.model_from_meta, generate.Decoder
+
+    def counted_model(*args):
+        built["model"] += 1
+        return model_from_meta(*args)
+
+    class CountedDecoder(decoder):
+        def __init__(self, *args, **kwargs):
+            built["decoder"] += 1
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "model_from_meta", counted_model)
+    monkeypatch.setattr(generate, "Decoder", CountedDecoder)
+    torch.manual_seed(0)
+    model = build_model("SiT-T/2", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=2)
+    meta = {"model": model.config, "data": {"spec": "builtin:digits", "info": open_dataset("builtin:digits").info},
+            "path": "linear"}
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    other = {k: v + 0.05 * torch.randn_like(v) for k, v in first.items()}
+    grid = generate.PreviewGrid(meta, steps=2, device="cpu")
+    images = [np.asarray(Image.open(grid.save(state, tmp_path / f"{i}.png")))
+              for i, state in enumerate([first, other, first])]
+    assert built == {"model": 1, "decoder": 1}
+    assert not np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+    one_off = generate.save_training_grid(first, meta, tmp_path / "one_off.png", steps=2, device="cpu")
+    assert np.array_equal(np.asarray(Image.open(one_off)), images[0])

@@ -111,6 +111,10 @@ class BatchMaker(torch.utils.data.Dataset):
         return batch
 
 
+def _pinned(batch: dict) -> dict:
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class _CountFrom(torch.utils.data.Sampler):
     def __init__(self, start: int):
         self.start = start
@@ -125,10 +129,13 @@ class LatentLoader:
     `next(loader)` (or `next(iter(loader))`) always returns a batch; `state_dict()` / `load_state_dict()` resume
     exactly at the next batch. `len(loader)` is the number of batches per epoch.  `captions=True` adds the
     batch's captions (text datasets) as a list of strings under "caption"; training has no use for them.
+    `pin_memory=True` (a CUDA device) hands out batches in page-locked memory, so that `.to(device,
+    non_blocking=True)` is a real asynchronous copy that overlaps the step (from pageable memory it is synchronous).
     """
 
     def __init__(self, dataset: LatentDataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 flip: bool = True, num_workers: int = 0, neighbors: int = 0, captions: bool = False):
+                 flip: bool = True, num_workers: int = 0, neighbors: int = 0, captions: bool = False,
+                 pin_memory: bool = False):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or neighbors < 0:
             raise ValueError(f"LatentLoader: need batch_size >= 1, 0 <= rank < world_size, num_workers >= 0, "
                              f"neighbors >= 0; got batch_size={batch_size} rank={rank} world_size={world_size} "
@@ -142,7 +149,7 @@ class LatentLoader:
         if neighbors > info["neighbors_k"]:
             raise DataError(f"{where}: {neighbors} neighbours requested, the dataset stores {info['neighbors_k']}"
                             + ("" if info["neighbors_k"] else f" (run `python -m pafm.prep neighbors {where}`)"))
-        self.dataset, self.num_workers = dataset, num_workers
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
         if captions and not dataset.index.get("captions"):
             raise DataError(f"{where} stores no captions")
         self.maker = BatchMaker(dataset, batch_size, rank, world_size, seed, flip, neighbors, captions)
@@ -172,9 +179,11 @@ class LatentLoader:
 
     def _pipeline(self, start: int):
         if self.num_workers == 0:
-            return map(self.maker.__getitem__, itertools.count(start))
+            batches = map(self.maker.__getitem__, itertools.count(start))
+            return map(_pinned, batches) if self.pin_memory else batches
         return iter(torch.utils.data.DataLoader(self.maker, batch_size=None, sampler=_CountFrom(start),
-                                                num_workers=self.num_workers, prefetch_factor=2))
+                                                num_workers=self.num_workers, prefetch_factor=2,
+                                                pin_memory=self.pin_memory))
 
     def _identity(self) -> dict:
         m = self.maker

@@ -1,8 +1,8 @@
 """Pieces shared by SiT and MMDiT: embeddings, adaLN modulation, attention helpers, final layer and the base class.
 
-Time convention: data at t = 1, noise at t = 0, t in [0, 1]. The timestep embedding scales t by `TIME_SCALE` = 1000
-before the sinusoids, so that the frequency ladder (periods 2*pi ... 2*pi*10^4) spans the same range as DiT's
-integer timesteps 0..999. Unlike SiT's code, which feeds t in [0, 1] unscaled.
+Time convention: data at t = 1, noise at t = 0, t in [0, 1]. The timestep embedding takes sinusoids of `scale * t`:
+SiT embeds t in [0, 1] as it is (scale 1, SiT's default here, so SiT's released weights compute SiT's velocity);
+DiT and SD3 embed integer-like timesteps 1000 t (`DIT_TIME_SCALE`, MMDiT's scale and an option of SiT).
 """
 import math
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TIME_SCALE = 1000.0
+DIT_TIME_SCALE = 1000.0
 FREQ_DIM = 256  # size of the sinusoidal timestep features before the MLP (DiT's choice)
 
 
@@ -30,8 +30,8 @@ def timestep_embedding(t, dim, max_period=10000.0):
     return emb
 
 
-def sincos_pos_embed_2d(grid_size, dim, device=None):
-    """Fixed 2D sin-cos position embedding (grid_size**2, dim) float32, tokens in row-major order.
+def sincos_pos_embed_2d(grid_size, dim, device=None, dtype=torch.float32):
+    """Fixed 2D sin-cos position embedding (grid_size**2, dim) in `dtype`, tokens in row-major order.
 
     The first dim/2 channels encode the column, the last dim/2 the row; each half is [sin(p w_k), cos(p w_k)] with
     w_k = 10000^(-k / (dim/4)). Computed on the fly (a few microseconds) so the models hold no buffers: a model
@@ -40,8 +40,8 @@ def sincos_pos_embed_2d(grid_size, dim, device=None):
     if dim % 4:
         raise ValueError(f"2D sin-cos position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
-    omega = 1.0 / 10000.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    coords = torch.arange(grid_size, device=device, dtype=torch.float32)
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, device=device, dtype=dtype) / quarter)
+    coords = torch.arange(grid_size, device=device, dtype=dtype)
     row, col = torch.meshgrid(coords, coords, indexing="ij")
 
     def embed(pos):
@@ -100,14 +100,19 @@ class Attention(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (B,) -> (B, dim): sinusoids of TIME_SCALE * t, then Linear-SiLU-Linear."""
+    """t in [0, 1] (B,) -> (B, dim): sinusoids of scale * t, then Linear-SiLU-Linear."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, scale=DIT_TIME_SCALE):
         super().__init__()
+        self.scale = float(scale)
         self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t.float() * TIME_SCALE, FREQ_DIM))
+        t = t.float()
+        return self.mlp(timestep_embedding(t if self.scale == 1.0 else t * self.scale, FREQ_DIM))
+
+    def extra_repr(self):
+        return f"scale={self.scale:g}"
 
 
 class FinalLayer(nn.Module):
@@ -202,10 +207,11 @@ class FlowBackbone(nn.Module):
         h = h.reshape(b, g, g, p, p, c)
         return h.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
-    def forward_with_cfg(self, x, t, cond, scale, drop=None):
+    def forward_with_cfg(self, x, t, cond, scale, drop=None, channels=None):
         """Classifier-free guidance in one batched forward of 2B rows: out = uncond + scale * (cond - uncond).
 
-        Guidance applies to every output channel (SiT's code guided only the first 3 of 4 latent channels).
+        Guidance applies to every output channel unless `channels` = n: then only the first n are guided and the
+        others are the conditional output (SiT's and DiT's code guide the first 3 of 4 latent channels).
         `scale`: a float or a (B,) tensor; rows with scale 1 get the plain conditional velocity, so a guidance
         interval in t is a per-row scale. `drop` (B,) bool marks rows whose "conditional" half is also null.
         """
@@ -225,7 +231,13 @@ class FlowBackbone(nn.Module):
         both_drop = torch.cat([cond_drop, torch.ones_like(cond_drop)])
         out = self(torch.cat([x, x]), torch.cat([t, t]), self._cat_cond(cond, cond), drop=both_drop)
         v_cond, v_uncond = out.float().chunk(2)
-        return (v_uncond + scale * (v_cond - v_uncond)).to(out.dtype)
+        guided = v_uncond + scale * (v_cond - v_uncond)
+        if channels is not None:
+            if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= guided.shape[1]:
+                raise ValueError(f"forward_with_cfg: channels must be an int in [1, {guided.shape[1]}] or None, "
+                                 f"got {channels!r}")
+            guided = torch.cat([guided[:, :channels], v_cond[:, channels:]], dim=1)
+        return guided.to(out.dtype)
 
     def extra_repr(self):
         return f"config={self.config}"

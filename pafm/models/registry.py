@@ -5,9 +5,14 @@ size 64 except XL's 72). MMDiT uses the S/B/L sizes with head size 64 (each bloc
 twice a SiT block's parameters). The tiny T sizes (4/128/4, head size 32) are for CPU tests and the built-in
 digits recipes: SiT-T/2 on 8x8x1 digits (1.2M parameters) reaches 87% SVC accuracy on conditional samples after
 about 430 steps of batch 128 (3 minutes on one CPU thread, linear path, 50 Euler steps, no guidance).
+
+SiT's time embedding: `time_scale` 1 (SiT's, the default) or 1000 (DiT's). `model.config` always records it.
+Configs saved before the option existed hold every other resolved argument and no time_scale; their models embedded
+1000 t, so such a config is rebuilt with time_scale 1000 and keeps its meaning.
 """
 import difflib
 
+from .layers import DIT_TIME_SCALE
 from .mmdit import MMDiT
 from .sit import SiT
 
@@ -17,10 +22,12 @@ _MMDIT_SIZES = {"T": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (2
 # Arguments a config may give, with their defaults; depth / hidden_size / num_heads default to the named size.
 _COMMON = {"input_size": 32, "in_channels": 4, "mlp_ratio": 4.0, "qk_norm": False}
 _ARGS = {
-    SiT: {**_COMMON, "num_classes": 1000},
+    SiT: {**_COMMON, "num_classes": 1000, "time_scale": 1.0, "reverse_time": False},
     MMDiT: {**_COMMON, "text_dim": 768, "pooled_dim": 768, "max_text_len": 77},
 }
 _SIZE_ARGS = ("depth", "hidden_size", "num_heads")
+# Every argument a SiT config recorded before time_scale existed (its models embedded 1000 t).
+_SIT_ARGS_BEFORE_TIME_SCALE = frozenset({*_COMMON, "num_classes", *_SIZE_ARGS})
 
 
 def _registry():
@@ -43,14 +50,13 @@ def list_models():
 
 
 def _check_value(name, key, value):
-    if key == "qk_norm":
-        ok = isinstance(value, bool)
-    elif key == "mlp_ratio":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if key in ("qk_norm", "reverse_time"):
+        ok, kind = isinstance(value, bool), "a bool"
+    elif key in ("mlp_ratio", "time_scale"):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, "a positive number"
     else:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ok, kind = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive int"
     if not ok:
-        kind = "a bool" if key == "qk_norm" else "a positive number" if key == "mlp_ratio" else "a positive int"
         raise ValueError(f"build_model({name!r}): {key} must be {kind}, got {value!r}")
 
 
@@ -71,6 +77,8 @@ def build_model(name, **kwargs):
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise ValueError(f"build_model({name!r}): unknown arguments {unknown}; valid ones: {sorted(defaults)}")
+    if cls is SiT and set(kwargs) == _SIT_ARGS_BEFORE_TIME_SCALE:
+        kwargs = {**kwargs, "time_scale": DIT_TIME_SCALE}  # a config saved before the option: keep its meaning
     resolved = {**defaults, **kwargs}
     for key, value in resolved.items():
         _check_value(name, key, value)
@@ -83,7 +91,9 @@ def build_model(name, **kwargs):
     if resolved["input_size"] % patch_size:
         raise ValueError(f"build_model({name!r}): input_size {resolved['input_size']} is not divisible by the "
                          f"patch size {patch_size}")
-    resolved["mlp_ratio"] = float(resolved["mlp_ratio"])
+    for key in ("mlp_ratio", "time_scale"):
+        if key in resolved:
+            resolved[key] = float(resolved[key])
     model = cls(patch_size=patch_size, **resolved)
     model.config = {"name": name, "kwargs": resolved}
     return model

@@ -28,19 +28,22 @@ class SiTBlock(nn.Module):
 class SiT(FlowBackbone):
     """Class-conditional SiT. forward(x, t, labels, drop=None) -> velocity with the shape of x.
 
-    t in [0, 1] with data at t = 1 (embedded as 1000 t). Labels are int64 in [0, num_classes]; the label
-    num_classes, or drop[i] = True, selects the learned null row (classifier-free guidance). Label dropout during
-    training is the trainer's job.
+    t in [0, 1] with data at t = 1, embedded as time_scale * t: 1 as SiT does, 1000 as DiT's integer timesteps.
+    reverse_time: the weights were trained with noise at t = 1 and a velocity pointing towards the noise (REPA);
+    the model then returns -net(x, 1 - t), the velocity of this project's convention. Labels are int64 in
+    [0, num_classes]; the label num_classes, or drop[i] = True, selects the learned null row (classifier-free
+    guidance). Label dropout during training is the trainer's job.
     """
 
     cond_kind = "class"
 
     def __init__(self, *, input_size=32, patch_size=2, in_channels=4, num_classes=1000, depth=28, hidden_size=1152,
-                 num_heads=16, mlp_ratio=4.0, qk_norm=False):
+                 num_heads=16, mlp_ratio=4.0, qk_norm=False, time_scale=1.0, reverse_time=False):
         super().__init__(input_size, patch_size, in_channels, hidden_size)
         self.num_classes = num_classes
+        self.reverse_time = bool(reverse_time)
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_scale)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # last row: the null label
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * in_channels)
@@ -68,8 +71,11 @@ class SiT(FlowBackbone):
         labels = cond.long()
         if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        if self.reverse_time:
+            t = 1.0 - t
         h = self.embed_patches(x)
         c = self.t_embedder(t) + self.y_embedder(labels)
         for block in self.blocks:
             h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c)).to(x.dtype)
+        out = self.unpatchify(self.final_layer(h, c)).to(x.dtype)
+        return -out if self.reverse_time else out
