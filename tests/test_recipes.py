@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 SHRINK = ["model.kwargs={depth: 1, hidden_size: 32, num_heads: 2}", "data.batch_size=4", "train.steps=4",
           "checkpoint.every=2", "log.sample_every=2", "log.sample_steps=2", "log.every=1", "log.progress=false",
-          "optim.warmup_steps=0", "train.compile=false"]  # compile: minutes of CPU codegen, tested elsewhere
+          "optim.warmup_steps=0", "train.compile=false", "checkpoint.keep=3"]  # compile: minutes of CPU codegen, tested elsewhere
 
 
 def test_every_recipe_is_covered():
     assert RECIPES == ["cc12m_mmdit.yaml", "digits_mmdit.yaml", "digits_sit.yaml", "imagenet_sit_b2.yaml",
-                       "imagenet_sit_xl2.yaml"]
+                       "imagenet_sit_xl2.yaml", "mnist_sit.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,8 @@ def test_recipe_runs_shrunk_with_grids_checkpoints_and_exports(env, tmp_path, re
         data = [f"data.spec={request.getfixturevalue('imagenet_data')}"]
     elif recipe.startswith("cc12m"):
         data = [f"data.spec={request.getfixturevalue('caption_data')}"]
+    elif recipe.startswith("mnist"):
+        request.getfixturevalue("mnist_cache")  # builtin:mnist from the stand-in wheel
     run = tmp_path / "run"
     proc = train(env, run, *SHRINK, *data, config=f"configs/{recipe}", timeout=600)
     assert "failed and was skipped" not in proc.stderr, proc.stderr  # no side work failed

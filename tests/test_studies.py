@@ -1,13 +1,9 @@
 """Each study's --quick size end to end (train and evaluate through the CLIs, results file with its environment,
 PNG plot). Quick sizes are tiny: the tests check that the studies run and record what they must, not the science."""
 import json
-import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,18 +61,8 @@ def test_overhead_quick(tmp_path, env):
     check_png(tmp_path / "overhead.png")
 
 
-def test_memorisation_quick_on_a_stand_in_mnist(tmp_path, env, monkeypatch):
-    """builtin:mnist is built in the test's cache from a stand-in wheel (no download), as in test_mnist."""
-    from test_mnist import fake_splits, install_fake_wheel
-
-    from pafm.data import mnist
-
-    cache = Path(env["PAFM_CACHE"])
-    if not (cache / f"mnist-v{mnist.BUILD_VERSION}").is_dir():
-        wheel_root = tmp_path / "wheel"
-        install_fake_wheel(wheel_root, monkeypatch, pickle.dumps(fake_splits(), protocol=2))
-        mnist.builtin_folder(wheel_root)
-        os.rename(wheel_root / f"mnist-v{mnist.BUILD_VERSION}", cache / f"mnist-v{mnist.BUILD_VERSION}")
+def test_memorisation_quick_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
+    """builtin:mnist from the stand-in wheel (the session's mnist_cache fixture), no download."""
     r = run_study("memorisation", tmp_path / "out", env)
     rows = r["subsets"]["20"]
     assert rows["closed-form optimum"]["memorization"] == 1.0  # the empirical optimum reproduces training images
