@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -158,8 +159,6 @@ class ExactSource(Source):
     holds the means and `spread` carries s.  The first call checks that the rows are the stored items (no flips)."""
 
     def __init__(self, loader, device):
-        import numpy as np
-
         dataset = loader.dataset
         ids = np.arange(len(dataset))
         items = loader.maker.latents(ids, np.zeros(len(ids), dtype=np.int64), 0)
