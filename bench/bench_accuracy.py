@@ -17,16 +17,13 @@ import json
 
 import torch
 
+from bench_train import device_name
 from pafm_kernels import posterior_velocity
 from pafm_kernels.naive import posterior_velocity_naive
 from pafm_kernels.testing import t_grid_case
 
 T_GRID = [0.05, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def target_errors(ts, D, duplicates, dtype, device):
