@@ -17,8 +17,8 @@ from common import environment, evaluate, mean_spread, out_dir, parser, plt, tra
 OBJECTIVES = {"fm": ["objective.kind=fm"],
               "pafm-bank": ["objective.kind=pafm", "objective.source=bank"],
               "pafm-exact": ["objective.kind=pafm", "objective.source=exact"]}
-# Steps, evaluation samples and sampler per dataset, sized for a shared 2-core CPU. MNIST at this size is early
-# training of a smaller model than the recipe's (which runs 1,200 steps of batch 64).
+# Steps, evaluation samples and sampler per dataset, sized for a shared 2-core CPU (9 MNIST runs take ~45 minutes on
+# one core). MNIST at this size is a smaller model than the recipe's (which runs 1,200 steps of batch 64).
 SMALL_MNIST_MODEL = "model.kwargs={hidden_size: 64, num_heads: 2, depth: 2}"
 # The recipes' EMA (0.995) would still weigh the zero-output initial model by a third after 200 steps.
 SHORT_RUN = ["train.ema_decay=0.98", "optim.warmup_steps=20"]
@@ -26,7 +26,7 @@ SIZES = {
     "digits": {"config": "configs/digits_sit.yaml", "steps": 500, "samples": 300, "seeds": [0, 1, 2],
                "extra": SHORT_RUN,
                "sampler": ["sampler.method=heun", "sampler.steps=16", "sampler.cfg_scale=1.5"]},
-    "mnist": {"config": "configs/mnist_sit.yaml", "steps": 300, "samples": 300, "seeds": [0, 1, 2],
+    "mnist": {"config": "configs/mnist_sit.yaml", "steps": 1000, "samples": 300, "seeds": [0, 1, 2],
               "extra": [SMALL_MNIST_MODEL, "data.batch_size=32", *SHORT_RUN],
               "sampler": ["sampler.method=heun", "sampler.steps=16", "sampler.cfg_scale=2.0"]},
 }
@@ -37,7 +37,7 @@ METRICS = {"digits": ("accuracy", "frechet_pixels", "memorization"),
            "mnist": ("accuracy", "frechet_cnn", "memorization", "diversity")}
 
 
-def run_dataset(name: str, size: dict, objectives, work, save) -> dict:
+def run_dataset(name: str, size: dict, objectives, work, save, jobs: int) -> dict:
     """Seeds outermost, so that a study cut short still holds every objective at the seeds it reached; `save(rows)`
     after every seed."""
     runs = {objective: [] for objective in objectives}
@@ -55,8 +55,8 @@ def run_dataset(name: str, size: dict, objectives, work, save) -> dict:
         return {"seed": seed, "curve": curve, "metrics": report["metrics"], "reference": report["reference_metrics"]}
 
     for seed in size["seeds"]:
-        # the objectives of one seed run side by side (one process each), so their wall times are comparable
-        with ThreadPoolExecutor(len(objectives)) as pool:
+        # the objectives of one seed run side by side (one process each, `jobs` at a time)
+        with ThreadPoolExecutor(jobs) as pool:
             results = dict(zip(objectives, pool.map(lambda o: one(seed, o), objectives)))
         for objective, run in results.items():
             runs[objective].append(run)
@@ -87,6 +87,7 @@ def plot(results: dict, path) -> None:
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--datasets", nargs="+", choices=list(SIZES), default=list(SIZES))
+    p.add_argument("--jobs", type=int, default=len(OBJECTIVES), help="training processes at a time")
     args = p.parse_args(argv)
     out = out_dir(args, "sample_quality")
     work = args.work or out / "runs"
@@ -94,14 +95,19 @@ def main(argv=None) -> int:
     sizes = sizes if args.quick else {name: SIZES[name] for name in args.datasets}
     seeds = sorted({s for size in sizes.values() for s in size["seeds"]})
     results = {"study": "sample_quality", "quick": args.quick, "environment": environment(seeds), "datasets": {}}
+    previous = out / "results.json"
+    if previous.is_file():  # datasets not rerun keep their rows, each with the environment it was measured in
+        old = json.loads(previous.read_text())
+        results["datasets"] = {name: {**d, "environment": d.get("environment", old["environment"])}
+                               for name, d in old["datasets"].items() if name not in sizes}
     for name, size in sizes.items():
         def save(rows, name=name, size=size):  # after every run, so a study cut short keeps what it measured
-            results["datasets"][name] = {"size": size, "reference": rows[objectives[0]]["runs"][0]["reference"],
-                                         "rows": rows}
+            results["datasets"][name] = {"environment": results["environment"], "size": size,
+                                         "reference": rows[objectives[0]]["runs"][0]["reference"], "rows": rows}
             write_json(out / "results.json", results)
             plot(results, out / "loss_curves.png")
 
-        run_dataset(name, size, objectives, work, save)
+        run_dataset(name, size, objectives, work, save, args.jobs)
     summary = {name: {obj: {m: (row[m]["mean"], row[m]["std"]) for m in METRICS[name] if m in row}
                       for obj, row in d["rows"].items()} for name, d in results["datasets"].items()}
     print(json.dumps(summary, indent=1))
