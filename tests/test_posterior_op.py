@@ -28,6 +28,23 @@ CASES = [  # (B, K, S, per_row, labels, prior, tau, residual)
 ]
 
 
+class LargestTensor(TorchDispatchMode):
+    """The element count of the largest tensor any op allocates while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            # views (slices) share an input's storage and allocate nothing
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
 @pytest.mark.parametrize("B,K,S,per_row,labels,prior,tau,residual", CASES)
 def test_reference_matches_float64_oracle(B, K, S, per_row, labels, prior, tau, residual):
     args, kw = make_case(B, K, S, per_row=per_row, labels=labels, prior=prior, tau=tau, residual=residual)
@@ -58,25 +75,35 @@ def test_reference_chunking_is_exact_and_memory_bounded(per_row):
     z, pool, a, s, da, ds = args
     tau = torch.ones(B)
 
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                # views (slices) share an input's storage and allocate nothing
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
-            return out
-
-    with LargestTensor():
+    with LargestTensor() as allocated:
         small = posterior_velocity_reference(z, pool, a, s, da, ds, tau, chunk_elems=chunk, **kw)
     # No B x K x D temporary (24 576 elements here): the largest new tensor is a chunk, the logits or the output.
-    assert LargestTensor.largest <= max(chunk, B * K, B * D) < B * K * D
+    assert allocated.largest <= max(chunk, B * K, B * D) < B * K * D
     big = posterior_velocity_reference(z, pool, a, s, da, ds, tau, chunk_elems=1 << 30, **kw)
     for x, y in zip(small, big):
         assert rel_err(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("chunk", [450, None])
+def test_reference_pool_index_groups_match_float64_oracle(chunk):
+    """Rows read a bank's pools through pool_index, grouped unevenly (10 rows on one pool, 5 on another, singles):
+    with a small chunk the 10-row group is solved alone, the 5-row one in a chunk of its own and the singles two per
+    chunk; with the default chunk all in one batched call. Both equal the float64 oracle on the gathered pools."""
+    B, K, S, N = 23, 6, (5, 6), 30
+    args, kw = make_case(B, K, S, per_row=True, labels="2d", prior=True, tau="rows", residual=True, seed=3)
+    z, pool = args[0], args[1]
+    index = torch.cat([torch.full((10,), 2), torch.full((5,), 0), torch.arange(10, 18)])[torch.randperm(B)]
+    bank = torch.randn(N, K, *S)
+    bank[index] = pool  # rows sharing a pool get the same one (the last write wins)
+    flat = {k: v.flatten(1) if k in ("endpoint", "noise") else v for k, v in kw.items() if k != "temperature"}
+    with LargestTensor() as allocated:
+        out = posterior_velocity_reference(z.flatten(1), bank.flatten(2), *args[2:], kw["temperature"], **flat,
+                                           pool_index=index, chunk_elems=chunk)
+    if chunk is not None:  # no B x K x D gather: the largest new tensor is a chunk, the logits or the output
+        D = math.prod(S)
+        assert allocated.largest <= max(chunk, B * K, B * D) < B * K * D
+    v64, lse64, ess64 = oracle(z, bank[index], *args[2:], **kw)
+    assert max(rel_err(out[0].view_as(z), v64), rel_err(out[1], lse64), rel_err(out[2], ess64)) <= TOL_FP32
 
 
 @pytest.mark.parametrize("per_row", [False, True])
