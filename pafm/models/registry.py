@@ -33,7 +33,7 @@ _SIT_ARGS_BEFORE_TIME_SCALE = frozenset({*_COMMON, "num_classes", *_SIZE_ARGS})
 def _registry():
     models = {}
     for size, dims in _SIT_SIZES.items():
-        patches = (2,) if size == "T" else (2, 4, 8)
+        patches = (2, 4) if size == "T" else (2, 4, 8)  # T/4: 28x28 MNIST as 49 tokens
         for p in patches:
             models[f"SiT-{size}/{p}"] = (SiT, p, dims)
     for size, dims in _MMDIT_SIZES.items():
