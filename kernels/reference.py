@@ -59,7 +59,8 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
         for k0 in range(0, K, k_chunk):
             k1 = min(K, k0 + k_chunk)
             xk = pool[k0:k1].to(f64)
-            dist = zsq[:, None] - 2.0 * a64[:, None] * (z64 @ xk.T) + (a64 * a64)[:, None] * (xk * xk).sum(1)
+            xsq = torch.linalg.vector_norm(xk, dim=1).square_()  # one pass, no chunk-sized temporary
+            dist = zsq[:, None] - 2.0 * a64[:, None] * (z64 @ xk.T) + (a64 * a64)[:, None] * xsq
             logits[:, k0:k1] = dist.clamp_min_(0.0) * -scale[:, None]
     else:
         # Per-row pools: every candidate is read once anyway, so the direct difference costs nothing extra.
@@ -165,7 +166,7 @@ def _grouped_by_pool(z, pool, pool_index, alpha, sigma, d_alpha, d_sigma, temper
         rows = order[starts[groups][:, None] + torch.where(valid, slot[None, :], 0)]  # (n, R)
         x = pool.index_select(0, pools[groups]).to(f64)  # (n, K, D)
         dots = torch.bmm(z64[rows], x.transpose(1, 2))  # (n, R, K)
-        xsq = (x * x).sum(-1)  # (n, K)
+        xsq = torch.linalg.vector_norm(x, dim=-1).square_()  # (n, K); one pass, no (n, K, D) temporary
         a = a64[rows][..., None]
         dist = zsq[rows][..., None] - 2.0 * a * dots + a * a * xsq[:, None, :]
         logits = (dist.clamp_min_(0.0) * -scale[rows][..., None]).reshape(-1, K)
