@@ -49,8 +49,12 @@ def test_registry_names_and_errors():
     for size in ("S", "B", "L", "XL"):
         for p in (2, 4, 8):
             assert f"SiT-{size}/{p}" in names
-    for name in ("SiT-T/2", "MMDiT-T/2", "MMDiT-S/2", "MMDiT-B/2", "MMDiT-L/2"):
+    for name in ("SiT-T/2", "SiT-T/4", "MMDiT-T/2", "MMDiT-S/2", "MMDiT-B/2", "MMDiT-L/2"):
         assert name in names
+    mnist = build_model("SiT-T/4", input_size=28, in_channels=1, num_classes=10)
+    assert mnist.x_embedder.num_patches == 49
+    out = mnist(torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([3, 10]))
+    assert out.shape == (2, 1, 28, 28)
     with pytest.raises(ValueError, match="SiT-XL/2"):
         build_model("SiT-XXL/2")
     with pytest.raises(ValueError, match=r"unknown arguments \['class_dropout_prob'\].*num_classes"):
