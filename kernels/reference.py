@@ -35,8 +35,8 @@ def posterior_velocity_reference(z, pool, alpha, sigma, d_alpha, d_sigma, temper
     K = pool.shape[-2]
 
     if pool_index is not None:
-        # A class bank read through pool_index: rows that read the same pool form a shared-pool problem, solved
-        # group by group (a host loop over the distinct pools; no B x K x D gather).
+        # A class bank read through pool_index: rows that read the same pool share its GEMMs, several pools per
+        # batched GEMM (no B x K x D gather).
         return _grouped_by_pool(z, pool, pool_index, alpha, sigma, d_alpha, d_sigma, temperature, row_labels,
                                 pool_labels, log_prior, endpoint, noise, chunk_elems)
     chunk_elems = chunk_elems or default_chunk_elems(z.device)
