@@ -92,8 +92,9 @@ def test_reference_pool_index_groups_match_float64_oracle(chunk):
     B, K, S, N = 23, 6, (5, 6), 30
     args, kw = make_case(B, K, S, per_row=True, labels="2d", prior=True, tau="rows", residual=True, seed=3)
     z, pool = args[0], args[1]
-    index = torch.cat([torch.full((10,), 2), torch.full((5,), 0), torch.arange(10, 18)])[torch.randperm(B, generator=torch.Generator().manual_seed(4))]
-    bank = torch.randn(N, K, *S)
+    order = torch.randperm(B, generator=torch.Generator().manual_seed(4))
+    index = torch.cat([torch.full((10,), 2), torch.full((5,), 0), torch.arange(10, 18)])[order]
+    bank = torch.randn(N, K, *S, generator=torch.Generator().manual_seed(5))
     bank[index] = pool  # rows sharing a pool get the same one (the last write wins)
     flat = {k: v.flatten(1) if k in ("endpoint", "noise") else v for k, v in kw.items() if k != "temperature"}
     with LargestTensor() as allocated:
