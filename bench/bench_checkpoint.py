@@ -90,8 +90,8 @@ def run_once(args, mode: str, folder: Path, root: Path) -> dict:
     overrides = [f"run.dir={run}", f"data.spec={folder / 'data'}", f"model.name={args.model}", "objective.kind=fm",
                  f"data.batch_size={args.nproc}", "data.num_workers=0", "data.flip=false", f"train.steps={args.steps}",
                  f"checkpoint.every={args.every}", "checkpoint.keep=1",
-                 f"checkpoint.async_save={'true' if mode == 'async' else 'false'}", "log.every=1", "log.progress=false", "log.sample_every=-1", "log.tensorboard=false",
-                 "train.precision=fp32", "optim.warmup_steps=0"]
+                 f"checkpoint.async_save={'true' if mode == 'async' else 'false'}", "log.every=1", "log.progress=false",
+                 "log.sample_every=-1", "log.tensorboard=false", "train.precision=fp32", "optim.warmup_steps=0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            __file__, "--inner", str(root / "configs" / "digits_sit.yaml"), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
