@@ -1,7 +1,9 @@
 """Checkpoints: torch.distributed.checkpoint folders that are complete, verified and tied to their run, or invisible.
 
 A checkpoint is written into `step_NNNNNNN.tmp/` by every rank and renamed to `step_NNNNNNN/` by rank 0 only after
-all ranks finished, so a run killed mid-write leaves the previous checkpoint as the newest complete one.  Contents:
+all ranks finished, so a run killed mid-write leaves the previous checkpoint as the newest complete one; with a
+`BackgroundSaver` the same steps run in a thread of each rank, on a copy of the state taken when the save began.
+Contents:
 - DCP (`.metadata`, `__R_0.distcp`): the model, optimizer and EMA state (sharded: each rank writes its shards;
   loads reshard as needed);
 - `rank{R}.json`: step, counters and the data loader's position of rank R;
@@ -13,7 +15,8 @@ all ranks finished, so a run killed mid-write leaves the previous checkpoint as 
   falls back to the newest checkpoint that verifies.  The hashing is split over the ranks.
 Loading executes no code from the folder: DCP's `.metadata` pickle is read by an unpickler that admits only DCP's
 own metadata classes, and its non-tensor values are decoded with `torch.load(weights_only=True)`.
-Every function here that touches a checkpoint is a collective when torch.distributed is initialised.
+Every function here that touches a checkpoint is a collective when torch.distributed is initialised, except
+`full_ema` (one rank reads).
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from pafm.distributed import COLLECTIVE_TIMEOUT, SharedError, agree, one_line
+
 MANIFEST = "manifest.json"
 RUN = "run.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
@@ -66,19 +71,10 @@ def _rank() -> int:
 
 def _from_rank0(fn, group=None, what: str = "read the checkpoint folder"):
     """fn() computed on rank 0 and sent to every rank, so that all ranks act on the same view of the filesystem."""
-    if not _distributed():
-        return fn()
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [(fn(), None)]
-        except OSError as e:  # sent on too, so that the other ranks raise instead of waiting forever
-            box = [(None, f"{type(e).__name__}: {e}")]
-    dist.broadcast_object_list(box, src=0, group=group)
-    value, error = box[0]
-    if error is not None:
-        raise CheckpointError(f"rank 0 could not {what}: {error}")
-    return value
+    try:
+        return agree(fn, rank0_only=True, errors=(OSError,), group=group)
+    except (OSError, SharedError) as e:  # an OSError in a single process
+        raise CheckpointError(f"rank 0 could not {what}: {one_line(e)}") from None
 
 
 # --- finding checkpoints ------------------------------------------------------------------------------------------
@@ -358,9 +354,9 @@ class _RankFiles:
 
 
 def _rank_files(rank_meta: dict, rank_tensors: dict, run_meta: dict) -> _RankFiles:
-    # run.json on every rank, so that unserialisable meta fails everywhere at once
     tensors = {f"rng.{k}": v for k, v in rng_state().items()}
     tensors.update({k: v.detach().to("cpu", copy=True).contiguous() for k, v in rank_tensors.items()})
+    # run.json is made on every rank, so that unserialisable meta fails everywhere at once
     return _RankFiles(json.dumps(rank_meta), tensors, json.dumps(run_meta, indent=1))
 
 
@@ -461,7 +457,7 @@ class BackgroundSaver:
         self.group = dist.new_group(backend="gloo", timeout=timeout)  # a collective: every rank builds it
         self.writer = _writer(cuda)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self.pending = None  # (step, future) of the save in flight
+        self.pending = None  # the future of the save in flight
 
     def start(self, root, step: int, model, optimizer, ema, rank_meta: dict, rank_tensors: dict, keep: int,
               run_meta: dict, then=None):
@@ -474,7 +470,7 @@ class BackgroundSaver:
         tmp, _ = _folders(root, step)
         written = dcp.async_save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp),
                                  storage_writer=self.writer, process_group=self.group)
-        self.pending = step, self.executor.submit(self._finish, written, root, step, files, keep, then)
+        self.pending = self.executor.submit(self._finish, written, root, step, files, keep, then)
 
     def _finish(self, written, root: Path, step: int, files: _RankFiles, keep: int, then) -> Path:
         error = None
@@ -491,15 +487,12 @@ class BackgroundSaver:
 
     def done(self) -> bool:
         """Whether the save in flight (if any) has finished; never blocks."""
-        return self.pending is not None and self.pending[1].done()
+        return self.pending is not None and self.pending.done()
 
     def result(self) -> Path | None:
         """Wait for the save in flight and return its folder (None if there is none); raises its CheckpointError."""
-        if self.pending is None:
-            return None
-        _, future = self.pending
-        self.pending = None
-        return future.result()
+        future, self.pending = self.pending, None
+        return None if future is None else future.result()
 
     def close(self):
         self.executor.shutdown(wait=True)
@@ -548,8 +541,6 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, world, model, optimizer, ema, objective, loader, run_meta: dict,
                  export_meta: dict, keep: int, side, async_save: bool = False):
-        from pafm.distributed import COLLECTIVE_TIMEOUT
-
         self.run_dir, self.root, self.world, self.keep, self.side = run_dir, run_dir / "checkpoints", world, keep, side
         self.model, self.optimizer, self.ema, self.objective, self.loader = model, optimizer, ema, objective, loader
         self.run_meta, self.export_meta = run_meta, export_meta

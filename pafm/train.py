@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
 from pafm.config import ConfigError, load_config, save_config, to_dict
-from pafm.distributed import World, all_reduce, cleanup, init_distributed, shard_model
+from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
 from pafm.ema import EMA
 from pafm.logger import MetricsLogger, SideWork
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
@@ -174,27 +174,12 @@ class StopSignal:
         self.requested = self.requested or signal.Signals(signum).name
 
 
-def rank0_error_check(world: World, fn):
-    """Run fn on rank 0 only and re-raise its user-facing error on every rank (so no rank waits forever)."""
-    message = [None]
-    if world.is_main:
-        try:
-            fn()
-        except (ValueError, OSError, RunDirInUse) as err:
-            message[0] = str(err) if isinstance(err, RunDirInUse) else f"{type(err).__name__}: {err}"
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise SetupError(message[0])
-
-
 def validate_split(world: World, dataset):
     """Every rank checks its share of the shards (shard s on rank s % world size; rank 0 also the neighbours), skipping
     those whose check passed before and that are unchanged since; a problem found by any rank stops every rank."""
-    from pafm.cli import all_ranks_agree
-
     try:
-        all_ranks_agree(lambda: dataset.validate(remember=True, shards=range(world.rank, len(dataset.shards),
-                                                                              world.size), neighbors=world.is_main))
+        agree(lambda: dataset.validate(remember=True, shards=range(world.rank, len(dataset.shards), world.size),
+                                       neighbors=world.is_main))
     except (ValueError, OSError) as err:  # a SharedError is a ValueError
         raise SetupError(str(err)) from None
 
@@ -333,7 +318,10 @@ class PreviewGrids:
 def train(cfg: Config, world: World) -> dict:
     run_dir = Path(cfg.run.dir)
     lock = RunLock(run_dir)
-    rank0_error_check(world, lock.acquire)
+    try:  # on rank 0 alone, and every rank hears of a refusal (so no rank waits forever)
+        agree(lock.acquire, rank0_only=True, errors=(ValueError, OSError, RunDirInUse))
+    except (ValueError, OSError, RunDirInUse) as err:  # a SharedError is a ValueError
+        raise SetupError(one_line(err)) from None
     try:
         return _train(cfg, world, run_dir)
     finally:

@@ -408,6 +408,10 @@ _TWO_RANKS = textwrap.dedent("""
             print(f"rank {rank}: accepted", flush=True)
         except ck.CheckpointError as e:
             print(f"rank {rank}: {e}", flush=True)
+        try:  # rank 0 alone reads, and fails: rank 1 must raise too instead of waiting for a value
+            ck._from_rank0(lambda: open(f"{root}/no-such-file").read())
+        except ck.CheckpointError as e:
+            print(f"rank {rank}: {e}", flush=True)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -432,3 +436,5 @@ def test_two_ranks_split_the_hashing_gather_the_export_on_rank_0_and_save_in_the
     folder = tmp_path / "ckpt" / "step_0000001"
     for rank in (0, 1):  # both ranks reach the same verdict
         assert f"rank {rank}: checkpoint {folder} is corrupt: __1_0.distcp has size 9 bytes" in result.stdout
+        assert (f"rank {rank}: rank 0 could not read the checkpoint folder: [Errno 2] No such file or directory: "
+                f"'{tmp_path / 'ckpt' / 'no-such-file'}'") in result.stdout
