@@ -1,7 +1,9 @@
 """Checkpoints: torch.distributed.checkpoint folders that are complete, verified and tied to their run, or invisible.
 
 A checkpoint is written into `step_NNNNNNN.tmp/` by every rank and renamed to `step_NNNNNNN/` by rank 0 only after
-all ranks finished, so a run killed mid-write leaves the previous checkpoint as the newest complete one.  Contents:
+all ranks finished, so a run killed mid-write leaves the previous checkpoint as the newest complete one; with a
+`BackgroundSaver` the same steps run in a thread of each rank, on a copy of the state taken when the save began.
+Contents:
 - DCP (`.metadata`, `__R_0.distcp`): the model, optimizer and EMA state (sharded: each rank writes its shards;
   loads reshard as needed);
 - `rank{R}.json`: step, counters and the data loader's position of rank R;
@@ -13,7 +15,8 @@ all ranks finished, so a run killed mid-write leaves the previous checkpoint as 
   falls back to the newest checkpoint that verifies.  The hashing is split over the ranks.
 Loading executes no code from the folder: DCP's `.metadata` pickle is read by an unpickler that admits only DCP's
 own metadata classes, and its non-tensor values are decoded with `torch.load(weights_only=True)`.
-Every function here that touches a checkpoint is a collective when torch.distributed is initialised.
+Every function here that touches a checkpoint is a collective when torch.distributed is initialised, except
+`full_ema` (one rank reads).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import pickle
 import re
 import shutil
 import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -32,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -41,11 +46,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from pafm.distributed import COLLECTIVE_TIMEOUT, SharedError, agree, one_line
+
 MANIFEST = "manifest.json"
 RUN = "run.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
 _CHUNK = 1 << 20
 _FIX = "resume in a new run.dir or with the original settings"
+# full_ema reads on one rank while the process group exists, on purpose: DCP's notice about it is noise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class CheckpointError(ValueError):
@@ -60,21 +69,12 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def _from_rank0(fn):
+def _from_rank0(fn, group=None, what: str = "read the checkpoint folder"):
     """fn() computed on rank 0 and sent to every rank, so that all ranks act on the same view of the filesystem."""
-    if not _distributed():
-        return fn()
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [(fn(), None)]
-        except OSError as e:  # sent on too, so that the other ranks raise instead of waiting forever
-            box = [(None, f"{type(e).__name__}: {e}")]
-    dist.broadcast_object_list(box, src=0)
-    value, error = box[0]
-    if error is not None:
-        raise CheckpointError(f"rank 0 could not read the checkpoint folder: {error}")
-    return value
+    try:
+        return agree(fn, rank0_only=True, errors=(OSError,), group=group)
+    except (OSError, SharedError) as e:  # an OSError in a single process
+        raise CheckpointError(f"rank 0 could not {what}: {one_line(e)}") from None
 
 
 # --- finding checkpoints ------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _listing(folder: Path) -> dict[str, int]:
     return files
 
 
-def _hash_split(folder: Path, sizes: dict[str, int]) -> dict[str, str | None]:
+def _hash_split(folder: Path, sizes: dict[str, int], group=None) -> dict[str, str | None]:
     """sha256 of the named files, each rank hashing a share (largest first, round-robin) and all ranks getting all."""
     names = sorted(sizes, key=lambda n: (-sizes[n], n))
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
@@ -131,13 +131,13 @@ def _hash_split(folder: Path, sizes: dict[str, int]) -> dict[str, str | None]:
     if not _distributed():
         return mine
     parts = [None] * world
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, mine, group=group)
     return {name: digest for part in parts for name, digest in part.items()}
 
 
-def _write_manifest(folder: Path):
-    sizes = _from_rank0(lambda: _listing(folder))
-    digests = _hash_split(folder, sizes)
+def _write_manifest(folder: Path, group=None):
+    sizes = _from_rank0(lambda: _listing(folder), group)
+    digests = _hash_split(folder, sizes, group)
     unreadable = sorted(n for n, d in digests.items() if d is None)
     if unreadable:  # every rank holds the same digests, so every rank raises
         raise CheckpointError(f"checkpoint {folder}: {unreadable[0]} could not be read back for its manifest")
@@ -267,6 +267,21 @@ def _dcp_load(state: dict, folder: Path):
                               f"{type(error).__name__}: {reason}") from e
 
 
+def full_ema(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of a written checkpoint as full CPU tensors, read by this rank alone (no collective): the
+    export is made from the checkpoint's own files, so it needs neither a gather nor the live state."""
+    folder = Path(folder)
+    metadata = _read_metadata(folder)
+    ema = {key[len("ema."):]: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+           for key, meta in metadata.state_dict_metadata.items()
+           if key.startswith("ema.") and isinstance(meta, TensorStorageMetadata)}
+    try:
+        dcp.load({"ema": ema}, storage_reader=_SafeReader(folder), planner=_SafePlanner(), no_dist=True)
+    except CheckpointException as e:
+        raise CheckpointError(f"checkpoint {folder}: the EMA weights could not be read ({_first_failure(e)})") from e
+    return ema
+
+
 # --- what the checkpoint belongs to -------------------------------------------------------------------------------
 _ABSENT = object()
 
@@ -330,55 +345,157 @@ def _distributed_state(model, optimizer, ema) -> dict:
     }
 
 
-def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, rank_tensors: dict, keep: int,
-                    run_meta: dict) -> Path:
-    """Write a complete checkpoint of `step` (a collective: every rank calls it). Returns its folder."""
-    rank = dist.get_rank()
-    run_json = json.dumps(run_meta, indent=1)  # on every rank, so that unserialisable meta fails everywhere at once
-    root = Path(root)
-    final = root / f"step_{step:07d}"
-    tmp = root / f"step_{step:07d}.tmp"
+@dataclass
+class _RankFiles:
+    """What a rank writes beside DCP's files, captured when the save starts (the run moves on while it is written)."""
+    rank_json: str
+    tensors: dict[str, torch.Tensor]
+    run_json: str
+
+
+def _rank_files(rank_meta: dict, rank_tensors: dict, run_meta: dict) -> _RankFiles:
+    tensors = {f"rng.{k}": v for k, v in rng_state().items()}
+    tensors.update({k: v.detach().to("cpu", copy=True).contiguous() for k, v in rank_tensors.items()})
+    # run.json is made on every rank, so that unserialisable meta fails everywhere at once
+    return _RankFiles(json.dumps(rank_meta), tensors, json.dumps(run_meta, indent=1))
+
+
+def _write_rank_files(tmp: Path, rank: int, files: _RankFiles):
+    (tmp / f"rank{rank}.json").write_text(files.rank_json)
+    save_file(files.tensors, str(tmp / f"rank{rank}.safetensors"))
     if rank == 0:
+        (tmp / RUN).write_text(files.run_json)
+
+
+def _folders(root: Path, step: int) -> tuple[Path, Path]:
+    return root / f"step_{step:07d}.tmp", root / f"step_{step:07d}"
+
+
+def _start_folder(root: Path, step: int):
+    """An empty step_N.tmp/ on every rank's view (a collective)."""
+    tmp, _ = _folders(root, step)
+    if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while writing
         tmp.mkdir()
     dist.barrier()
+
+
+def _first_failure(e: CheckpointException) -> str:
+    rank, (error, _) = min(e.failures.items(), key=lambda item: item[0])
+    return f"rank {rank}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
+def _publish(root: Path, step: int, keep: int):
+    """Rank 0: step_N.tmp/ becomes step_N/; older checkpoints past `keep` and partial writes go."""
+    tmp, final = _folders(root, step)
+    if final.exists():  # the same step saved twice (a stop signal right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob("step_*.tmp"):  # partial writes of killed runs
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, keep: int, group=None) -> Path:
+    """After DCP wrote its files: the rank files, the ranks' agreement, the manifest and the publish (a collective on
+    `group`).  Raises CheckpointError on every rank alike if any rank failed; the partial folder is removed."""
+    rank = dist.get_rank()
+    tmp, final = _folders(root, step)
+    error = dcp_error
+    try:
+        if error is None:
+            _write_rank_files(tmp, rank, files)
+    except OSError as e:  # a full disk or a file-size limit on this rank only: every rank must hear of it
+        error = f"rank {rank}: {e}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error, group=group)  # also the barrier before the manifest lists every rank's files
+    first = next((e for e in errors if e is not None), None)
+    try:
+        if first is not None:
+            raise CheckpointError(f"writing checkpoint {tmp} failed ({first}); the newest complete checkpoint is "
+                                  "intact")
+        _write_manifest(tmp, group)
+        _from_rank0(lambda: _publish(root, step, keep), group, what=f"publish checkpoint {final}")
+    except CheckpointError:
+        if rank == 0:  # the space it took (a full disk is a likely cause); the previous checkpoints stay
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, rank_tensors: dict, keep: int,
+                    run_meta: dict) -> Path:
+    """Write a complete checkpoint of `step` (a collective: every rank calls it). Returns its folder."""
+    root = Path(root)
+    files = _rank_files(rank_meta, rank_tensors, run_meta)
+    _start_folder(root, step)
+    tmp, _ = _folders(root, step)
     error = None
     try:
         dcp.save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp))
     except CheckpointException as e:  # raised on every rank alike
-        rank_failed, (err, _) = min(e.failures.items(), key=lambda item: item[0])
-        error = f"rank {rank_failed}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-    try:
-        if error is None:
-            _write_rank_files(tmp, rank, rank_meta, rank_tensors, run_json)
-    except OSError as e:  # a full disk or a file-size limit on this rank only: every rank must hear of it
-        error = f"rank {rank}: {e}"
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)  # also the barrier before the manifest lists every rank's files
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise CheckpointError(f"writing checkpoint {tmp} failed ({first}); the newest complete checkpoint is intact")
-    _write_manifest(tmp)
-    if rank == 0:
-        if final.exists():  # the same step saved twice (a stop signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for leftover in root.glob("step_*.tmp"):  # partial writes of killed runs
-            shutil.rmtree(leftover, ignore_errors=True)
-    dist.barrier()
-    return final
+        error = _first_failure(e)
+    return _complete(root, step, error, files, keep)
 
 
-def _write_rank_files(tmp: Path, rank: int, rank_meta: dict, rank_tensors: dict, run_json: str):
-    (tmp / f"rank{rank}.json").write_text(json.dumps(rank_meta))
-    tensors = {f"rng.{k}": v for k, v in rng_state().items()}
-    tensors.update({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()})
-    save_file(tensors, str(tmp / f"rank{rank}.safetensors"))
-    if rank == 0:
-        (tmp / RUN).write_text(run_json)
+def _writer(cuda: bool) -> FileSystemWriter:
+    """DCP's file writer, which is also its stager: a CPU copy of the state, kept (and pinned) across saves on CUDA
+    where allocating pinned memory each time would cost more than the copy; made afresh each time on the CPU, so
+    that the copy exists only while a save is written."""
+    return FileSystemWriter(".", cache_staged_state_dict=cuda)
+
+
+class BackgroundSaver:
+    """Checkpoints written while training goes on: `start` stages a CPU copy of the state (the only time the loop
+    waits), and a background thread writes it with DCP, then does the rank files, the ranks' agreement, the manifest
+    and the publish, on a process group of its own (gloo, so that its collectives never interleave with the
+    training's).  One save at a time: `result` waits for the one in flight."""
+
+    def __init__(self, cuda: bool, timeout):
+        self.group = dist.new_group(backend="gloo", timeout=timeout)  # a collective: every rank builds it
+        self.writer = _writer(cuda)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending = None  # the future of the save in flight
+
+    def start(self, root, step: int, model, optimizer, ema, rank_meta: dict, rank_tensors: dict, keep: int,
+              run_meta: dict, then=None):
+        """Begin writing a checkpoint of `step` (a collective); `then(folder)` runs in the background once it is
+        complete.  The previous save must have been collected with `result`."""
+        assert self.pending is None, "the previous background save was not collected"
+        root = Path(root)
+        files = _rank_files(rank_meta, rank_tensors, run_meta)
+        _start_folder(root, step)
+        tmp, _ = _folders(root, step)
+        written = dcp.async_save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp),
+                                 storage_writer=self.writer, process_group=self.group)
+        self.pending = self.executor.submit(self._finish, written, root, step, files, keep, then)
+
+    def _finish(self, written, root: Path, step: int, files: _RankFiles, keep: int, then) -> Path:
+        error = None
+        try:
+            written.result()
+        except CheckpointException as e:
+            error = _first_failure(e)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it
+            error = f"rank {dist.get_rank()}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        folder = _complete(root, step, error, files, keep, self.group)
+        if then is not None:
+            then(folder)
+        return folder
+
+    def done(self) -> bool:
+        """Whether the save in flight (if any) has finished; never blocks."""
+        return self.pending is not None and self.pending.done()
+
+    def result(self) -> Path | None:
+        """Wait for the save in flight and return its folder (None if there is none); raises its CheckpointError."""
+        future, self.pending = self.pending, None
+        return None if future is None else future.result()
+
+    def close(self):
+        self.executor.shutdown(wait=True)
 
 
 def load_checkpoint(folder, model, optimizer, ema, expected_run_meta: dict | None = None,
@@ -415,15 +532,24 @@ class Checkpointer:
 
     `run_meta` (model config, objective, its state keys, world size) is recorded in every checkpoint; resuming with
     other settings is refused.  The export is side work (`side.run`): a failure is reported and counted, never fatal,
-    and the checkpoint is written first."""
+    and the checkpoint is written first; it is read back from the checkpoint's files on rank 0.
+
+    With `async_save`, periodic saves are written in the background (`BackgroundSaver`): `poll` collects a finished
+    one without blocking, and a failed one is reported in one line while the run goes on.  Every other save, and
+    everything that reads the checkpoints, waits for the one in flight first; a final save (the end, a stop signal,
+    too many non-finite steps) is written in the foreground and its failure is an error."""
 
     def __init__(self, run_dir: Path, world, model, optimizer, ema, objective, loader, run_meta: dict,
-                 export_meta: dict, keep: int, side):
+                 export_meta: dict, keep: int, side, async_save: bool = False):
         self.run_dir, self.root, self.world, self.keep, self.side = run_dir, run_dir / "checkpoints", world, keep, side
         self.model, self.optimizer, self.ema, self.objective, self.loader = model, optimizer, ema, objective, loader
         self.run_meta, self.export_meta = run_meta, export_meta
+        self.saver = BackgroundSaver(world.device.type == "cuda", COLLECTIVE_TIMEOUT) if async_save else None
+        self.newest = None  # the newest checkpoint this run completed
+        self.failed_saves = 0
 
     def latest(self) -> Path | None:
+        self.wait()
         return latest_checkpoint(self.root)
 
     def resume(self, policy: str) -> TrainState:
@@ -469,16 +595,46 @@ class Checkpointer:
                 print(f"warning: set {folder} aside as {target.name}", file=sys.stderr, flush=True)
         dist.barrier()
 
-    def save(self, state: TrainState) -> Path:
+    def save(self, state: TrainState, final: bool = False) -> Path | None:
+        """Checkpoint `state` (a collective).  Returns the folder, or None while a background save is in flight."""
+        self.wait()
         rank_meta = {"step": state.step, "skipped": state.skipped, "bad_in_row": state.bad_in_row,
                      "loader": self.loader.state_dict()}
-        folder = save_checkpoint(self.root, state.step, self.model, self.optimizer, self.ema, rank_meta,
-                                 self.objective.state_dict(), self.keep, self.run_meta)
-        from pafm.export import EXPORT_NAME, gather_state_dict, save_export
+        args = (self.root, state.step, self.model, self.optimizer, self.ema, rank_meta, self.objective.state_dict(),
+                self.keep, self.run_meta)
+        if self.saver is not None and not final:
+            step = state.step  # the loop moves `state` on while the save is written
+            self.saver.start(*args, then=lambda folder: self._export(folder, step))
+            return None
+        self.newest = save_checkpoint(*args)
+        self._export(self.newest, state.step)
+        return self.newest
 
-        weights = gather_state_dict(self.ema.state_dict())  # a collective: outside the side-work guard, so no rank
-        if self.world.is_main:  # waits alone; the full weights exist on rank 0 only
+    def _export(self, folder: Path, step: int):
+        from pafm.export import EXPORT_NAME, save_export
 
-            self.side.run("writing the EMA export", save_export, self.run_dir / EXPORT_NAME, weights,
-                          {**self.export_meta, "step": state.step})
-        return folder
+        if self.world.is_main:
+            self.side.run("writing the EMA export", lambda: save_export(self.run_dir / EXPORT_NAME, full_ema(folder),
+                                                                         {**self.export_meta, "step": step}))
+
+    def poll(self):
+        """Collect a background save that has finished; never blocks."""
+        if self.saver is not None and self.saver.done():
+            self.wait()
+
+    def wait(self):
+        """Wait for the background save in flight, if any; a failure is reported in one line and counted."""
+        if self.saver is None:
+            return
+        try:
+            self.newest = self.saver.result() or self.newest
+        except CheckpointError as e:
+            self.failed_saves += 1
+            if self.world.is_main:
+                print(f"warning: {e}; training goes on", file=sys.stderr, flush=True)
+
+    def close(self):
+        """Wait for the save in flight and stop the background thread (before the process group goes)."""
+        if self.saver is not None:
+            self.wait()
+            self.saver.close()

@@ -109,6 +109,42 @@ def shard_model(model: torch.nn.Module, world: World, bf16: bool, activation_che
     return model
 
 
+class SharedError(ValueError):
+    """An error that every rank raises together: rank 0 alone reports it, so torchrun shows it once."""
+
+
+def one_line(err) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+def agree(fn, *args, rank0_only: bool = False, errors=(ValueError, OSError), group=None):
+    """`fn(*args)` with one outcome on every rank, so that no rank waits forever in a collective for one that failed.
+
+    fn runs on every rank, or with `rank0_only` on rank 0 alone, its value then sent to every rank (so that all act on
+    one view of the filesystem).  When one of `errors` occurs on any rank, every rank raises SharedError with the
+    lowest such rank's message.  In a single process fn runs as it is and its error propagates unchanged."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return fn(*args)
+    value, error = None, None
+    if not rank0_only or dist.get_rank() == 0:
+        try:
+            value = fn(*args)
+        except errors as err:
+            error = one_line(err)
+    if rank0_only:
+        box = [(value, error)]
+        dist.broadcast_object_list(box, src=0, group=group)
+        value, first = box[0]
+    else:
+        messages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(messages, error, group=group)
+        first = next((m for m in messages if m is not None), None)
+    if first is not None:
+        raise SharedError(first)
+    return value
+
+
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     dist.all_reduce(tensor, op=op)
     return tensor

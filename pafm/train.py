@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
 from pafm.config import ConfigError, load_config, save_config, to_dict
-from pafm.distributed import World, all_reduce, cleanup, init_distributed, shard_model
+from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
 from pafm.ema import EMA
 from pafm.logger import MetricsLogger, SideWork
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
@@ -84,6 +84,8 @@ class TrainConfig:
 class CheckpointConfig:
     every: int
     keep: int = 2  # the newest N complete checkpoints are kept; 0 keeps all
+    async_save: bool = False  # write periodic checkpoints in the background; the loop waits only while a CPU copy
+    #                           of the state is made, which needs host memory for one more copy of each rank's shards
 
     def __post_init__(self):
         if self.every < 1:
@@ -172,27 +174,12 @@ class StopSignal:
         self.requested = self.requested or signal.Signals(signum).name
 
 
-def rank0_error_check(world: World, fn):
-    """Run fn on rank 0 only and re-raise its user-facing error on every rank (so no rank waits forever)."""
-    message = [None]
-    if world.is_main:
-        try:
-            fn()
-        except (ValueError, OSError, RunDirInUse) as err:
-            message[0] = str(err) if isinstance(err, RunDirInUse) else f"{type(err).__name__}: {err}"
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise SetupError(message[0])
-
-
 def validate_split(world: World, dataset):
     """Every rank checks its share of the shards (shard s on rank s % world size; rank 0 also the neighbours), skipping
     those whose check passed before and that are unchanged since; a problem found by any rank stops every rank."""
-    from pafm.cli import all_ranks_agree
-
     try:
-        all_ranks_agree(lambda: dataset.validate(remember=True, shards=range(world.rank, len(dataset.shards),
-                                                                              world.size), neighbors=world.is_main))
+        agree(lambda: dataset.validate(remember=True, shards=range(world.rank, len(dataset.shards), world.size),
+                                       neighbors=world.is_main))
     except (ValueError, OSError) as err:  # a SharedError is a ValueError
         raise SetupError(str(err)) from None
 
@@ -331,7 +318,10 @@ class PreviewGrids:
 def train(cfg: Config, world: World) -> dict:
     run_dir = Path(cfg.run.dir)
     lock = RunLock(run_dir)
-    rank0_error_check(world, lock.acquire)
+    try:  # on rank 0 alone, and every rank hears of a refusal (so no rank waits forever)
+        agree(lock.acquire, rank0_only=True, errors=(ValueError, OSError, RunDirInUse))
+    except (ValueError, OSError, RunDirInUse) as err:  # a SharedError is a ValueError
+        raise SetupError(one_line(err)) from None
     try:
         return _train(cfg, world, run_dir)
     finally:
@@ -351,7 +341,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info}, "path": cfg.objective.path,
                    "objective": cfg.objective.kind, "config": to_dict(cfg)}
     checkpointer = Checkpointer(run_dir, world, model, optimizer, ema, objective, loader, run_meta, export_meta,
-                                cfg.checkpoint.keep, side)
+                                cfg.checkpoint.keep, side, async_save=cfg.checkpoint.async_save)
     state = checkpointer.resume(cfg.train.resume)
     if world.is_main:  # only now: a refused launch must not overwrite the run's config
         save_config(cfg, run_dir / "config.yaml")
@@ -363,36 +353,41 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir)
     stop = StopSignal()
     data_iter = iter(loader)
-    last_checkpoint = None
-    while state.step < cfg.train.steps:
-        lr = learning_rate(cfg.optim, state.step, cfg.train.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, fm_loss, grad_norm, kept, bins = train_step(cfg, world, model, optimizer, ema, objective, data_iter,
-                                                          state, accum, autocast)
-        logger.step(state.step, lr, loss, fm_loss, grad_norm, kept, bins, state.skipped)
-        stop_now = all_reduce(torch.tensor([1.0 if stop.requested else 0.0], device=world.device),
-                              op=dist.ReduceOp.MAX).item() > 0
-        last = state.step == cfg.train.steps
-        if state.step % cfg.checkpoint.every == 0 or last or stop_now or state.bad_in_row >= cfg.train.max_bad_steps:
-            last_checkpoint = checkpointer.save(state)
-        if cfg.log.sample_every > 0 and state.step % cfg.log.sample_every == 0 and not last:
-            grids(state.step)
-        if state.bad_in_row >= cfg.train.max_bad_steps:
-            raise TrainingStopped(f"stopped at step {state.step}: {state.bad_in_row} non-finite losses or gradients "
-                                  f"in a row (train.max_bad_steps={cfg.train.max_bad_steps}); checkpoint "
-                                  f"{last_checkpoint}")
-        if stop_now:
-            if world.is_main:
-                print(f"\nstopped by {stop.requested or 'a signal on another rank'} at step {state.step}; "
-                      f"checkpoint {last_checkpoint}", flush=True)
-            break
+    try:
+        while state.step < cfg.train.steps:
+            lr = learning_rate(cfg.optim, state.step, cfg.train.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, fm_loss, grad_norm, kept, bins = train_step(cfg, world, model, optimizer, ema, objective, data_iter,
+                                                              state, accum, autocast)
+            logger.step(state.step, lr, loss, fm_loss, grad_norm, kept, bins, state.skipped)
+            checkpointer.poll()
+            stop_now = all_reduce(torch.tensor([1.0 if stop.requested else 0.0], device=world.device),
+                                  op=dist.ReduceOp.MAX).item() > 0
+            last = state.step == cfg.train.steps
+            too_bad = state.bad_in_row >= cfg.train.max_bad_steps
+            if state.step % cfg.checkpoint.every == 0 or last or stop_now or too_bad:
+                checkpoint = checkpointer.save(state, final=last or stop_now or too_bad)
+            if cfg.log.sample_every > 0 and state.step % cfg.log.sample_every == 0 and not last:
+                grids(state.step)
+            if too_bad:
+                raise TrainingStopped(f"stopped at step {state.step}: {state.bad_in_row} non-finite losses or "
+                                      f"gradients in a row (train.max_bad_steps={cfg.train.max_bad_steps}); "
+                                      f"checkpoint {checkpoint}")
+            if stop_now:
+                if world.is_main:
+                    print(f"\nstopped by {stop.requested or 'a signal on another rank'} at step {state.step}; "
+                          f"checkpoint {checkpoint}", flush=True)
+                break
+    finally:
+        checkpointer.close()  # a background save in flight finishes before anything reads it or the group goes
     logger.close()
     loader.close()
     if state.step == cfg.train.steps and cfg.log.sample_every >= 0:
         grids(state.step)
-    return {"step": state.step, "run_dir": run_dir, "checkpoint": last_checkpoint or checkpointer.latest(),
-            "skipped": state.skipped, "stopped": stop.requested, "side_work_failures": side.failures}
+    return {"step": state.step, "run_dir": run_dir, "checkpoint": checkpointer.newest or checkpointer.latest(),
+            "skipped": state.skipped, "stopped": stop.requested, "side_work_failures": side.failures,
+            "failed_saves": checkpointer.failed_saves}
 
 
 def _report(result: dict):
@@ -400,7 +395,8 @@ def _report(result: dict):
 
     run_dir = result["run_dir"]
     print(f"\ndone: step {result['step']} ({result['skipped']} skipped"
-          + (f", {result['side_work_failures']} side-work failures" if result["side_work_failures"] else "") + ")")
+          + (f", {result['side_work_failures']} side-work failures" if result["side_work_failures"] else "")
+          + (f", {result['failed_saves']} checkpoints failed" if result["failed_saves"] else "") + ")")
     print(f"  run folder     {run_dir}")
     print(f"  config         {run_dir / 'config.yaml'}")
     print(f"  metrics        {run_dir / 'metrics.jsonl'}")

@@ -1,4 +1,7 @@
-"""Checkpoints: exact round trip, integrity manifest, fallback of resume=auto, run identity, no code execution."""
+"""Checkpoints: exact round trip, integrity manifest, fallback of resume=auto, run identity, no code execution,
+background saves."""
+import datetime
+import errno
 import hashlib
 import io
 import json
@@ -8,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,12 +22,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+import pafm.checkpoint as checkpoint
 from pafm.checkpoint import (
+    BackgroundSaver,
     CheckpointError,
     _dcp_load,
     _MetadataUnpickler,
     _write_manifest,
     complete_checkpoints,
+    full_ema,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -273,9 +280,78 @@ def test_world_size_mismatch_is_refused(tmp_path, mesh):
         _load(folder, mesh, expected=None)
 
 
+class _HeldWriter(torch.distributed.checkpoint.FileSystemWriter):
+    """DCP's writer, whose file writes wait for `release` (or raise `error`): a save caught in the middle."""
+
+    def __init__(self, *args, release: threading.Event, error: Exception | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release, self.error = release, error
+
+    def write_data(self, *args, **kwargs):
+        assert self.release.wait(60), "the test never released the writer"
+        if self.error is not None:
+            raise self.error
+        return super().write_data(*args, **kwargs)
+
+
+def _held_saver(monkeypatch, error=None) -> tuple[BackgroundSaver, threading.Event]:
+    release = threading.Event()
+    monkeypatch.setattr(checkpoint, "_writer", lambda cuda: _HeldWriter(".", release=release, error=error))
+    return BackgroundSaver(cuda=False, timeout=datetime.timedelta(seconds=60)), release
+
+
+def test_background_save_writes_the_state_of_its_start_and_is_invisible_until_complete(tmp_path, mesh,
+                                                                                         monkeypatch):
+    older = _save(tmp_path, mesh, step=1)
+    saver, release = _held_saver(monkeypatch)
+    model, optimizer, ema = _setup(mesh)
+    _train(model, optimizer, ema)
+    saved, rng = _snapshot(model, optimizer, ema), torch.get_rng_state()
+    bank = torch.arange(4.0)
+    meta = {"step": 2, "skipped": 0, "bad_in_row": 0, "loader": {"epoch": 0, "index": 3}}
+    exported = []
+    saver.start(tmp_path, 2, model, optimizer, ema, meta, {"bank": bank}, 0, RUN_META, then=exported.append)
+    # Training goes on while the writer is held: weights, moments, EMA, the bank and the RNG all move.
+    _train(model, optimizer, ema)
+    bank += 1
+    torch.rand(3)
+    assert not saver.done() and (tmp_path / "step_0000002.tmp").is_dir()
+    assert complete_checkpoints(tmp_path) == [(1, older)]  # what a kill now would leave: the previous one
+    assert latest_checkpoint(tmp_path) == older and exported == []
+    release.set()
+    folder = saver.result()
+    assert folder == tmp_path / "step_0000002" and exported == [folder] and not list(tmp_path.glob("*.tmp"))
+    assert latest_checkpoint(tmp_path) == folder
+    got_meta, got_tensors = load_checkpoint(folder, model, optimizer, ema, expected_run_meta=RUN_META)
+    _assert_equal(_snapshot(model, optimizer, ema), saved)
+    assert got_meta == meta and torch.equal(got_tensors["bank"], torch.arange(4.0))
+    assert torch.equal(torch.get_rng_state(), rng)
+    ema_weights = full_ema(folder)
+    assert ema_weights.keys() == ema.shadow.keys()
+    assert all(torch.equal(ema_weights[k], _local(v)) for k, v in ema.shadow.items())  # one rank: the full tensors
+    assert saver.result() is None  # nothing in flight
+    saver.close()
+
+
+def test_failed_background_save_raises_on_result_and_keeps_the_previous(tmp_path, mesh, monkeypatch):
+    older = _save(tmp_path, mesh, step=1)
+    saver, release = _held_saver(monkeypatch, error=OSError(errno.ENOSPC, "No space left on device"))
+    release.set()
+    model, optimizer, ema = _setup(mesh)
+    exported = []
+    saver.start(tmp_path, 2, model, optimizer, ema, {"step": 2}, {}, 0, RUN_META, then=exported.append)
+    with pytest.raises(CheckpointError) as info:
+        saver.result()
+    assert str(info.value) == (f"writing checkpoint {tmp_path / 'step_0000002.tmp'} failed (rank 0: OSError: "
+                               "[Errno 28] No space left on device); the newest complete checkpoint is intact")
+    assert complete_checkpoints(tmp_path) == [(1, older)] and not list(tmp_path.glob("*.tmp")) and exported == []
+    verify_checkpoint(older)
+    saver.close()
+
+
 # Two real ranks, forked after the imports so that torch is imported once (torchrun would import it three times).
 _TWO_RANKS = textwrap.dedent("""
-    import multiprocessing, sys
+    import datetime, multiprocessing, sys
     import torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -313,6 +389,16 @@ _TWO_RANKS = textwrap.dedent("""
         dist.all_gather_object(everyone, saved_hashes)
         assert all(everyone) and not set(everyone[0]) & set(everyone[1]), everyone
         assert sorted(everyone[0] + everyone[1]) == sorted(ck._listing(folder)), everyone
+        read = ck.full_ema(folder)  # the export's source: the checkpoint's own files, read by one rank
+        assert read.keys() == full.keys() and all(torch.equal(read[k], full[k]) for k in full)
+        # A background save: DCP, the hashing and the agreement on the saver's own gloo group.
+        saver = ck.BackgroundSaver(cuda=False, timeout=datetime.timedelta(seconds=60))
+        saver.start(root, 2, model, optimizer, ema, {"step": 2 + rank}, {}, 0, meta)
+        later = saver.result()
+        saver.close()
+        assert ck.latest_checkpoint(root) == later and later.name == "step_0000002"
+        got, _ = ck.load_checkpoint(later, model, optimizer, ema, expected_run_meta=meta)
+        assert got == {"step": 2 + rank}
         dist.barrier()
         if rank == 0:
             (folder / "__1_0.distcp").write_bytes(b"truncated")
@@ -320,6 +406,10 @@ _TWO_RANKS = textwrap.dedent("""
         try:
             ck.verify_checkpoint(folder)
             print(f"rank {rank}: accepted", flush=True)
+        except ck.CheckpointError as e:
+            print(f"rank {rank}: {e}", flush=True)
+        try:  # rank 0 alone reads, and fails: rank 1 must raise too instead of waiting for a value
+            ck._from_rank0(lambda: open(f"{root}/no-such-file").read())
         except ck.CheckpointError as e:
             print(f"rank {rank}: {e}", flush=True)
         dist.destroy_process_group()
@@ -336,7 +426,7 @@ _TWO_RANKS = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_split_the_hashing_and_gather_the_export_on_rank_0(tmp_path):
+def test_two_ranks_split_the_hashing_gather_the_export_on_rank_0_and_save_in_the_background(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -346,3 +436,5 @@ def test_two_ranks_split_the_hashing_and_gather_the_export_on_rank_0(tmp_path):
     folder = tmp_path / "ckpt" / "step_0000001"
     for rank in (0, 1):  # both ranks reach the same verdict
         assert f"rank {rank}: checkpoint {folder} is corrupt: __1_0.distcp has size 9 bytes" in result.stdout
+        assert (f"rank {rank}: rank 0 could not read the checkpoint folder: [Errno 2] No such file or directory: "
+                f"'{tmp_path / 'ckpt' / 'no-such-file'}'") in result.stdout

@@ -4,6 +4,8 @@ Every run is a real subprocess (`python -m pafm.train` or torchrun), like a user
 that each run costs a few seconds.
 """
 import json
+import os
+import resource
 import signal
 import subprocess
 import sys
@@ -96,14 +98,19 @@ def test_two_fsdp_ranks_match_one_process(env, tmp_path):
     assert losses(tmp_path / "bf16") == pytest.approx(one, rel=3e-2)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_equals_never_stopping(env, tmp_path, nproc):
+@pytest.mark.parametrize("nproc,background", [(1, False), (1, True), (2, True)])
+def test_resume_equals_never_stopping(env, tmp_path, nproc, background):
     # The bank source carries state across steps; batch 256 on 1437 items crosses an epoch boundary at step 5.
-    args = ["objective.source=bank", "objective.bank_per_class=8", "data.batch_size=256", "checkpoint.every=4"]
+    # With background saves, the step-4 checkpoint is written while steps 5 and 6 run.
+    args = ["objective.source=bank", "objective.bank_per_class=8", "data.batch_size=256", "checkpoint.every=4",
+            f"checkpoint.async_save={str(background).lower()}"]
     train(env, tmp_path / "whole", *args, "train.steps=8", nproc=nproc)
-    train(env, tmp_path / "parts", *args, "train.steps=4", nproc=nproc)
-    # What a run killed while writing its next checkpoint leaves behind: resume=auto must ignore it.
-    partial = tmp_path / "parts" / "checkpoints" / "step_0000006.tmp"
+    train(env, tmp_path / "parts", *args, "train.steps=6", nproc=nproc)
+    # What a run killed while publishing its step-6 checkpoint leaves behind (its files, not yet renamed), and a
+    # partial write: resume=auto must take step 4 and ignore both.
+    checkpoints = tmp_path / "parts" / "checkpoints"
+    os.replace(checkpoints / "step_0000006", checkpoints / "step_0000006.tmp")
+    partial = checkpoints / "step_0000007.tmp"
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"truncated")
     proc = train(env, tmp_path / "parts", *args, "train.steps=8", nproc=nproc)
@@ -111,14 +118,14 @@ def test_resume_equals_never_stopping(env, tmp_path, nproc):
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
     assert [m["step"] for m in metrics(tmp_path / "parts")] == list(range(1, 9))
     assert_same_weights(tmp_path / "parts" / "ema.safetensors", tmp_path / "whole" / "ema.safetensors")
-    checkpoints = sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir())
-    assert checkpoints == ["step_0000004", "step_0000008"]  # keep=2, and the partial folder is cleaned up
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000004", "step_0000008"]  # keep=2; no partials
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path):
     run = tmp_path / "run"
+    # Background saves every 2 steps: the signal finds one in flight or just collected, and the stop save waits.
     cmd = [sys.executable, "-m", "pafm.train", "configs/digits_sit.yaml", f"run.dir={run}", *TINY,
-           "train.steps=100000", "checkpoint.every=100000"]
+           "train.steps=100000", "checkpoint.every=2", "checkpoint.async_save=true"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -131,12 +138,34 @@ def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path):
     stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert stopped_at >= 3
     assert (run / "checkpoints" / f"step_{stopped_at:07d}" / ".metadata").is_file()
-    assert (run / "ema.safetensors").is_file()
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert load_file(str(run / "ema.safetensors")).keys() and "warning" not in err
     proc = train(env, run, f"train.steps={stopped_at + 2}", "checkpoint.every=100000")
     assert f"at step {stopped_at}" in proc.stdout and metrics(run)[-1]["step"] == stopped_at + 2
     # Starting afresh in a folder that holds checkpoints would interleave two runs: refused.
     proc = train(env, run, "train.resume=none", "train.steps=1", check=False)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_failed_background_save_is_a_warning_and_a_failed_final_save_an_error(env, tmp_path):
+    run = tmp_path / "run"
+    args = ["checkpoint.every=2", "checkpoint.async_save=true"]
+    train(env, run, "train.steps=2", *args)  # also builds the digits cache before the limit
+
+    def limit():  # the checkpoint's files are larger than this; the logs are not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    cmd = [sys.executable, "-m", "pafm.train", "configs/digits_sit.yaml", f"run.dir={run}", *TINY, "train.steps=6",
+           *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(("warning", "error"))]
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("warning: writing checkpoint") and "step_0000004.tmp failed" in lines[0]
+    assert lines[0].endswith("the newest complete checkpoint is intact; training goes on")
+    assert lines[1].startswith("error: writing checkpoint") and "step_0000006.tmp failed" in lines[1]
+    assert metrics(run)[-1]["step"] == 6  # the run went on past the failed background save
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
 
 
 def test_every_candidate_source_reports_ess(env, tmp_path):
@@ -173,11 +202,12 @@ def test_own_endpoint_pool_reproduces_fm_exactly(env, tmp_path):
 def test_non_finite_steps_are_skipped_then_the_run_stops(env, tmp_path):
     run = tmp_path / "run"
     proc = train(env, run, "optim.lr=1e30", "optim.grad_clip=0", "train.max_bad_steps=2", "train.steps=50",
-                 "checkpoint.every=1000", check=False)
+                 "checkpoint.every=1", "checkpoint.async_save=true", check=False)
     assert proc.returncode == 3, proc.stderr
     assert "non-finite losses or gradients in a row" in proc.stderr and "Traceback" not in proc.stderr
     stopped = int(proc.stderr.split("stopped at step ")[1].split(":")[0])
-    assert (run / "checkpoints" / f"step_{stopped:07d}").is_dir()
+    assert (run / "checkpoints" / f"step_{stopped:07d}" / "manifest.json").is_file()
+    assert not list((run / "checkpoints").glob("*.tmp"))  # the background save in flight was finished first
     assert metrics(run)[-1]["skipped_steps"] >= 2
 
 
