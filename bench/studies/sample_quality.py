@@ -89,11 +89,16 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--datasets", nargs="+", choices=list(SIZES), default=list(SIZES))
     p.add_argument("--jobs", type=int, default=len(OBJECTIVES), help="training processes at a time")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="only these seeds (to run seeds in parallel processes; a final run without it, which reuses "
+                        "the finished runs, gathers them all)")
     args = p.parse_args(argv)
     out = out_dir(args, "sample_quality")
     work = args.work or out / "runs"
     sizes, objectives = (QUICK, QUICK_OBJECTIVES) if args.quick else (SIZES, tuple(OBJECTIVES))
     sizes = sizes if args.quick else {name: SIZES[name] for name in args.datasets}
+    if args.seeds is not None:
+        sizes = {name: {**size, "seeds": args.seeds} for name, size in sizes.items()}
     seeds = sorted({s for size in sizes.values() for s in size["seeds"]})
     results = {"study": "sample_quality", "quick": args.quick, "environment": environment(seeds), "datasets": {}}
     previous = out / "results.json"
