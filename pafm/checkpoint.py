@@ -381,9 +381,13 @@ def _start_folder(root: Path, step: int):
     dist.barrier()
 
 
+def _failure(rank: int, error: BaseException) -> str:
+    return f"rank {rank}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
 def _first_failure(e: CheckpointException) -> str:
     rank, (error, _) = min(e.failures.items(), key=lambda item: item[0])
-    return f"rank {rank}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    return _failure(rank, error)
 
 
 def _publish(root: Path, step: int, keep: int):
@@ -479,7 +483,7 @@ class BackgroundSaver:
         except CheckpointException as e:
             error = _first_failure(e)
         except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it
-            error = f"rank {dist.get_rank()}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            error = _failure(dist.get_rank(), e)
         folder = _complete(root, step, error, files, keep, self.group)
         if then is not None:
             then(folder)
