@@ -67,5 +67,6 @@ def test_memorisation_quick_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
     rows = r["subsets"]["20"]
     assert rows["closed-form optimum"]["memorization"] == 1.0  # the empirical optimum reproduces training images
     assert 0.0 <= rows["fm"]["memorization"] <= 1.0 and rows["fm"]["diversity"] > 0
+    assert list(rows["fm"]["by_step"]) == ["1", "2"] and rows["fm"]["step"] == 2  # scored at every milestone
     assert "real test digits" in rows
     check_png(tmp_path / "out" / "memorisation.png")

@@ -83,9 +83,9 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> dict:
             "sec_per_step": [r["sec_per_step"] for r in rows if "sec_per_step" in r]}
 
 
-def evaluate(run_dir: Path, overrides: list[str]) -> dict:
-    """pafm.eval on a run's EMA export; its eval.json."""
-    out = run_dir / "eval"
+def evaluate(run_dir: Path, overrides: list[str], out: Path | None = None) -> dict:
+    """pafm.eval on a run's EMA export, results in `out` (default RUN/eval); its eval.json."""
+    out = out or run_dir / "eval"
     cli("pafm.eval", run_dir, f"eval.out_dir={out}", *overrides, log=run_dir.parent / f"{run_dir.name}.eval.log")
     return json.loads((out / "eval.json").read_text())
 

@@ -7,11 +7,17 @@ the memorised share (nearest training image of the subset closer than 1/3 of the
 the diversity figure (mean pairwise distance of same-class samples over that of real test digits), CNN accuracy
 and the CNN-feature Frechet distance against the test split.
 
-    python bench/studies/memorisation.py [--quick] [--trained 100 300 1000]
+Networks train at a constant learning rate and are scored at every milestone of SIZE["milestones"]: each milestone
+resumes the run where the previous one stopped (exact resume), so the rows at a milestone are those of a run that
+stopped there, and the memorised share is followed along training.
+
+    python bench/studies/memorisation.py [--quick] [--trained 100 300] [--milestones 1000 2000 4000 8000] [--jobs 2]
 """
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -29,16 +35,16 @@ OBJECTIVES = {"fm": ["objective.kind=fm"],
               "pafm-bank": ["objective.kind=pafm", "objective.source=bank"],
               "pafm-exact": ["objective.kind=pafm", "objective.source=exact"]}
 SMALL_MNIST_MODEL = "model.kwargs={hidden_size: 64, num_heads: 2, depth: 2}"
-# The recipe's EMA (0.995) would still weigh the zero-output initial model by a third after 200 steps.
-SHORT_RUN = ["train.ema_decay=0.98", "optim.warmup_steps=20"]
-# Networks are trained on every subset (or those given by --trained), the sample-quality study's MNIST model (the
-# recipe's with 4x4-pixel patches) for 1,200 steps of batch 32: what one core of a shared 2-core CPU runs in about an
-# hour for the 9 runs, which is 384 passes over 100 images but 38 over 1,000; the closed-form optimum runs on every
-# subset.
-SIZE = {"subsets": [100, 300, 1000], "trained": [100, 300, 1000], "steps": 1200, "batch": 32, "samples": 200,
-        "seed": 0, "model": ["model.name=SiT-T/4"],
+# A constant learning rate, so that a run stopped at a milestone is the same run as one that goes on.
+SCHEDULE = ["optim.schedule=constant"]
+# Networks: the sample-quality study's MNIST model (the recipe's with 4x4-pixel patches), batch 32, on the 100- and
+# 300-image subsets, scored at 1,000 to 8,000 steps (2,560 passes over 100 images at the last). The 6 runs take about
+# 85 minutes on the 2 cores of a shared CPU (0.2 s per step on one core); the 1,000-image subset gets the closed-form
+# optimum only, as training networks on it too would not fit a session. The closed-form optimum runs on every subset.
+SIZE = {"subsets": [100, 300, 1000], "trained": [100, 300], "milestones": [1000, 2000, 4000, 8000], "batch": 32,
+        "samples": 200, "seed": 0, "model": ["model.name=SiT-T/4"],
         "sampler": ["sampler.method=heun", "sampler.steps=16", "sampler.cfg_scale=1.0"], "closed_form_steps": 50}
-QUICK = {**SIZE, "subsets": [20], "trained": [20], "model": [SMALL_MNIST_MODEL], "steps": 2, "batch": 10,
+QUICK = {**SIZE, "subsets": [20], "trained": [20], "model": [SMALL_MNIST_MODEL], "milestones": [1, 2], "batch": 10,
          "samples": 20, "closed_form_steps": 4,
          "sampler": ["sampler.method=euler", "sampler.steps=2", "sampler.cfg_scale=1.0"]}
 QUICK_OBJECTIVES = ("fm",)
@@ -82,67 +88,111 @@ def closed_form_samples(pool, pool_labels, labels, steps: int, seed: int) -> tor
 
 def plot(results: dict, path) -> None:
     pyplot = plt()
-    fig, axes = pyplot.subplots(1, 2, figsize=(11, 4))
-    sizes = results["size"]["subsets"]
+    fig, axes = pyplot.subplots(1, 3, figsize=(16, 4))
+    size = results["size"]
+    for i, name in enumerate(OBJECTIVES):
+        for n, style in zip(size["trained"], ("o-", "s--", "^:")):
+            row = results["subsets"].get(str(n), {}).get(name)
+            if row:
+                steps = [int(s) for s in row["by_step"]]
+                for ax, metric in zip(axes[:2], ("memorization", "diversity")):
+                    ax.plot(steps, [r[metric] for r in row["by_step"].values()], style, color=f"C{i}",
+                            label=f"{name}, {n} images")
     for i, name in enumerate(list(OBJECTIVES) + ["closed-form optimum"]):
-        points = [(n, results["subsets"][str(n)][name]) for n in sizes if name in results["subsets"][str(n)]]
-        if not points:
-            continue
-        axes[0].plot([n for n, _ in points], [r["memorization"] for _, r in points], "o-", color=f"C{i}", label=name)
-        axes[1].plot([n for n, _ in points], [r["diversity"] for _, r in points], "o-", color=f"C{i}", label=name)
+        points = [(n, results["subsets"][str(n)][name]) for n in size["subsets"]
+                  if name in results["subsets"].get(str(n), {})]
+        if points:
+            axes[2].plot([n for n, _ in points], [r["memorization"] for _, r in points], "o-", color=f"C{i}",
+                         label=name)
     axes[1].axhline(1.0, color="k", ls="--", lw=1, label="real test digits")
-    axes[0].set(xscale="log", xlabel="training images", ylabel="memorised share (1/3 rule)", ylim=(-0.02, 1.02))
-    axes[1].set(xscale="log", xlabel="training images", ylabel="diversity (1 = real digits)")
+    axes[0].set(xscale="log", xlabel="training steps (batch %d)" % size["batch"],
+                ylabel="memorised share (1/3 rule)", ylim=(-0.02, 1.02))
+    axes[1].set(xscale="log", xlabel="training steps", ylabel="diversity (1 = real digits)")
+    axes[2].set(xscale="log", xlabel="training images", ylabel=f"memorised share at {size['milestones'][-1]} steps",
+                ylim=(-0.02, 1.02))
     for ax in axes:
-        ax.legend(fontsize=8)
-    fig.suptitle(f"MNIST subsets: networks {results['size']['steps']} steps of batch {results['size']['batch']}")
+        ax.legend(fontsize=7)
+    fig.suptitle("MNIST subsets: memorisation along training and against the subset size")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot.close(fig)
 
 
+def train_and_score(work, folder, n: int, objective: str, size: dict, score, record) -> None:
+    """One network through the milestones: resume to each, sample from its EMA export, score, `record` the row."""
+    run_dir = work / f"sub{n}-{objective}"
+    last = size["milestones"][-1]
+    for steps in size["milestones"]:
+        overrides = [f"data.spec={folder}", f"data.batch_size={size['batch']}", *size["model"],
+                     f"train.steps={steps}", f"train.seed={size['seed']}", f"checkpoint.every={steps}",
+                     "log.sample_every=-1", f"log.every={max(1, last // 40)}", *SCHEDULE, *OBJECTIVES[objective]]
+        scored = run_dir / f"eval-{steps}" / "eval.json"
+        if scored.is_file():  # a rerun of the study: this milestone was trained and sampled before
+            report, seconds = json.loads(scored.read_text()), None
+        else:
+            seconds = train("configs/mnist_sit.yaml", run_dir, overrides)["seconds"]
+            report = evaluate(run_dir, [f"eval.num_samples={size['samples']}", "eval.labels=balanced",
+                                        "eval.metrics=[]", "eval.batch_size=100", *size["sampler"]],
+                              out=scored.parent)
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        fm_loss = [r["fm_loss"] for r in logged if "fm_loss" in r and r["step"] <= steps]
+        with np.load(report["samples_npz"]) as data:
+            images = data["arr_0"].astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1.0
+            labels = data["arr_1"]
+        row = {**score(n, images, labels), "step": steps, "train_seconds": seconds, "final_fm_loss": fm_loss[-1]}
+        print(f"subset {n} {objective} step {steps}: {row}", flush=True)
+        record(n, objective, steps, row)
+
+
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--trained", type=int, nargs="*", default=None, help="subsets to train networks on")
+    p.add_argument("--milestones", type=int, nargs="+", default=None, help="steps at which networks are scored")
+    p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     args = p.parse_args(argv)
     out = out_dir(args, "memorisation")
     work = args.work or out / "runs"
     size, objectives = (QUICK, QUICK_OBJECTIVES) if args.quick else (SIZE, tuple(OBJECTIVES))
-    if args.trained is not None:
-        size = {**size, "trained": args.trained}
+    size = {**size, **({"trained": args.trained} if args.trained is not None else {}),
+            **({"milestones": sorted(args.milestones)} if args.milestones else {})}
     results = {"study": "memorisation", "quick": args.quick, "environment": environment([size["seed"]]),
                "size": size, "subsets": {}}
     net = default_mnist_cnn()
     heldout = load_mnist_split("heldout")
+    lock = threading.Lock()
+    judges, folders = {}, {}
     for n in size["subsets"]:
-        folder = subset_folder(work, n)
-        pool_x, pool_y = load_mnist_split_of(folder)
-        judge = MnistJudge(net, *heldout, pool_x)
-        rows = {}
-        for objective in objectives if n in size["trained"] else ():
-            run_dir = work / f"sub{n}-{objective}"
-            overrides = [f"data.spec={folder}", f"data.batch_size={size['batch']}", *size["model"],
-                         f"train.steps={size['steps']}", f"train.seed={size['seed']}",
-                         f"checkpoint.every={size['steps']}", "log.sample_every=-1",
-                         f"log.every={max(1, size['steps'] // 30)}", *SHORT_RUN, *OBJECTIVES[objective]]
-            curve = train("configs/mnist_sit.yaml", run_dir, overrides)
-            report = evaluate(run_dir, [f"eval.num_samples={size['samples']}", "eval.labels=balanced",
-                                        "eval.metrics=[]", "eval.batch_size=100", *size["sampler"]])
-            with np.load(report["samples_npz"]) as data:
-                images = data["arr_0"].astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1.0
-                labels = data["arr_1"]
-            rows[objective] = {**judge.score(images, labels), "train_seconds": curve["seconds"],
-                               "final_fm_loss": curve["fm_loss"][-1]}
-            print(f"subset {n} {objective}: {rows[objective]}", flush=True)
+        folders[n] = subset_folder(work, n)
+        pool_x, pool_y = load_mnist_split_of(folders[n])
+        judges[n] = MnistJudge(net, *heldout, pool_x)
         labels = torch.arange(size["samples"]) % 10
         closed = closed_form_samples(pool_x, pool_y, labels, size["closed_form_steps"], size["seed"])
-        rows["closed-form optimum"] = judge.score(closed.clamp(-1, 1).numpy(), labels.numpy())
+        rows = {"closed-form optimum": judges[n].score(closed.clamp(-1, 1).numpy(), labels.numpy()),
+                "real test digits": judges[n].reference(pool_x, size=size["samples"])}
         print(f"subset {n} closed form: {rows['closed-form optimum']}", flush=True)
-        rows["real test digits"] = judge.reference(pool_x, size=size["samples"])
         results["subsets"][str(n)] = rows
-        write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
+
+    def score(n, images, labels):
+        with lock:  # one CNN judges for every training thread
+            return judges[n].score(images, labels)
+
+    def record(n, objective, steps, row):
+        """The latest milestone is the objective's row; every milestone stays in by_step. Saved at once."""
+        with lock:
+            rows = results["subsets"][str(n)]
+            by_step = {**rows.get(objective, {}).get("by_step", {}), str(steps): row}
+            rows[objective] = {**row, "by_step": by_step}
+            write_json(out / "results.json", results)
+
+    runs = [(n, objective) for n in size["trained"] for objective in objectives]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for done in [pool.submit(train_and_score, work, folders[n], n, objective, size, score, record)
+                     for n, objective in runs]:
+            done.result()
     plot(results, out / "memorisation.png")
-    print(json.dumps(results["subsets"], indent=1))
+    print(json.dumps({n: {k: {m: v for m, v in row.items() if m != "by_step"} for k, row in rows.items()}
+                      for n, rows in results["subsets"].items()}, indent=1))
     return 0
 
 
