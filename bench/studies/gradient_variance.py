@@ -1,4 +1,4 @@
-"""Study 2, gradient variance: for fixed model states (early and late in an FM training run), the variance of the
+"""Study 2, gradient variance: for fixed model states (after 50, 200 and 1,000 steps of an FM training run, the last the length of the digits recipe), the variance of the
 minibatch gradient over many draws (fresh batch, t, noise), FM against each PAFM source, per fifth of t and overall,
 against the paper's claim that it falls by about the ESS.
 
@@ -24,7 +24,7 @@ BINS = 5
 VARIANTS = {"fm": {"kind": "fm"}, "batch-128": {"source": "batch"}, "bank-64": {"source": "bank"},
             "exact": {"source": "exact"}, "neighbors-8": {"source": "neighbors", "candidates": 8},
             "resample-8": {"source": "resample", "candidates": 8}}
-SIZE = {"spec": "builtin:digits", "batch": 128, "states": [50, 200], "draws": 10, "lr": 1e-3}
+SIZE = {"spec": "builtin:digits", "batch": 128, "states": [50, 200, 1000], "draws": 20, "lr": 1e-3}
 QUICK = {**SIZE, "batch": 16, "states": [1, 2], "draws": 2}
 QUICK_VARIANTS = ("fm", "bank-64", "exact")
 
