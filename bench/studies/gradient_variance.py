@@ -1,6 +1,6 @@
-"""Study 2, gradient variance: for fixed model states (after 50, 200 and 1,000 steps of an FM training run, the last the length of the digits recipe), the variance of the
-minibatch gradient over many draws (fresh batch, t, noise), FM against each PAFM source, per fifth of t and overall,
-against the paper's claim that it falls by about the ESS.
+"""Study 2, gradient variance: for fixed model states (after 50, 200 and 1,000 steps of an FM training run, the last
+the digits recipe's length), the variance of the minibatch gradient over many draws (fresh batch, t, noise), FM
+against each PAFM source, per fifth of t and overall, against the paper's claim that it falls by about the ESS.
 
 Variance here is the trace of the gradient's covariance over draws, E||g - E g||^2, of the whole parameter vector.
 Per t-bin, every draw has all its rows' t inside the bin; "overall" pools the draws of all bins (a stratified sample
