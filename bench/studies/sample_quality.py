@@ -3,6 +3,8 @@ seeds each, on the digits and on MNIST; mean and spread of every metric, and the
 
     python bench/studies/sample_quality.py            # default size (see SIZES); results in bench/results/studies/
     python bench/studies/sample_quality.py --quick    # seconds, for the tests
+    python bench/studies/sample_quality.py --datasets digits --objectives fm pafm-exact \
+        --overrides "model.kwargs={time_scale: 1000.0}" --out bench/results/studies/sample_quality-1000t
 
 Each run is `python -m pafm.train CONFIG key=value ...` then `python -m pafm.eval RUN ...` with the digits or MNIST
 metric set; runs that finished are reused when the study is rerun (the trainer resumes, a finished run returns).
@@ -92,11 +94,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="only these seeds (to run seeds in parallel processes; a final run without it, which reuses "
                         "the finished runs, gathers them all)")
+    p.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
+    p.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run (a variant of the study: give it its own --out)")
     args = p.parse_args(argv)
     out = out_dir(args, "sample_quality")
     work = args.work or out / "runs"
-    sizes, objectives = (QUICK, QUICK_OBJECTIVES) if args.quick else (SIZES, tuple(OBJECTIVES))
+    sizes, objectives = (QUICK, QUICK_OBJECTIVES) if args.quick else (SIZES, tuple(args.objectives))
     sizes = sizes if args.quick else {name: SIZES[name] for name in args.datasets}
+    sizes = {name: {**size, "extra": [*size["extra"], *args.overrides]} for name, size in sizes.items()}
     if args.seeds is not None:
         sizes = {name: {**size, "seeds": args.seeds} for name, size in sizes.items()}
     seeds = sorted({s for size in sizes.values() for s in size["seeds"]})
