@@ -12,6 +12,8 @@ resumes the run where the previous one stopped (exact resume), so the rows at a 
 stopped there, and the memorised share is followed along training.
 
     python bench/studies/memorisation.py [--quick] [--trained 100 300] [--milestones 1000 2000 4000 8000] [--jobs 2]
+    python bench/studies/memorisation.py --seed 1 --trained 100 --objectives fm pafm-bank \
+        --out bench/results/studies/memorisation-seed1     # another seed, in its own folder
 """
 from __future__ import annotations
 
@@ -132,8 +134,8 @@ def train_and_score(work, folder, n: int, objective: str, size: dict, score, rec
         else:
             seconds = train("configs/mnist_sit.yaml", run_dir, overrides)["seconds"]
             report = evaluate(run_dir, [f"eval.num_samples={size['samples']}", "eval.labels=balanced",
-                                        "eval.metrics=[]", "eval.batch_size=100", *size["sampler"]],
-                              out=scored.parent)
+                                        f"eval.seed={size['seed']}", "eval.metrics=[]", "eval.batch_size=100",
+                                        *size["sampler"]], out=scored.parent)
         logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         fm_loss = [r["fm_loss"] for r in logged if "fm_loss" in r and r["step"] <= steps]
         with np.load(report["samples_npz"]) as data:
@@ -149,12 +151,15 @@ def main(argv=None) -> int:
     p.add_argument("--trained", type=int, nargs="*", default=None, help="subsets to train networks on")
     p.add_argument("--milestones", type=int, nargs="+", default=None, help="steps at which networks are scored")
     p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
+    p.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
+    p.add_argument("--seed", type=int, default=None, help="training and sampling seed (default SIZE's)")
     args = p.parse_args(argv)
     out = out_dir(args, "memorisation")
     work = args.work or out / "runs"
-    size, objectives = (QUICK, QUICK_OBJECTIVES) if args.quick else (SIZE, tuple(OBJECTIVES))
+    size, objectives = (QUICK, QUICK_OBJECTIVES) if args.quick else (SIZE, tuple(args.objectives))
     size = {**size, **({"trained": args.trained} if args.trained is not None else {}),
-            **({"milestones": sorted(args.milestones)} if args.milestones else {})}
+            **({"milestones": sorted(args.milestones)} if args.milestones else {}),
+            **({"seed": args.seed} if args.seed is not None else {})}
     results = {"study": "memorisation", "quick": args.quick, "environment": environment([size["seed"]]),
                "size": size, "subsets": {}}
     net = default_mnist_cnn()
