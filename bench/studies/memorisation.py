@@ -18,6 +18,7 @@ stopped there, and the memorised share is followed along training.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -192,10 +193,13 @@ def main(argv=None) -> int:
 
     runs = [(n, objective) for n in size["trained"] for objective in objectives]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for done in [pool.submit(train_and_score, work, folders[n], n, objective, size, score, record)
-                     for n, objective in runs]:
-            done.result()
-    plot(results, out / "memorisation.png")
+        futures = [pool.submit(train_and_score, work, folders[n], n, objective, size, score, record)
+                   for n, objective in runs]
+    failed = [f"subset {n} {objective}: {f.exception()}" for (n, objective), f in zip(runs, futures) if f.exception()]
+    plot(results, out / "memorisation.png")  # of what was measured, also when a run failed
+    if failed:
+        print("\n".join(failed), file=sys.stderr)
+        return 1
     print(json.dumps({n: {k: {m: v for m, v in row.items() if m != "by_step"} for k, row in rows.items()}
                       for n, rows in results["subsets"].items()}, indent=1))
     return 0
