@@ -53,7 +53,8 @@ from pafm.export import dataset_info, export_staleness, load_export, read_export
 from pafm.files import atomic_savez, atomic_write_text
 from pafm.generate import Conditions, Decoder, generate, latent_shape, pick_device
 from pafm.metrics import (DigitsJudge, InceptionFeatures, MnistJudge, check_reference, default_mnist_cnn,
-                          inception_metrics, read_reference_images, read_reference_statistics, to_uint8)
+                          from_uint8_nhwc, inception_metrics, read_reference_images, read_reference_statistics,
+                          to_uint8)
 from pafm.models.interop import import_checkpoint, is_torch_checkpoint
 from pafm.paths import build_path
 from pafm.sampling import SamplerConfig
@@ -264,9 +265,8 @@ def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device,
         if images.shape[1:] != (8, 8, 1):
             raise ConfigError(f"eval.metrics 'digits' needs 8x8 single-channel samples, got {images.shape[1:]}")
         judge = DigitsJudge(*load_digits_split("train"), *load_digits_split("heldout"))
-        floats = images.astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1.0
         labels = samples["labels"] if (samples["labels"] >= 0).all() else None
-        result.update(judge.score(floats, labels))
+        result.update(judge.score(from_uint8_nhwc(images), labels))
         reference.update(judge.reference())
     if "mnist" in metrics:
         images = samples["images"]
@@ -275,7 +275,7 @@ def score(cfg: EvalConfig, metrics: list[str], samples: dict, out: Path, device,
         train_images = load_mnist_split("train")[0]
         judge = MnistJudge(default_mnist_cnn(), *load_mnist_split("heldout"), train_images)
         labels = samples["labels"] if (samples["labels"] >= 0).all() else None
-        result.update(judge.score(images.astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1.0, labels))
+        result.update(judge.score(from_uint8_nhwc(images), labels))
         reference.update(judge.reference(train_images, size=len(images)))
     wanted = [m for m in metrics if m in INCEPTION_METRICS]
     if wanted:

@@ -72,6 +72,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def from_uint8_nhwc(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) as samples.npz holds them -> float64 (N, C, H, W) in [-1, 1], what the judges score."""
+    return images.astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+
 def check_reference(path, metrics) -> None:
     """MetricError naming eval.reference when `path` cannot serve `metrics` (fid, isc, prc, kid); cheap: reads an
     npz's key list and mu/sigma shapes, or finds one image in a folder."""

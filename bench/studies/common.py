@@ -77,9 +77,15 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> dict:
     """Train (or resume) a run; its losses from metrics.jsonl and the wall time of this call."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     seconds = cli("pafm.train", config, f"run.dir={run_dir}", *overrides, log=run_dir.parent / f"{run_dir.name}.log")
+    return {"seconds": seconds, **logged_curve(run_dir)}
+
+
+def logged_curve(run_dir: Path, upto: int | None = None) -> dict:
+    """Steps, losses and seconds per step from a run's metrics.jsonl, up to step `upto` when given."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"seconds": seconds, "steps": [r["step"] for r in rows if "loss" in r],
-            "loss": [r["loss"] for r in rows if "loss" in r], "fm_loss": [r["fm_loss"] for r in rows if "fm_loss" in r],
+    rows = [r for r in rows if upto is None or r["step"] <= upto]
+    return {"steps": [r["step"] for r in rows if "loss" in r], "loss": [r["loss"] for r in rows if "loss" in r],
+            "fm_loss": [r["fm_loss"] for r in rows if "fm_loss" in r],
             "sec_per_step": [r["sec_per_step"] for r in rows if "sec_per_step" in r]}
 
 

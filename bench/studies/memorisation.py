@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from common import environment, evaluate, out_dir, parser, plt, train, write_json
+from common import environment, evaluate, logged_curve, out_dir, parser, plt, train, write_json
 
 from pafm.data import ShardWriter, load_mnist_split, open_dataset
 from pafm.data.mnist import builtin_folder
-from pafm.metrics import MnistJudge, default_mnist_cnn
+from pafm.metrics import MnistJudge, default_mnist_cnn, from_uint8_nhwc
 from pafm.paths import build_path
 from pafm.sampling import euler, time_grid
 from pafm_kernels import posterior_velocity
@@ -137,12 +137,10 @@ def train_and_score(work, folder, n: int, objective: str, size: dict, score, rec
             report = evaluate(run_dir, [f"eval.num_samples={size['samples']}", "eval.labels=balanced",
                                         f"eval.seed={size['seed']}", "eval.metrics=[]", "eval.batch_size=100",
                                         *size["sampler"]], out=scored.parent)
-        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        fm_loss = [r["fm_loss"] for r in logged if "fm_loss" in r and r["step"] <= steps]
         with np.load(report["samples_npz"]) as data:
-            images = data["arr_0"].astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1.0
-            labels = data["arr_1"]
-        row = {**score(n, images, labels), "step": steps, "train_seconds": seconds, "final_fm_loss": fm_loss[-1]}
+            images, labels = from_uint8_nhwc(data["arr_0"]), data["arr_1"]
+        row = {**score(n, images, labels), "step": steps, "train_seconds": seconds,
+               "final_fm_loss": logged_curve(run_dir, upto=steps)["fm_loss"][-1]}
         print(f"subset {n} {objective} step {steps}: {row}", flush=True)
         record(n, objective, steps, row)
 
@@ -161,6 +159,8 @@ def main(argv=None) -> int:
     size = {**size, **({"trained": args.trained} if args.trained is not None else {}),
             **({"milestones": sorted(args.milestones)} if args.milestones else {}),
             **({"seed": args.seed} if args.seed is not None else {})}
+    if not set(size["trained"]) <= set(size["subsets"]):
+        p.error(f"--trained {size['trained']}: networks train only on the subsets {size['subsets']}")
     results = {"study": "memorisation", "quick": args.quick, "environment": environment([size["seed"]]),
                "size": size, "subsets": {}}
     net = default_mnist_cnn()
