@@ -165,13 +165,13 @@ def _check_weights(where, name: str, state: dict, expected: dict) -> None:
 
 def model_from_meta(meta: dict, where) -> torch.nn.Module:
     """The model an export's meta describes, with fresh weights; `where` names the meta's source in errors."""
-    from pafm.models import build_model
+    from pafm.models import model_from_config
 
     config = meta.get("model") or {}
     if not isinstance(config, dict) or "name" not in config:
         raise ExportError(f"{where}: meta has no model config ({{'name', 'kwargs'}})")
     try:
-        return build_model(config["name"], **config.get("kwargs", {}))
+        return model_from_config(config)
     except (ValueError, TypeError) as err:
         raise ExportError(f"{where}: cannot rebuild its model: {err}") from None
 

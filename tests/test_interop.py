@@ -11,7 +11,7 @@ import torch
 from pafm.config import ConfigError
 from pafm.eval import evaluate
 from pafm.export import load_export, read_export_meta, save_export
-from pafm.models import build_model, list_models
+from pafm.models import build_model, list_models, model_from_config
 from pafm.models.interop import (InteropError, export_sit_checkpoint, import_state_dict, infer_sit_config,
                                  pafm_to_sit_state_dict, read_torch_state_dict, sit_format_shapes)
 from pafm.paths import build_path
@@ -210,12 +210,13 @@ def test_time_embedding_is_sits_and_old_configs_keep_1000t():
     assert model.config["kwargs"]["time_scale"] == 1.0  # recorded, so exports and runs carry it
     # A config saved before the option (every other argument, no time_scale) embeds 1000 t as its model did.
     old = {k: v for k, v in model.config["kwargs"].items() if k not in ("time_scale", "reverse_time")}
-    legacy = build_model("SiT-S/2", **old)
+    legacy = model_from_config({"name": "SiT-S/2", "kwargs": old})
     assert legacy.config["kwargs"]["time_scale"] == 1000.0
+    assert build_model("SiT-S/2", **old).config["kwargs"]["time_scale"] == 1.0  # given arguments are never changed
     legacy.load_state_dict(model.state_dict())
     assert torch.allclose(embedder_input(legacy.eval(), t).double(), sit_sinusoid64(1000 * t.double()), atol=2e-4)
-    partial = {k: v for k, v in old.items() if k != "mlp_ratio"}  # a fresh config: SiT's scale
-    assert build_model("SiT-S/2", **partial).config["kwargs"]["time_scale"] == 1.0
+    partial = {k: v for k, v in old.items() if k != "mlp_ratio"}  # not a whole saved config: SiT's scale
+    assert model_from_config({"name": "SiT-S/2", "kwargs": partial}).config["kwargs"]["time_scale"] == 1.0
 
 
 def test_an_old_export_without_time_scale_samples_as_before(tmp_path):

@@ -3,13 +3,12 @@
 Sizes (depth, hidden size, heads) follow DiT / SiT: S 12/384/6, B 12/768/12, L 24/1024/16, XL 28/1152/16 (head
 size 64 except XL's 72). MMDiT uses the S/B/L sizes with head size 64 (each block holds two streams, so about
 twice a SiT block's parameters). The tiny T sizes (4/128/4, head size 32) are for CPU tests and the built-in
-digits recipes: SiT-T/2 on 8x8x1 digits (1.2M parameters) reaches 87% SVC accuracy on conditional samples after
-about 430 steps of batch 128 (3 minutes on one CPU thread, linear path, 50 Euler steps, no guidance). SiT-T/4 takes
-28x28 MNIST as 49 tokens of 4x4 pixels, a quarter of SiT-T/2's cost per image (the MNIST studies train it).
+digits recipes (SiT-T/2 on 8x8x1 digits has 1.2M parameters). SiT-T/4 takes 28x28 MNIST as 49 tokens of 4x4 pixels,
+a quarter of SiT-T/2's cost per image (the MNIST studies train it).
 
-SiT's time embedding: `time_scale` 1 (SiT's, the default) or 1000 (DiT's). `model.config` always records it.
-Configs saved before the option existed hold every other resolved argument and no time_scale; their models embedded
-1000 t, so such a config is rebuilt with time_scale 1000 and keeps its meaning.
+SiT's time embedding: `time_scale` 1 (SiT's, the default) or 1000 (DiT's). `model.config` always records it, and
+`model_from_config` rebuilds a saved config; a saved SiT config without time_scale (whose model embedded 1000 t) is
+rebuilt with time_scale 1000.
 """
 import difflib
 
@@ -27,8 +26,8 @@ _ARGS = {
     MMDiT: {**_COMMON, "text_dim": 768, "pooled_dim": 768, "max_text_len": 77},
 }
 _SIZE_ARGS = ("depth", "hidden_size", "num_heads")
-# Every argument a SiT config recorded before time_scale existed (its models embedded 1000 t).
-_SIT_ARGS_BEFORE_TIME_SCALE = frozenset({*_COMMON, "num_classes", *_SIZE_ARGS})
+# The arguments of a saved SiT config that has no time_scale (its model embedded 1000 t).
+_SIT_ARGS_WITHOUT_TIME_SCALE = frozenset({*_COMMON, "num_classes", *_SIZE_ARGS})
 
 
 def _registry():
@@ -78,8 +77,6 @@ def build_model(name, **kwargs):
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise ValueError(f"build_model({name!r}): unknown arguments {unknown}; valid ones: {sorted(defaults)}")
-    if cls is SiT and set(kwargs) == _SIT_ARGS_BEFORE_TIME_SCALE:
-        kwargs = {**kwargs, "time_scale": DIT_TIME_SCALE}  # a config saved before the option: keep its meaning
     resolved = {**defaults, **kwargs}
     for key, value in resolved.items():
         _check_value(name, key, value)
@@ -98,3 +95,14 @@ def build_model(name, **kwargs):
     model = cls(patch_size=patch_size, **resolved)
     model.config = {"name": name, "kwargs": resolved}
     return model
+
+
+def model_from_config(config: dict):
+    """The model a saved `model.config` ({"name", "kwargs"}) describes, with fresh weights.
+
+    A SiT config that records every argument but time_scale was saved by a model that embedded 1000 t; it is rebuilt
+    that way. Only saved configs get this reading: `build_model` itself never changes an argument it was given."""
+    name, kwargs = config["name"], dict(config.get("kwargs", {}))
+    if MODELS.get(name, (None,))[0] is SiT and set(kwargs) == _SIT_ARGS_WITHOUT_TIME_SCALE:
+        kwargs["time_scale"] = DIT_TIME_SCALE
+    return build_model(name, **kwargs)
