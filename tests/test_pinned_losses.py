@@ -1,10 +1,8 @@
 """The first steps' losses of FM and PAFM on the digits, pinned: a refactor must leave the numbers unchanged.
 
-The values were computed by the trainer before the code was reshaped (3 steps, the 2-block SiT of test_train.py,
-1 and 2 FSDP ranks).  Each entry is [loss, fm_loss] per step.  The tolerance only absorbs a different CPU's BLAS
-kernels (reduction order, about 1e-7 relative); any change of behaviour moves these numbers by 1e-4 or more.  Re-pinned on purpose: the bank's third step, when
-null-condition rows stopped reading every class's entries (they see the minibatch only); then every third step,
-when SiT's time embedding took t in [0, 1] as SiT does instead of 1000 t.
+Each entry is [loss, fm_loss] per step (3 steps, the 2-block SiT of test_train.py, 1 and 2 FSDP ranks).  The
+tolerance only absorbs a different CPU's BLAS kernels (reduction order, about 1e-7 relative); any change of behaviour
+moves these numbers by 1e-4 or more.  A change of behaviour made on purpose re-pins them, and its commit says why.
 """
 import pytest
 
