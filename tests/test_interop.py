@@ -312,6 +312,7 @@ def tiny_vae_folder(path):
     return path
 
 
+@pytest.mark.slow
 def test_eval_of_a_sit_format_checkpoint_with_every_sampler(tmp_path):
     from test_eval import random_inception_file
 

@@ -438,6 +438,7 @@ def test_bf16_autocast_close_to_fp32():
         assert rel < 0.05, rel
 
 
+@pytest.mark.slow
 def test_compile_blocks_fullgraph():
     """Each block class compiles as one graph (forward and backward); inductor once, aot_eager for the rest."""
     sit, mmdit = randomize(tiny_sit(qk_norm=True)), randomize(tiny_mmdit(qk_norm=True))

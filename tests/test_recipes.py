@@ -42,6 +42,7 @@ def caption_data(tmp_path_factory, vae_path, clip_path):  # noqa: F811
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_shrunk_with_grids_checkpoints_and_exports(env, tmp_path, recipe, request):
     data = []
