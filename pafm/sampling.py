@@ -16,6 +16,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from pafm.config import within
 from pafm.paths import Path, expand_rows
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -23,6 +24,8 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("euler", "heun", "dopri5", "sde")
 DIFFUSIONS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 LAST_STEPS = ("mean", "tweedie", "euler")
+# Classifier-free guidance scales: 1 is none, 0 the unconditional model; beyond 100 a grid only saturates.
+GUIDANCE_SCALE = within(0, 100, "1: no guidance")
 
 
 @dataclasses.dataclass
