@@ -24,11 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from pafm.candidates import Candidates, build_source
-from pafm.config import above, at_least, ordered_within, section, setting, within
+from pafm.config import at_least, ordered_within, section, setting, within
 from pafm.paths import TimeSampler, build_path, expand_rows
 from pafm_kernels import combine_posteriors, posterior_velocity
 
 T_BINS = 5  # diagnostics are reported per fifth of [0, 1]
+
+
+MAX_TEMPERATURE = 10**6  # flat enough for any pool (the target-ESS search stops there too)
 
 
 @section("objective")
@@ -47,8 +50,9 @@ class ObjectiveConfig:
     bank_per_class: int = setting(64, within(1, 65536, "the bank source's FIFO length per class"))
     text_prior: Literal["self", "similarity"] = "self"  # captions: each its own class, or pooled-embedding cosine
     # similarity prior: log p(c_i | x_j) = cos(pooled_i, pooled_j) / text_temperature
-    text_temperature: float = setting(0.1, above(0))
-    temperature: float = setting(1.0, above(0, "the likelihood temperature tau; 1 is the exact posterior"))
+    text_temperature: float = setting(0.1, within(0, MAX_TEMPERATURE, open_lo=True))
+    # the likelihood temperature tau (1: the exact posterior); the kernels divide float32 log-likelihoods by it
+    temperature: float = setting(1.0, within(0, MAX_TEMPERATURE, open_lo=True))
     # if set, each row's tau is found by bisection so that ESS hits this value
     target_ess: Optional[float] = setting(None, at_least(1, "null: a fixed temperature"))
     # PAFM target for rows with t in this range, FM elsewhere

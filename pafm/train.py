@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
 from pafm.cli import error_text, launched_as_rank0
-from pafm.config import (Allowed, ConfigError, Relation, at_least, each, load_config, save_config, section, setting,
-                         to_dict, within, words)
+from pafm.config import (Allowed, ConfigError, Relation, at_least, each, load_config, refusal, save_config, section,
+                         setting, to_dict, within, words)
 from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
 from pafm.ema import EMA
 from pafm.logger import MetricsLogger, SideWork
@@ -208,6 +208,9 @@ def build_data(cfg: Config, world: World):
     from pafm.data import LatentLoader, open_dataset
 
     dataset = open_dataset(cfg.data.spec, split="train")
+    if cfg.data.batch_size > len(dataset):
+        raise SetupError(refusal("data.batch_size", cfg.data.batch_size,
+                                 f"<= {len(dataset)}, the training items of {cfg.data.spec}"))
     if cfg.data.validate:
         validate_split(world, dataset)
     if cfg.data.batch_size % world.size:
