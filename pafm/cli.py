@@ -27,6 +27,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def checked(convert, allowed):
+    """An argparse type: `convert(text)`, refused unless the config rule `allowed` (pafm.config.Allowed) allows it."""
+
+    def parse(text: str):
+        value = convert(text)
+        if not allowed.test(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed.text}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in "invalid float value: 'x'"
+    return parse
+
+
 def parse_args(parser: argparse.ArgumentParser, argv):
     """(namespace, None), or (None, exit code) where argparse stopped (an error: 2, --help: 0)."""
     try:

@@ -59,8 +59,10 @@ def above(lo, why: str = "") -> Allowed:
 
 def within(lo, hi, why: str = "", *, open_lo: bool = False, open_hi: bool = False) -> Allowed:
     """lo <= value <= hi; `open_lo` / `open_hi` leave out the bound."""
-    return Allowed(lambda v: _finite_number(v) and (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi),
-                   _why(f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}", why))
+    def test(v):
+        return _finite_number(v) and (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
+
+    return Allowed(test, _why(f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}", why))
 
 
 def each(rule: Allowed) -> Allowed:
