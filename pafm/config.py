@@ -49,6 +49,9 @@ def finite(why: str = "") -> Allowed:
     return Allowed(_finite_number, _why("a finite number", why))
 
 
+INTEGER = Allowed(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+
+
 def at_least(lo, why: str = "") -> Allowed:
     return Allowed(lambda v: _finite_number(v) and v >= lo, _why(f">= {lo}", why))
 

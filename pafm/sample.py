@@ -15,7 +15,8 @@ from pathlib import Path
 from pafm.cli import USER_ERRORS, OneLineParser, checked, parse_args, positive_int, report_error
 from pafm.config import within
 from pafm.export import dataset_info, export_staleness, load_export, model_skeleton, read_export_meta, resolve_export
-from pafm.generate import Conditions, Decoder, generate, latent_shape, num_classes, pick_device, save_grid
+from pafm.generate import (Conditions, Decoder, check_guided_channels, generate, latent_shape, num_classes,
+                           pick_device, save_grid)
 from pafm.models.interop import is_torch_checkpoint
 from pafm.paths import build_path
 from pafm.sampling import GUIDANCE_SCALE, MAX_STEPS, SamplerConfig
@@ -96,6 +97,7 @@ def run_sample(args) -> Path:
                          f"python -m pafm.models.interop import {args.checkpoint} OUT.safetensors --vae VAE_FOLDER")
     export_path = resolve_export(args.checkpoint)
     meta = read_export_meta(export_path)
+    check_guided_channels(args.cfg_channels, meta, "--cfg-channels")
     cfg = SamplerConfig(method=args.method, steps=args.steps, cfg_scale=args.cfg, cfg_interval=(lo, hi),
                         cfg_channels=args.cfg_channels, precision=args.precision)
     device = pick_device(args.device)

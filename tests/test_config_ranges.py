@@ -15,6 +15,7 @@ from typing import Literal, get_origin
 import pytest
 
 from pafm.config import ConfigError, _non_null, load_config, schema, section, setting, within
+from pafm.eval import EvalConfig
 from pafm.objectives import ObjectiveConfig
 from pafm.train import Config, main
 from test_train import ROOT, TINY
@@ -28,6 +29,9 @@ NEGATIVE_OK = {("log.sample_every", "-1"), ("objective.time_mean", "-1")}
 HUGE_OK = {"train.steps", "train.seed", "train.max_bad_steps", "objective.target_ess", "checkpoint.every",
            "checkpoint.keep", "data.batch_size", "optim.warmup_steps", "optim.grad_clip", "log.every",
            "log.sample_every"}
+# A seed is hashed; isc_splits and cfg_channels are checked against the samples and the export's channels (see
+# tests/test_cli_errors.py), and the KID subset is capped at the samples.
+EVAL_HUGE_OK = {"eval.seed", "eval.isc_splits", "eval.kid_subset_size", "sampler.cfg_channels"}
 NOT_TRAINED = {("train.steps", HUGE[int])}  # accepted, but would train for 10^18 steps
 
 
@@ -83,9 +87,10 @@ def assert_refused(code, err, key):
     assert "Traceback" not in err[0]
 
 
-def test_every_key_declares_what_it_allows():
-    keys = schema(Config)  # raises TypeError for a key without a rule or a section without @section
-    assert len(keys) > 50
+@pytest.mark.parametrize("root, count", [(Config, 50), (EvalConfig, 25)])
+def test_every_key_declares_what_it_allows(root, count):
+    keys = schema(root)  # raises TypeError for a key without a rule or a section without @section
+    assert len(keys) > count
     for key in keys:
         if key.default not in (None, dataclasses.MISSING):
             assert key.allowed.test(key.default), (key.name, key.default, key.allowed.text)
@@ -149,6 +154,19 @@ def test_every_value_of_the_schema_trains_or_is_refused_in_one_line(in_process, 
             assert (run_dir / "checkpoints" / "step_0000003").is_dir(), override
             trained += 1
     assert tried > 150 and trained > 25, (tried, trained)
+
+
+def test_every_value_of_the_eval_schema_is_allowed_or_refused_naming_the_key():
+    """pafm.eval's own config, through its loader (tests/test_cli_errors.py runs pafm.eval on refused values)."""
+    for key in schema(EvalConfig):
+        for value in probes(key):
+            try:
+                load_config(EvalConfig, None, [f"{key.name}={value}"])
+            except ConfigError as err:
+                assert key.name in str(err) and "\n" not in str(err), (key.name, value, err)
+                continue
+            assert ".nan" not in value and ".inf" not in value, (key.name, value)
+            assert value not in HUGE.values() or key.name in EVAL_HUGE_OK, (key.name, value)
 
 
 @pytest.mark.parametrize("override, line", [
