@@ -4,7 +4,7 @@ Every tool (`pafm.train`, `pafm.eval`, ...) declares its config as nested datacl
 Unknown keys, wrong types and missing required values raise `ConfigError` naming the dotted key (and, for a typo,
 the closest valid key), so a mistake stops the run before anything expensive starts.
 
-Every key also declares the values it allows, beside its default: `lr: float = setting(1e-4, above(0))`, and a
+Every key also declares the values it allows, beside its default: `grad_clip: float = setting(1.0, at_least(0))`, and a
 section's rules that join keys are listed in its `RELATIONS`.  `@section("optim")` checks them all whenever the
 dataclass is built (from a file or in code) and raises one ConfigError naming the key, the value and what is allowed:
 `optim.grad_clip=-1.0: must be >= 0 (0 disables clipping)`.  A bool or Literal key is declared by its type alone;
@@ -45,19 +45,11 @@ def _why(text: str, why: str) -> str:
     return f"{text} ({why})" if why else text
 
 
-def finite(why: str = "") -> Allowed:
-    return Allowed(_finite_number, _why("a finite number", why))
-
-
 INTEGER = Allowed(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
 
 
 def at_least(lo, why: str = "") -> Allowed:
     return Allowed(lambda v: _finite_number(v) and v >= lo, _why(f">= {lo}", why))
-
-
-def above(lo, why: str = "") -> Allowed:
-    return Allowed(lambda v: _finite_number(v) and v > lo, _why(f"> {lo}", why))
 
 
 def within(lo, hi, why: str = "", *, open_lo: bool = False, open_hi: bool = False) -> Allowed:
@@ -125,7 +117,7 @@ def _optional(tp) -> bool:
     return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
 
 
-def _non_null(tp):
+def non_null(tp):
     """Optional[X] -> X."""
     if _optional(tp):
         args = [a for a in get_args(tp) if a is not type(None)]
@@ -136,7 +128,7 @@ def _non_null(tp):
 def _allowed(field: dataclasses.Field, tp, key: str) -> Allowed:
     """What `key` allows: its declared rule, and the choices of a bool or Literal type."""
     declared = field.metadata.get("allowed")
-    tp = _non_null(tp)
+    tp = non_null(tp)
     if tp is bool:
         by_type = Allowed(lambda v: isinstance(v, bool), "true or false")
     elif get_origin(tp) is Literal:
@@ -175,7 +167,7 @@ def check_section(cfg) -> None:
     prefix, hints = cls.__config_section__, _hints(cls)
     for field in dataclasses.fields(cfg):
         tp, value = hints[field.name], getattr(cfg, field.name)
-        if dataclasses.is_dataclass(_non_null(tp)) or (value is None and _optional(tp)):
+        if dataclasses.is_dataclass(non_null(tp)) or (value is None and _optional(tp)):
             continue  # a section is checked when it is built
         key = _dotted(prefix, field.name)
         allowed = _allowed(field, tp, key)
@@ -213,8 +205,8 @@ def schema(cls, prefix: str = "") -> list[Key]:
     keys = []
     for field in dataclasses.fields(cls):
         tp, key = _hints(cls)[field.name], _dotted(prefix, field.name)
-        if dataclasses.is_dataclass(_non_null(tp)):
-            keys += schema(_non_null(tp), key)
+        if dataclasses.is_dataclass(non_null(tp)):
+            keys += schema(non_null(tp), key)
             continue
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         keys.append(Key(key, tp, _allowed(field, tp, key), default))
@@ -389,6 +381,8 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     data = merge(data, parse_overrides(list(overrides or [])))

@@ -29,15 +29,15 @@ from pafm.sampling import GUIDANCE_SCALE
 USAGE = "usage: [torchrun --nproc_per_node=N] python -m pafm.train CONFIG.yaml [key.sub=value ...]"
 
 
-# --- config ---------------------------------------------------------------------------------------------------------
+# --- config -------------------------------------------------------------------------------------------------------
 def _cuda_if_available(device) -> bool:
     return device != "cuda" or torch.cuda.is_available()
 
 
 @section("run")
 class RunConfig:
-    dir: str = setting(allowed=words("the run's folder"))  # everything the run writes goes here: config.yaml,
-    #                                                         metrics.jsonl, checkpoints/, samples/, ema export
+    # everything the run writes goes here: config.yaml, metrics.jsonl, checkpoints/, samples/, ema export
+    dir: str = setting(allowed=words("the run's folder"))
 
 
 @section("data")

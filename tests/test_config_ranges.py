@@ -9,12 +9,14 @@ import dataclasses
 import json
 import math
 import signal
+import subprocess
+import sys
 from dataclasses import field
 from typing import Literal, get_origin
 
 import pytest
 
-from pafm.config import ConfigError, _non_null, load_config, schema, section, setting, within
+from pafm.config import ConfigError, load_config, non_null, schema, section, setting, within
 from pafm.eval import EvalConfig
 from pafm.objectives import ObjectiveConfig
 from pafm.train import Config, main
@@ -37,7 +39,7 @@ NOT_TRAINED = {("train.steps", HUGE[int])}  # accepted, but would train for 10^1
 
 def probes(key) -> list[str]:
     """The override values tried for one key, as written on the command line."""
-    tp = _non_null(key.type)
+    tp = non_null(key.type)
     if tp in HUGE:
         return NUMBERS + [HUGE[tp]]
     if get_origin(tp) is tuple:  # each item in turn, the others at their defaults
@@ -248,6 +250,24 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(text, words, in_process,
 def test_a_folder_given_as_the_config_says_so(in_process, capsys, tmp_path):
     assert in_process([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"config error: config file {tmp_path} is a folder; give the YAML file in it\n"
+
+
+def test_an_unreadable_config_is_one_line(in_process, capsys, tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00run: 1")
+    assert in_process([str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"config error: config file {path} cannot be read: "), err
+
+
+@pytest.mark.slow
+def test_config_error_is_printed_once_under_torchrun(env, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pafm.train",
+           DIGITS, f"run.dir={tmp_path / 'run'}", "optim.grad_clip=-1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert ours == ["config error: optim.grad_clip=-1.0: must be >= 0 (0 disables clipping)"], proc.stderr
 
 
 def test_error_lines_carry_no_escape_codes(capsys):
