@@ -181,7 +181,7 @@ def check_section(cfg) -> None:
 
 
 def refusal(key: str, value, text: str) -> str:
-    """`optim.lr=nan: must be a finite number > 0`: the one line that refuses a value."""
+    """`optim.lr=nan: must be a finite number in (0, 1]`: the one line that refuses a value."""
     if isinstance(value, float) and not math.isfinite(value) and not text.startswith("a finite number"):
         text = f"a finite number {text}"
     return f"{key}={show(value)}: must be {text}"
