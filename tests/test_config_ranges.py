@@ -1,4 +1,4 @@
-"""Every key of the trainer's config has a declared range or set, checked at start-up.
+"""Every key of the trainer's config (and of pafm.eval's) has a declared range or set, checked at start-up.
 
 The schema is walked, not listed, so a key added later without a declared rule fails here.  Each numeric key is
 tried with 0, a negative, NaN, inf and a huge value, each enum with an unknown word: the value is either refused by
