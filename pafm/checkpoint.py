@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pafm.distributed import COLLECTIVE_TIMEOUT, SharedError, agree, one_line
+from pafm.files import atomic_write
 
 MANIFEST = "manifest.json"
 RUN = "run.json"
@@ -362,7 +363,7 @@ def _rank_files(rank_meta: dict, rank_tensors: dict, run_meta: dict) -> _RankFil
 
 def _write_rank_files(tmp: Path, rank: int, files: _RankFiles):
     (tmp / f"rank{rank}.json").write_text(files.rank_json)
-    save_file(files.tensors, str(tmp / f"rank{rank}.safetensors"))
+    atomic_write(tmp / f"rank{rank}.safetensors", lambda path: save_file(files.tensors, str(path)))  # umask's mode
     if rank == 0:
         (tmp / RUN).write_text(files.run_json)
 

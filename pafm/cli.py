@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from pafm.distributed import SharedError, agree, one_line  # noqa: F401 - the tools import them from here
@@ -26,6 +27,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def checked(convert, allowed):
+    """An argparse type: `convert(text)`, refused unless the config rule `allowed` (pafm.config.Allowed) allows it."""
+
+    def parse(text: str):
+        value = convert(text)
+        if not allowed.test(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed.text}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in "invalid float value: 'x'"
+    return parse
+
+
 def parse_args(parser: argparse.ArgumentParser, argv):
     """(namespace, None), or (None, exit code) where argparse stopped (an error: 2, --help: 0)."""
     try:
@@ -34,10 +48,25 @@ def parse_args(parser: argparse.ArgumentParser, argv):
         return None, stop.code if isinstance(stop.code, int) else 2
 
 
+# Terminal escape sequences (colours, cursor moves) and other control characters.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]?|[\x00-\x1f\x7f]")
+
+
+def error_text(err) -> str:
+    """`err` as one line of plain text: escape codes that a library's message or a pasted value may carry are
+    removed, so that a log file holds the words alone."""
+    return _CONTROL.sub("", one_line(err))
+
+
+def launched_as_rank0() -> bool:
+    """Whether this process is rank 0 (or alone) by the launcher's environment, before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def report_error(err) -> int:
     """Print `err` as one line on stderr (a SharedError on rank 0 only); returns the exit code 2."""
-    if not isinstance(err, SharedError) or int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    if not isinstance(err, SharedError) or launched_as_rank0():
+        print(f"error: {error_text(err)}", file=sys.stderr, flush=True)
     return 2
 
 

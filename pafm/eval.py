@@ -46,12 +46,13 @@ import torch
 import torch.distributed as dist
 
 from pafm.cli import USER_ERRORS, OneLineParser, SharedError, all_ranks_agree, one_line, parse_args, report_error
-from pafm.config import ConfigError, load_config, to_dict
+from pafm.config import (INTEGER, Allowed, ConfigError, at_least, each, load_config, section, setting, to_dict,
+                         within, words)
 from pafm.data import load_digits_split, load_mnist_split
 from pafm.distributed import cleanup, init_distributed
 from pafm.export import dataset_info, export_staleness, load_export, read_export_meta, resolve_export
 from pafm.files import atomic_savez, atomic_write_text
-from pafm.generate import Conditions, Decoder, generate, latent_shape, pick_device
+from pafm.generate import Conditions, Decoder, check_guided_channels, generate, latent_shape, pick_device
 from pafm.metrics import (DigitsJudge, InceptionFeatures, MnistJudge, check_reference, default_mnist_cnn,
                           from_uint8_nhwc, inception_metrics, read_reference_images, read_reference_statistics,
                           to_uint8)
@@ -60,9 +61,10 @@ from pafm.paths import build_path
 from pafm.sampling import SamplerConfig
 
 INCEPTION_METRICS = ("fid", "isc", "prc", "kid")
+METRICS = INCEPTION_METRICS + ("digits", "mnist")
 
 
-@dataclasses.dataclass
+@section("eval")
 class EvalSection:
     """num_samples: total N (null: the ImageNet protocol's 50000; 1000 for the built-in digits and MNIST).
     batch_size: samples per chunk (per rank at a time).  labels: random (i.i.d. uniform, DiT's and SiT's protocol) or
@@ -73,24 +75,24 @@ class EvalSection:
     vae, checkpoint_format: for a SiT or REPA .pt checkpoint only: the diffusers AutoencoderKL folder decoding its
     latents, and auto | sit | repa."""
 
-    num_samples: Optional[int] = None
-    batch_size: int = 125
-    seed: int = 0
+    num_samples: Optional[int] = setting(None, within(1, 10**7, "null: by dataset"))
+    batch_size: int = setting(125, within(1, 65536))
+    seed: int = setting(0, INTEGER)
     labels: Literal["random", "balanced"] = "random"
-    out_dir: Optional[str] = None
-    metrics: Optional[list[str]] = None
-    reference: Optional[str] = None
-    inception_weights: Optional[str] = None
-    inception_batch_size: int = 64
-    isc_splits: int = 10
-    kid_subset_size: int = 1000
+    out_dir: Optional[str] = setting(None, words("a folder"))
+    metrics: Optional[list[str]] = setting(None, each(Allowed(lambda m: m in METRICS, f"one of {list(METRICS)}")))
+    reference: Optional[str] = setting(None, words("a folder of images or an .npz"))
+    inception_weights: Optional[str] = setting(None, words("a torch-fidelity Inception file"))
+    inception_batch_size: int = setting(64, within(1, 65536))
+    isc_splits: int = setting(10, at_least(1))
+    kid_subset_size: int = setting(1000, at_least(1))
     save_npz: bool = True
-    device: str = "auto"
-    vae: Optional[str] = None
+    device: str = setting("auto", words("auto, cpu, cuda or cuda:N"))
+    vae: Optional[str] = setting(None, words("a diffusers AutoencoderKL folder"))
     checkpoint_format: Literal["auto", "sit", "repa"] = "auto"
 
 
-@dataclasses.dataclass
+@section("")
 class EvalConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
@@ -115,14 +117,6 @@ def check_eval_config(cfg: EvalConfig, meta: dict) -> None:
     `resolve_eval_defaults`)."""
     e, metrics = cfg.eval, cfg.eval.metrics
     spec, info = str((meta.get("data") or {}).get("spec", "")), dataset_info(meta)
-    if e.num_samples < 1:
-        raise ConfigError(f"eval.num_samples must be >= 1, got {e.num_samples}")
-    if e.batch_size < 1:
-        raise ConfigError(f"eval.batch_size must be >= 1, got {e.batch_size}")
-    unknown = set(metrics) - set(INCEPTION_METRICS) - {"digits", "mnist"}
-    if unknown:
-        raise ConfigError(f"eval.metrics: unknown {sorted(unknown)}; valid: "
-                          f"{list(INCEPTION_METRICS) + ['digits', 'mnist']}")
     if "mnist" in metrics and spec != "builtin:mnist":
         raise ConfigError(f"eval.metrics 'mnist' needs a model of builtin:mnist, not of {spec or 'this dataset'}")
     if "digits" in metrics and (list(info.get("latent_shape") or []) != [1, 8, 8]
@@ -139,6 +133,7 @@ def check_eval_config(cfg: EvalConfig, meta: dict) -> None:
         raise ConfigError(f"eval.inception_weights: {e.inception_weights} does not exist (needed for "
                           f"{', '.join(wanted)}); download weights-inception-2015-12-05-6726825d.pth from "
                           f"torch-fidelity's releases and point eval.inception_weights at it")
+    check_guided_channels(cfg.sampler.cfg_channels, meta, "sampler.cfg_channels")
     if "isc" in metrics and e.num_samples < e.isc_splits:
         raise ConfigError(f"eval.isc_splits={e.isc_splits} needs at least as many samples, eval.num_samples is "
                           f"{e.num_samples}")

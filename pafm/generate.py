@@ -47,6 +47,13 @@ def latent_shape(model, meta: dict) -> tuple[int, int, int]:
     return int(kwargs.get("in_channels", 4)), int(size), int(size)
 
 
+def check_guided_channels(channels: int | None, meta: dict, name: str) -> None:
+    """Refuse guiding more channels (`name`: the option that set them) than the export's latents have."""
+    shape = dataset_info(meta).get("latent_shape")
+    if channels is not None and shape and channels > int(shape[0]):
+        raise ValueError(f"{name}={channels}: must be <= {int(shape[0])}, the model's latent channels")
+
+
 def num_classes(model) -> int:
     n = getattr(model, "num_classes", None) or model.config.get("kwargs", {}).get("num_classes")
     if n is None:

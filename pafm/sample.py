@@ -8,28 +8,32 @@ Every user error is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from pafm.cli import USER_ERRORS, OneLineParser, parse_args, positive_int, report_error
+from pafm.cli import USER_ERRORS, OneLineParser, checked, parse_args, positive_int, report_error
+from pafm.config import within
 from pafm.export import dataset_info, export_staleness, load_export, model_skeleton, read_export_meta, resolve_export
-from pafm.generate import Conditions, Decoder, generate, latent_shape, num_classes, pick_device, save_grid
+from pafm.generate import (Conditions, Decoder, check_guided_channels, generate, latent_shape, num_classes,
+                           pick_device, save_grid)
 from pafm.models.interop import is_torch_checkpoint
 from pafm.paths import build_path
-from pafm.sampling import SamplerConfig
+from pafm.sampling import GUIDANCE_SCALE, MAX_STEPS, SamplerConfig
 
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m pafm.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="run folder (uses RUN/ema.safetensors) or an export .safetensors file")
     p.add_argument("--num", type=positive_int, default=64, help="number of samples")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg", type=checked(float, GUIDANCE_SCALE), default=1.0,
+                   help="classifier-free guidance scale (1 = none)")
     p.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                    help="guidance interval in t (noise at 0, data at 1)")
     p.add_argument("--cfg-channels", type=positive_int, default=None,
                    help="guide only the first N latent channels (3: as SiT's code does; default: all)")
     p.add_argument("--method", choices=["euler", "heun", "dopri5", "sde"], default="heun")
-    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--steps", type=checked(int, within(1, MAX_STEPS)), default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", default=None, help="comma-separated class ids or names to cycle through (default: all)")
     p.add_argument("--prompt", action="append", default=None, help="caption for a text model (repeatable)")
@@ -64,7 +68,8 @@ def parse_labels(text: str | None, meta: dict, model) -> list[int] | None:
 
 
 def check_out_path(out) -> Path:
-    """The grid's output file, refused up front when PIL cannot write its format."""
+    """The grid's output file, refused up front when PIL cannot write its format or the file cannot be made there
+    (its folder, made when missing, would sit below a file or in a folder this user cannot write)."""
     from PIL import Image
 
     out = Path(out)
@@ -73,6 +78,11 @@ def check_out_path(out) -> Path:
         raise ValueError(f"--out {out}: PIL cannot write {out.suffix or 'files without an extension'}; use .png")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'grid.png'}")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if existing != out and not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | (0 if existing == out else os.X_OK)):
+        raise ValueError(f"--out {out}: {existing} is not writable")
     return out
 
 
@@ -87,6 +97,7 @@ def run_sample(args) -> Path:
                          f"python -m pafm.models.interop import {args.checkpoint} OUT.safetensors --vae VAE_FOLDER")
     export_path = resolve_export(args.checkpoint)
     meta = read_export_meta(export_path)
+    check_guided_channels(args.cfg_channels, meta, "--cfg-channels")
     cfg = SamplerConfig(method=args.method, steps=args.steps, cfg_scale=args.cfg, cfg_interval=(lo, hi),
                         cfg_channels=args.cfg_channels, precision=args.precision)
     device = pick_device(args.device)

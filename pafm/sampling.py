@@ -10,22 +10,24 @@ the velocity (path.velocity_to_score) and w(t) one of SiT's diffusion forms.  w 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from typing import Callable, Literal, Optional
 
 import torch
 
+from pafm.config import Relation, at_least, check_section, ordered_within, section, setting, within
 from pafm.paths import Path, expand_rows
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-METHODS = ("euler", "heun", "dopri5", "sde")
 DIFFUSIONS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 LAST_STEPS = ("mean", "tweedie", "euler")
+# Classifier-free guidance scales: 1 is none, 0 the unconditional model; beyond 100 a grid only saturates.
+GUIDANCE_SCALE = within(0, 100, "1: no guidance")
+MAX_STEPS = 100_000  # SiT's FID protocol takes 250
 
 
-@dataclasses.dataclass
+@section("sampler")
 class SamplerConfig:
     """How to draw samples; the `sampler:` section of the eval config.
 
@@ -43,22 +45,28 @@ class SamplerConfig:
     """
 
     method: Literal["euler", "heun", "dopri5", "sde"] = "heun"
-    steps: int = 50
-    shift: float = 1.0
-    t_start: float = 0.0
-    cfg_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.0, 1.0)
-    cfg_channels: Optional[int] = None
-    atol: float = 1e-6
-    rtol: float = 1e-3
+    steps: int = setting(50, within(1, MAX_STEPS))
+    shift: float = setting(1.0, within(0, 100, open_lo=True))
+    t_start: float = setting(0.0, within(0, 1, open_hi=True))
+    cfg_scale: float = setting(1.0, GUIDANCE_SCALE)
+    cfg_interval: tuple[float, float] = setting((0.0, 1.0), ordered_within(0, 1))
+    cfg_channels: Optional[int] = setting(None, at_least(1, "null: every channel"))
+    atol: float = setting(1e-6, within(0, 1, open_lo=True))
+    rtol: float = setting(1e-3, within(0, 1, open_lo=True))
     diffusion: Literal["constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"] = "sigma"
-    diffusion_norm: float = 1.0
+    diffusion_norm: float = setting(1.0, within(0, 100, "0 gives back the ODE"))
     last_step: Optional[Literal["mean", "tweedie", "euler"]] = "mean"
-    last_step_size: float = 0.04
+    last_step_size: float = setting(0.04, within(0, 1, open_hi=True))
     precision: Literal["fp32", "bf16"] = "fp32"
 
-    def __post_init__(self):
-        check_sampler_config(self)
+    RELATIONS = (
+        Relation("last_step_size", lambda s: s.last_step is None or s.last_step_size > 0,
+                 "> 0 with a last step (sampler.last_step={last_step})"),
+        Relation("t_start", lambda s: s.t_start < 1.0 - s.last_step_size or s.method != "sde" or s.last_step is None,
+                 "< 1 - sampler.last_step_size={last_step_size}, where the SDE's last step starts"),
+        Relation("t_start", lambda s: s.t_start > 0 or s.method != "sde" or s.diffusion != "SBDM",
+                 "> 0 with diffusion 'SBDM', which is infinite at t = 0 (noise end); for example 0.001"),
+    )
 
     def describe(self) -> str:
         """A short human-readable label, e.g. 'heun-50' or 'sde-250 (sigma, mean)'."""
@@ -70,37 +78,6 @@ class SamplerConfig:
             name = f"{self.method}-{self.steps}"
         name += f", shift {self.shift:g}" if self.shift != 1.0 else ""
         return name + (f", cfg on {self.cfg_channels} channels" if self.cfg_channels is not None else "")
-
-
-def check_sampler_config(cfg: SamplerConfig) -> None:
-    """Raise ValueError naming the field for settings that cannot work."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"sampler.method: {cfg.method!r} is not one of {list(METHODS)}")
-    if cfg.steps < 1:
-        raise ValueError(f"sampler.steps must be >= 1, got {cfg.steps}")
-    if not cfg.shift > 0:
-        raise ValueError(f"sampler.shift must be > 0, got {cfg.shift}")
-    lo, hi = cfg.cfg_interval
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"sampler.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {tuple(cfg.cfg_interval)}")
-    if cfg.cfg_channels is not None and (isinstance(cfg.cfg_channels, bool) or not isinstance(cfg.cfg_channels, int)
-                                         or cfg.cfg_channels < 1):
-        raise ValueError(f"sampler.cfg_channels must be null (every channel) or a positive int, got "
-                         f"{cfg.cfg_channels!r}")
-    if cfg.atol <= 0 or cfg.rtol <= 0:
-        raise ValueError(f"sampler.atol and sampler.rtol must be > 0, got {cfg.atol}, {cfg.rtol}")
-    if cfg.diffusion not in DIFFUSIONS:
-        raise ValueError(f"sampler.diffusion: {cfg.diffusion!r} is not one of {list(DIFFUSIONS)}")
-    if cfg.last_step is not None and cfg.last_step not in LAST_STEPS:
-        raise ValueError(f"sampler.last_step: {cfg.last_step!r} is not one of {list(LAST_STEPS)} or null")
-    if cfg.last_step is not None and not 0.0 < cfg.last_step_size < 1.0:
-        raise ValueError(f"sampler.last_step_size must be in (0, 1), got {cfg.last_step_size}")
-    t_end = 1.0 - cfg.last_step_size if (cfg.method == "sde" and cfg.last_step is not None) else 1.0
-    if not 0.0 <= cfg.t_start < t_end:
-        raise ValueError(f"sampler.t_start must be in [0, {t_end:g}), got {cfg.t_start}")
-    if cfg.method == "sde" and cfg.diffusion == "SBDM" and cfg.t_start == 0.0:
-        raise ValueError("sampler.diffusion 'SBDM' is infinite at t = 0 (noise end); set sampler.t_start > 0, "
-                         "for example sampler.t_start=0.001")
 
 
 def time_grid(steps: int, t_start: float = 0.0, t_end: float = 1.0, shift: float = 1.0,
@@ -315,7 +292,7 @@ def sample(fn: VelocityFn, noise: torch.Tensor, path: Path, cfg: SamplerConfig,
 
     `generator` drives the SDE's noise (the ODE samplers are deterministic given `noise`).
     """
-    check_sampler_config(cfg)
+    check_section(cfg)  # the fields may have changed since it was built
     x = noise if noise.dtype in (torch.float32, torch.float64) else noise.float()
     calls = 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -16,105 +16,112 @@ import torch
 import torch.distributed as dist
 
 from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
-from pafm.config import ConfigError, load_config, save_config, to_dict
+from pafm.cli import error_text, launched_as_rank0
+from pafm.config import (Allowed, ConfigError, Relation, at_least, each, load_config, refusal, save_config, section,
+                         setting, to_dict, within, words)
 from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
 from pafm.ema import EMA
 from pafm.logger import MetricsLogger, SideWork
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
 from pafm.run_lock import RunDirInUse, RunLock
+from pafm.sampling import GUIDANCE_SCALE
 
 USAGE = "usage: [torchrun --nproc_per_node=N] python -m pafm.train CONFIG.yaml [key.sub=value ...]"
 
 
 # --- config -------------------------------------------------------------------------------------------------------
-@dataclass
+def _cuda_if_available(device) -> bool:
+    return device != "cuda" or torch.cuda.is_available()
+
+
+@section("run")
 class RunConfig:
-    dir: str  # everything the run writes goes here: config.yaml, metrics.jsonl, checkpoints/, samples/, ema export
+    # everything the run writes goes here: config.yaml, metrics.jsonl, checkpoints/, samples/, ema export
+    dir: str = setting(allowed=words("the run's folder"))
 
 
-@dataclass
+@section("data")
 class DataConfig:
-    spec: str = "builtin:digits"  # a dataset folder written by `pafm.prep`, or builtin:digits / builtin:digits-captions
-    batch_size: int = 256  # global batch per optimizer step (all ranks, all accumulation steps)
-    micro_batch_size: Optional[int] = None  # rows per rank per forward; default batch_size / world size
+    # a dataset folder written by `pafm.prep`, or builtin:digits / builtin:digits-captions
+    spec: str = setting("builtin:digits", words("a dataset folder or builtin:NAME"))
+    batch_size: int = setting(256, at_least(1))  # global batch per optimizer step (all ranks, all accumulation steps)
+    # rows per rank per forward; default batch_size / world size
+    micro_batch_size: Optional[int] = setting(None, at_least(1, "null: data.batch_size / world size"))
     flip: bool = True  # pick the stored horizontally flipped copy with probability 1/2
-    num_workers: int = 2
+    num_workers: int = setting(2, within(0, 256, "loader processes per rank; 0 loads in the trainer"))
     validate: bool = True  # check the shards (checksums, NaN/Inf) before the first step; a shard that passed
     #                        before and is unchanged since is not read again
 
+    RELATIONS = (Relation("micro_batch_size", lambda d: d.micro_batch_size is None
+                          or d.batch_size % d.micro_batch_size == 0, "a divisor of data.batch_size={batch_size}"),)
 
-@dataclass
+
+@section("model")
 class ModelConfig:
-    name: str = "SiT-B/2"
-    kwargs: dict = field(default_factory=dict)  # extra arguments; input size, channels and classes come from the data
+    name: str = setting("SiT-B/2", words("a model of pafm.models such as SiT-B/2"))
+    # extra arguments; input size, channels and classes come from the data
+    kwargs: dict = setting(factory=dict, allowed=Allowed(
+        lambda kw: all(isinstance(k, str) for k in kw) and all(
+            math.isfinite(v) for v in kw.values() if isinstance(v, float)),
+        "a mapping of the model's arguments (names to finite values; checked when the model is built)"))
 
 
-@dataclass
+@section("optim")
 class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = setting(1e-4, within(0, 1, "AdamW moves each weight by about lr per step", open_lo=True))
+    betas: tuple[float, float] = setting((0.9, 0.999), each(within(0, 1, "AdamW's moment decays", open_hi=True)))
+    weight_decay: float = setting(0.0, at_least(0))
+    eps: float = setting(1e-8, within(0, 1, open_lo=True))
+    warmup_steps: int = setting(0, at_least(0))
     schedule: Literal["constant", "cosine"] = "constant"
-    min_lr: float = 0.0
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still computed and logged)
+    min_lr: float = setting(0.0, at_least(0, "the cosine schedule's floor"))
+    grad_clip: float = setting(1.0, at_least(0, "0 disables clipping"))  # the norm is still computed and logged
+
+    RELATIONS = (
+        Relation("min_lr", lambda o: o.min_lr <= o.lr, "<= optim.lr={lr}"),
+        Relation("weight_decay", lambda o: o.lr * o.weight_decay < 1,
+                 "< 1 / optim.lr={lr} (AdamW multiplies each weight by 1 - lr * weight_decay per step)"),
+    )
 
 
-@dataclass
+@section("train")
 class TrainConfig:
-    steps: int
-    seed: int
-    resume: str  # "auto" (newest complete checkpoint in run.dir, else start fresh), "none", or a checkpoint folder
+    steps: int = setting(allowed=at_least(1))
+    seed: int = setting(allowed=within(0, 2**63 - 1))
+    # "auto" (newest complete checkpoint in run.dir, else start fresh), "none", or a checkpoint folder
+    resume: str = setting(allowed=words("auto, none or a checkpoint folder"))
     precision: Literal["fp32", "bf16"] = "bf16"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", Allowed(
+        _cuda_if_available, "auto or cpu here: no CUDA device is visible"))
     compile: bool = False  # torch.compile per block
     activation_checkpointing: bool = False
-    ema_decay: float = 0.9999
-    max_bad_steps: int = 20  # this many non-finite steps in a row stop the run (after a checkpoint)
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
-        if self.max_bad_steps < 1:
-            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+    ema_decay: float = setting(0.9999, within(0, 1, "1 would keep the initial weights", open_hi=True))
+    # this many non-finite steps in a row stop the run (after a checkpoint)
+    max_bad_steps: int = setting(20, at_least(1))
 
 
-@dataclass
+@section("checkpoint")
 class CheckpointConfig:
-    every: int
-    keep: int = 2  # the newest N complete checkpoints are kept; 0 keeps all
+    every: int = setting(allowed=at_least(1, "steps between checkpoints"))
+    keep: int = setting(2, at_least(0, "0 keeps all"))  # the newest N complete checkpoints are kept
     async_save: bool = False  # write periodic checkpoints in the background; the loop waits only while a CPU copy
     #                           of the state is made, which needs host memory for one more copy of each rank's shards
 
-    def __post_init__(self):
-        if self.every < 1:
-            raise ValueError(f"checkpoint.every must be >= 1 (steps between checkpoints), got {self.every}")
-        if self.keep < 0:
-            raise ValueError(f"checkpoint.keep must be >= 0, got {self.keep}")
 
-
-@dataclass
+@section("log")
 class LogConfig:
-    every: int = 50
-    sample_every: int = 0  # a grid every N steps and at the end; 0: only at the end; -1: never
-    sample_steps: int = 32  # Heun steps of the sample grid
-    sample_cfg: float = 1.0
-    sample_prompts: Optional[list[str]] = None  # text models: captions of the grid (default: held-out captions,
-    #                                             else the first training captions)
+    every: int = setting(50, at_least(1))
+    # a grid every N steps and at the end; 0: only at the end; -1: never
+    sample_every: int = setting(0, at_least(-1, "-1: never, 0: at the end"))
+    sample_steps: int = setting(32, within(1, 10000, "Heun steps of the sample grid"))
+    sample_cfg: float = setting(1.0, GUIDANCE_SCALE)
+    # text models: captions of the grid (default: held-out captions, else the first training captions)
+    sample_prompts: Optional[list[str]] = setting(None, each(words("a caption")))
     tensorboard: bool = True
     progress: bool = True
 
-    def __post_init__(self):
-        if self.every < 1:
-            raise ValueError(f"log.every must be >= 1, got {self.every}")
-        if self.sample_every < -1:
-            raise ValueError(f"log.sample_every must be >= -1 (-1: never, 0: at the end), got {self.sample_every}")
-        if self.sample_steps < 1:
-            raise ValueError(f"log.sample_steps must be >= 1, got {self.sample_steps}")
 
-
-@dataclass
+@section("")
 class Config:
     run: RunConfig
     train: TrainConfig
@@ -201,6 +208,9 @@ def build_data(cfg: Config, world: World):
     from pafm.data import LatentLoader, open_dataset
 
     dataset = open_dataset(cfg.data.spec, split="train")
+    if cfg.data.batch_size > len(dataset):
+        raise SetupError(refusal("data.batch_size", cfg.data.batch_size,
+                                 f"<= {len(dataset)}, the training items of {cfg.data.spec}"))
     if cfg.data.validate:
         validate_split(world, dataset)
     if cfg.data.batch_size % world.size:
@@ -420,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         cfg = load_config(Config, argv[0], argv[1:])
-    except (ConfigError, ValueError) as err:  # dataclass __post_init__ checks raise ValueError
-        print(f"config error: {err}", file=sys.stderr)
+    except ConfigError as err:  # every rank reads the same config: rank 0 speaks for all
+        if launched_as_rank0():
+            print(f"config error: {error_text(err)}", file=sys.stderr, flush=True)
         return 2
     # Writing past the file-size limit must raise an OSError (reported below), not kill the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -431,14 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, world)
     except (SetupError, DataError, ConfigError, CheckpointError) as err:
         if world.is_main:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print(f"error: {error_text(err)}", file=sys.stderr, flush=True)
         return 2
     except OSError as err:  # a read-only folder, a full disk, a file-size limit: the newest checkpoint is intact
-        print(f"error{where}: {err}; the newest complete checkpoint is intact", file=sys.stderr, flush=True)
+        print(f"error{where}: {error_text(err)}; the newest complete checkpoint is intact", file=sys.stderr,
+              flush=True)
         return 2
     except TrainingStopped as err:
         if world.is_main:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print(f"error: {error_text(err)}", file=sys.stderr, flush=True)
         return 3
     except dist.DistError as err:  # a peer rank failed or was killed: its own message is the one that matters
         print(f"error{where}: a collective failed, most likely because another rank stopped: "

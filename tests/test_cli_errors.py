@@ -67,10 +67,26 @@ CASES = {
     "sample: bad --num": (sample_main, lambda r: [str(r / "run"), "--num", "0"], ["--num", "positive"]),
     "sample: unwritable --out format": (sample_main, lambda r: [str(r / "run"), "--out", str(r / "g.xyz")],
                                         ["--out", ".xyz"]),
+    "sample: NaN --cfg": (sample_main, lambda r: [str(r / "run"), "--cfg", "nan"],
+                          ["--cfg", "must be in [0, 100]", "got nan"]),
+    "sample: negative --cfg": (sample_main, lambda r: [str(r / "run"), "--cfg", "-2"], ["--cfg", "got -2"]),
+    "sample: no --steps": (sample_main, lambda r: [str(r / "run"), "--steps", "0"], ["--steps", "got 0"]),
+    "sample: more guided channels than the latents": (
+        sample_main, lambda r: [str(r / "run"), "--cfg-channels", "3"], ["--cfg-channels=3: must be <= 1"]),
+    "sample: --out below a file": (
+        sample_main, lambda r: [str(r / "run"), "--out", str(r / "corrupt.safetensors" / "g.png")],
+        ["--out", "corrupt.safetensors is a file, not a folder"]),
     "eval: missing export": (eval_main, lambda r: [str(r / "nothing-here")], ["nothing-here", "does not exist"]),
     "eval: config typo": (eval_main, lambda r: [str(r / "run"), "eval.num_sample=10"],
                           ["eval.num_sample", "did you mean eval.num_samples"]),
-    "eval: bad sampler value": (eval_main, lambda r: [str(r / "run"), "sampler.steps=0"], ["sampler.steps", ">= 1"]),
+    "eval: bad sampler value": (eval_main, lambda r: [str(r / "run"), "sampler.steps=0"],
+                                ["sampler.steps=0: must be in [1, 100000]"]),
+    "eval: NaN guidance": (eval_main, lambda r: [str(r / "run"), "sampler.cfg_scale=nan"],
+                           ["sampler.cfg_scale=nan: must be a finite number in [0, 100]"]),
+    "eval: no samples": (eval_main, lambda r: [str(r / "run"), "eval.num_samples=0"],
+                         ["eval.num_samples=0: must be in [1, 10000000]"]),
+    "eval: more guided channels than the latents": (
+        eval_main, lambda r: [str(r / "run"), "sampler.cfg_channels=2"], ["sampler.cfg_channels=2: must be <= 1"]),
     "eval: missing inception weights": (
         eval_main, lambda r: [str(r / "run"), "eval.metrics=[isc]", f"eval.inception_weights={r / 'inc.pth'}"],
         ["eval.inception_weights", str(Path("inc.pth")), "does not exist"]),

@@ -200,9 +200,17 @@ def test_own_endpoint_pool_reproduces_fm_exactly(env, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(env, tmp_path):
+    from pafm.data import ShardWriter
+
+    writer = ShardWriter(tmp_path / "nan", shard_size=16)  # every item NaN, unvalidated: every step is non-finite
+    writer.add(latent=torch.full((40, 1, 1, 8, 8), float("nan")), label=torch.arange(40) % 4)
+    writer.close({"kind": "class", "split": "train", "latent_shape": [1, 8, 8], "num_classes": 4,
+                  "class_names": list("abcd"), "normalization": {"shift": [0.0], "scale": [1.0]},
+                  "encoder": {"kind": "identity"}})
     run = tmp_path / "run"
-    proc = train(env, run, "optim.lr=1e30", "optim.grad_clip=0", "train.max_bad_steps=2", "train.steps=50",
-                 "checkpoint.every=1", "checkpoint.async_save=true", check=False)
+    proc = train(env, run, f"data.spec={tmp_path / 'nan'}", "data.validate=false", "data.batch_size=8",
+                 "data.flip=false", "train.max_bad_steps=2", "train.steps=50", "checkpoint.every=1",
+                 "checkpoint.async_save=true", check=False)
     assert proc.returncode == 3, proc.stderr
     assert "non-finite losses or gradients in a row" in proc.stderr and "Traceback" not in proc.stderr
     stopped = int(proc.stderr.split("stopped at step ")[1].split(":")[0])

@@ -33,9 +33,9 @@ def one_line_error(proc, *words):
     (["model.kwargs={depth: 1, hidden_size: 66, num_heads: 4}"], None, ["hidden_size 66", "num_heads 4"]),
     (["objective.source=bank"], CAPTIONS, ["objective", "class labels"]),
     (["objective.source=batch", "objective.text_prior=self"], CAPTIONS, ["text_prior=self", "FM's"]),
-    (["checkpoint.every=0"], None, ["checkpoint.every must be >= 1"]),
-    (["train.steps=-5"], None, ["train.steps must be >= 1"]),
-    (["log.every=0"], None, ["log.every must be >= 1"]),
+    (["checkpoint.every=0"], None, ["checkpoint.every=0: must be >= 1"]),
+    (["train.steps=-5"], None, ["train.steps=-5: must be >= 1"]),
+    (["log.every=0"], None, ["log.every=0: must be >= 1"]),
     (["train.resume=/nowhere/step_0000004"], None, ["train.resume=/nowhere/step_0000004", "no such checkpoint"]),
 ])
 def test_bad_settings_are_one_line_errors(env, tmp_path, overrides, config, words):
