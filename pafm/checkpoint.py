@@ -9,7 +9,10 @@ Contents:
 - `rank{R}.json`: step, counters and the data loader's position of rank R;
 - `rank{R}.safetensors`: rank R's RNG states and any per-rank device state (the class bank);
 - `run.json`: what the checkpoint belongs to (model config, objective, state keys, world size); a load refuses a
-  run that differs, naming the first differing field;
+  run that differs, naming the first differing field.  It also names the run that wrote it (`run_id`, the id in
+  RUN/run.json, made at the run's first launch) and the settings that shape its trajectory (`trajectory`): resume=auto
+  and the rotation only ever consider the run's own checkpoints, and a checkpoint without a run id (written before
+  checkpoints named their run) counts as the run's own;
 - `manifest.json`, written last: name, size and sha256 of every other file.  A folder without it is not a complete
   checkpoint; a load verifies it first, so a truncated or bit-flipped file is refused by name, and resume=auto
   falls back to the newest checkpoint that verifies.  The hashing is split over the ranks.
@@ -28,6 +31,7 @@ import pickle
 import re
 import shutil
 import sys
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,12 +51,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pafm.distributed import COLLECTIVE_TIMEOUT, SharedError, agree, one_line
+from pafm.files import atomic_write_text
 
 MANIFEST = "manifest.json"
 RUN = "run.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
 _CHUNK = 1 << 20
 _FIX = "resume in a new run.dir or with the original settings"
+# Keys of a checkpoint's run.json that say which run wrote it and how, rather than what it can be loaded into: the
+# resume policy and the rotation read them; the load's strict comparison leaves them out.
+_IDENTITY_KEYS = ("run_id", "trajectory")
 # full_ema reads on one rank while the process group exists, on purpose: DCP's notice about it is noise.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -78,22 +86,67 @@ def _from_rank0(fn, group=None, what: str = "read the checkpoint folder"):
 
 
 # --- finding checkpoints ------------------------------------------------------------------------------------------
-def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint (named step_N, with a manifest) under root, oldest first."""
-    root = Path(root)
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every folder named step_N under root, oldest first."""
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _COMPLETE.match(child.name)
-        if match and child.is_dir() and (child / MANIFEST).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    return sorted((int(match.group(1)), child) for child in root.iterdir()
+                  if (match := _COMPLETE.match(child.name)) and child.is_dir())
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under root that verifies; newer ones that fail are skipped with a warning."""
-    found = _from_rank0(lambda: [str(folder) for _, folder in complete_checkpoints(root)])
+def checkpoint_run_id(folder: Path) -> str | None:
+    """The id of the run that wrote a checkpoint; None when it names none (written before checkpoints named their
+    run) or its run.json is unreadable (verification then refuses it)."""
+    try:
+        saved = json.loads((Path(folder) / RUN).read_text())
+    except (OSError, ValueError):
+        return None
+    run_id = saved.get("run_id") if isinstance(saved, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def _foreign(folder: Path, run_id: str | None) -> bool:
+    """Whether folder names a run other than `run_id` (never, when run_id is None: no run to compare with)."""
+    saved = checkpoint_run_id(folder) if run_id is not None else None
+    return saved is not None and saved != run_id
+
+
+def complete_checkpoints(root: str | Path, run_id: str | None = None) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint (named step_N, with a manifest) under root, oldest first; with
+    `run_id`, only that run's own (and those that name no run)."""
+    return [(step, folder) for step, folder in _step_folders(Path(root))
+            if (folder / MANIFEST).is_file() and not _foreign(folder, run_id)]
+
+
+def foreign_checkpoints(root: str | Path, run_id: str) -> list[Path]:
+    """The complete checkpoints under root that another run wrote, oldest first."""
+    return [folder for _, folder in _step_folders(Path(root))
+            if (folder / MANIFEST).is_file() and _foreign(folder, run_id)]
+
+
+def _foreign_warning(folder: Path, run_id: str) -> str:
+    return (f"warning: {folder} belongs to another run (run id {checkpoint_run_id(folder)}, this run's is {run_id}): "
+            f"skipped and left in place; move it out of {folder.parent}")
+
+
+def _report_skipped(root: Path, run_id: str | None):
+    """Rank 0: one warning line per step folder resume=auto passes over for a reason other than its integrity:
+    another run's checkpoint, or a folder without a manifest."""
+    for _, folder in _step_folders(root):
+        if not (folder / MANIFEST).is_file():
+            print(f"warning: {folder} has no {MANIFEST} (an incomplete or damaged checkpoint): skipped",
+                  file=sys.stderr, flush=True)
+        elif _foreign(folder, run_id):
+            print(_foreign_warning(folder, run_id), file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(root: str | Path, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint under root that verifies (with `run_id`: of that run, or naming none); newer
+    ones that fail are skipped with a warning, and so are other runs' checkpoints and folders without a manifest."""
+    root = Path(root)
+    found = _from_rank0(lambda: [str(folder) for _, folder in complete_checkpoints(root, run_id)])
+    if _rank() == 0:
+        _report_skipped(root, run_id)
     for folder in map(Path, reversed(found)):
         try:
             verify_checkpoint(folder)
@@ -301,6 +354,10 @@ def _show(value) -> str:
     return "(not set)" if value is _ABSENT else json.dumps(value)
 
 
+def _without_identity(run_meta: dict) -> dict:
+    return {k: v for k, v in run_meta.items() if k not in _IDENTITY_KEYS} if isinstance(run_meta, dict) else run_meta
+
+
 def _check_run(folder: Path, expected_run_meta: dict | None):
     saved_world, world = len(list(folder.glob("rank*.json"))), dist.get_world_size()
     if saved_world != world:
@@ -316,7 +373,7 @@ def _check_run(folder: Path, expected_run_meta: dict | None):
     except ValueError as e:
         raise CheckpointError(f"checkpoint {folder}: {RUN} is not valid JSON ({e})") from e
     # Through JSON like the saved side, so that a tuple and the list it was saved as compare equal.
-    found = _first_difference(saved, json.loads(json.dumps(expected_run_meta)))
+    found = _first_difference(_without_identity(saved), _without_identity(json.loads(json.dumps(expected_run_meta))))
     if found:
         key, was, now = found
         raise CheckpointError(f"checkpoint {folder} was written with {key}={_show(was)}, this run has {_show(now)}: "
@@ -390,19 +447,37 @@ def _first_failure(e: CheckpointException) -> str:
     return _failure(rank, error)
 
 
-def _publish(root: Path, step: int, keep: int):
-    """Rank 0: step_N.tmp/ becomes step_N/; older checkpoints past `keep` and partial writes go."""
+def aside_name(folder: Path, suffix: str) -> Path:
+    """folder.SUFFIX, or folder.SUFFIX1, 2, ... when that exists: where a folder that must not be loaded is kept."""
+    target, n = folder.with_name(f"{folder.name}.{suffix}"), 1
+    while target.exists():
+        target, n = folder.with_name(f"{folder.name}.{suffix}{n}"), n + 1
+    return target
+
+
+def _publish(root: Path, step: int, keep: int, run_id: str | None):
+    """Rank 0: step_N.tmp/ becomes step_N/; this run's older checkpoints past `keep` and partial writes go.  A
+    step_N/ already there is replaced only when it is this run's own complete checkpoint (the same step saved twice:
+    a stop signal right after a periodic save); another run's, or one without a manifest, is moved aside."""
     tmp, final = _folders(root, step)
-    if final.exists():  # the same step saved twice (a stop signal right after a periodic save)
-        shutil.rmtree(final)
+    if final.exists():
+        if (final / MANIFEST).is_file() and not _foreign(final, run_id):
+            shutil.rmtree(final)
+        else:
+            why = "another run's checkpoint" if (final / MANIFEST).is_file() else f"a folder without {MANIFEST}"
+            target = aside_name(final, "foreign" if why.startswith("another") else "incomplete")
+            os.replace(final, target)
+            print(f"warning: {final} was {why}: moved to {target.name} instead of being overwritten",
+                  file=sys.stderr, flush=True)
     os.replace(tmp, final)
-    for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+    for _, old in complete_checkpoints(root, run_id)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob("step_*.tmp"):  # partial writes of killed runs
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, keep: int, group=None) -> Path:
+def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, keep: int, run_id: str | None,
+              group=None) -> Path:
     """After DCP wrote its files: the rank files, the ranks' agreement, the manifest and the publish (a collective on
     `group`).  Raises CheckpointError on every rank alike if any rank failed; the partial folder is removed."""
     rank = dist.get_rank()
@@ -421,7 +496,7 @@ def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, k
             raise CheckpointError(f"writing checkpoint {tmp} failed ({first}); the newest complete checkpoint is "
                                   "intact")
         _write_manifest(tmp, group)
-        _from_rank0(lambda: _publish(root, step, keep), group, what=f"publish checkpoint {final}")
+        _from_rank0(lambda: _publish(root, step, keep, run_id), group, what=f"publish checkpoint {final}")
     except CheckpointError:
         if rank == 0:  # the space it took (a full disk is a likely cause); the previous checkpoints stay
             shutil.rmtree(tmp, ignore_errors=True)
@@ -441,7 +516,7 @@ def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, ran
         dcp.save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp))
     except CheckpointException as e:  # raised on every rank alike
         error = _first_failure(e)
-    return _complete(root, step, error, files, keep)
+    return _complete(root, step, error, files, keep, run_meta.get("run_id"))
 
 
 def _writer(cuda: bool) -> FileSystemWriter:
@@ -474,9 +549,11 @@ class BackgroundSaver:
         tmp, _ = _folders(root, step)
         written = dcp.async_save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp),
                                  storage_writer=self.writer, process_group=self.group)
-        self.pending = self.executor.submit(self._finish, written, root, step, files, keep, then)
+        self.pending = self.executor.submit(self._finish, written, root, step, files, keep, run_meta.get("run_id"),
+                                            then)
 
-    def _finish(self, written, root: Path, step: int, files: _RankFiles, keep: int, then) -> Path:
+    def _finish(self, written, root: Path, step: int, files: _RankFiles, keep: int, run_id: str | None,
+                then) -> Path:
         error = None
         try:
             written.result()
@@ -484,7 +561,7 @@ class BackgroundSaver:
             error = _first_failure(e)
         except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it
             error = _failure(dist.get_rank(), e)
-        folder = _complete(root, step, error, files, keep, self.group)
+        folder = _complete(root, step, error, files, keep, run_id, self.group)
         if then is not None:
             then(folder)
         return folder
@@ -524,6 +601,44 @@ def load_checkpoint(folder, model, optimizer, ema, expected_run_meta: dict | Non
 
 
 # --- the trainer's checkpoint manager ----------------------------------------------------------------------------
+def run_identity(run_dir: Path) -> str:
+    """This run's id, read from RUN/run.json; made and written there at the run's first launch (rank 0 reads or
+    writes it, for every rank)."""
+    path = Path(run_dir) / RUN
+
+    def read_or_make() -> str:
+        if not path.exists():
+            run_id = uuid.uuid4().hex
+            atomic_write_text(path, json.dumps({"run_id": run_id}) + "\n")
+            return run_id
+        try:
+            run_id = json.loads(path.read_text())["run_id"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is damaged ({one_line(e)}): it holds the run id that this run's checkpoints "
+                             f"carry in their {RUN}; write it back as {{\"run_id\": \"...\"}}") from None
+        if not isinstance(run_id, str):
+            raise ValueError(f"{path}: run_id is not a string")
+        return run_id
+
+    try:
+        return agree(read_or_make, rank0_only=True, errors=(OSError, ValueError))
+    except (OSError, ValueError) as e:  # a SharedError is a ValueError
+        raise CheckpointError(one_line(e)) from None
+
+
+def _check_state_shapes(folder: Path, saved: dict, live: dict, trajectory_change: str | None):
+    """CheckpointError naming the first per-rank state tensor whose shape differs (and the setting behind it, when
+    the checkpoint records its settings), instead of a size-mismatch error from load_state_dict."""
+    for key in sorted(set(saved) & set(live)):
+        was, now = list(saved[key].shape), list(live[key].shape)
+        if was != now and trajectory_change:
+            raise CheckpointError(f"checkpoint {folder} was written with {trajectory_change} ({key} has shape {was}, "
+                                  f"this run's {now}): {_FIX}")
+        if was != now:
+            raise CheckpointError(f"checkpoint {folder} holds {key} of shape {was}, this run's has shape {now} (a "
+                                  f"changed objective setting): {_FIX}")
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -535,7 +650,9 @@ class Checkpointer:
     """The trainer's checkpoints: the resume policy, saves with rotation, and the EMA export written beside them.
 
     `run_meta` (model config, objective, its state keys, world size) is recorded in every checkpoint; resuming with
-    other settings is refused.  The export is side work (`side.run`): a failure is reported and counted, never fatal,
+    other settings is refused.  So are the run's id and its `run_meta["trajectory"]` (optimiser, schedule, seed,
+    data, objective): resume=auto adopts only the run's own checkpoints, and a resume whose trajectory settings
+    changed says so in a warning line.  The export is side work (`side.run`): a failure is reported and counted, never fatal,
     and the checkpoint is written first; it is read back from the checkpoint's files on rank 0.
 
     With `async_save`, periodic saves are written in the background (`BackgroundSaver`): `poll` collects a finished
@@ -551,31 +668,45 @@ class Checkpointer:
         self.saver = BackgroundSaver(world.device.type == "cuda", COLLECTIVE_TIMEOUT) if async_save else None
         self.newest = None  # the newest checkpoint this run completed
         self.failed_saves = 0
+        self.run_id = None  # known once `resume` has read or made it
 
     def latest(self) -> Path | None:
         self.wait()
-        return latest_checkpoint(self.root)
+        return latest_checkpoint(self.root, self.run_id)
 
     def resume(self, policy: str) -> TrainState:
         explicit = policy not in ("auto", "none")
         if explicit and not Path(policy).is_dir():
             raise CheckpointError(f"train.resume={policy}: no such checkpoint folder")
+        self.run_id = run_identity(self.run_dir)
+        self.run_meta = {**self.run_meta, "run_id": self.run_id}
         ckpt = Path(policy) if explicit else self.latest() if policy == "auto" else None
-        existing = complete_checkpoints(self.root)
-        if ckpt is None and existing and policy == "none":
-            raise CheckpointError(f"{self.root} already holds checkpoints (up to step {existing[-1][0]}) and "
+        every = complete_checkpoints(self.root)
+        existing = complete_checkpoints(self.root, self.run_id)
+        if ckpt is None and every and policy == "none":
+            raise CheckpointError(f"{self.root} already holds checkpoints (up to step {every[-1][0]}) and "
                              "train.resume=none: use train.resume=auto to continue, or a new run.dir")
         if ckpt is None and existing:
             raise CheckpointError(f"no checkpoint in {self.root} passes its integrity check (see the warnings above); "
                              "resume from a folder with train.resume=PATH or start a new run.dir")
+        if ckpt is None and every:  # only other runs' checkpoints: starting afresh beside them would mix two runs
+            foreign = every[-1][1]
+            raise CheckpointError(f"{foreign} belongs to another run (run id {checkpoint_run_id(foreign)}, this run's "
+                                  f"is {self.run_id}) and {self.root} holds no checkpoint of this run: move it out, "
+                                  f"or resume it with train.resume={foreign} in a new run.dir")
         unverifiable = [p.parent for p in self.root.glob("step_*/.metadata") if p.parent.name[5:].isdigit()]
         if ckpt is None and unverifiable:
             raise CheckpointError(f"{self.root} holds checkpoints without a manifest (written by an older version of "
                              "this trainer): resume them with that version or start a new run.dir")
         if ckpt is None:
             return TrainState()
+        change = self._trajectory_change(ckpt)
         meta, tensors = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, expected_run_meta=self.run_meta,
                                         verified=policy == "auto")
+        _check_state_shapes(ckpt, tensors, self.objective.state_dict(), change)
+        if change and self.world.is_main:
+            print(f"warning: {ckpt} was written with {change}: the run goes on with this run's settings",
+                  file=sys.stderr, flush=True)
         state = TrainState(meta["step"], meta["skipped"], meta["bad_in_row"])
         later = [folder for s, folder in existing if s > state.step]
         if later and explicit:  # continuing would interleave two runs' checkpoints
@@ -588,13 +719,25 @@ class Checkpointer:
             print(f"resumed from {ckpt} at step {state.step}", flush=True)
         return state
 
+    def _trajectory_change(self, ckpt: Path) -> str | None:
+        """'KEY=SAVED, this run has NOW' for the first trajectory setting that differs from the checkpoint's, or None
+        (also for a checkpoint that records none)."""
+        def compare() -> str | None:
+            try:
+                saved = json.loads((ckpt / RUN).read_text()).get("trajectory")
+            except (OSError, ValueError, AttributeError):  # the load refuses such a run.json with its reason
+                return None
+            expected = json.loads(json.dumps(self.run_meta.get("trajectory")))
+            found = None if saved is None or expected is None else _first_difference(saved, expected)
+            return None if found is None else f"{found[0]}={_show(found[1])}, this run has {_show(found[2])}"
+
+        return _from_rank0(compare)
+
     def _set_aside(self, folders: list[Path]):
         """Rename checkpoints that failed verification to step_N.corrupt: kept for inspection, never loaded."""
         if self.world.is_main:
             for folder in folders:
-                target, n = folder.with_name(folder.name + ".corrupt"), 1
-                while target.exists():  # the same step failed before
-                    target, n = folder.with_name(f"{folder.name}.corrupt{n}"), n + 1
+                target = aside_name(folder, "corrupt")  # .corrupt1, 2, ...: the same step failed before
                 os.replace(folder, target)
                 print(f"warning: set {folder} aside as {target.name}", file=sys.stderr, flush=True)
         dist.barrier()

@@ -195,6 +195,14 @@ def check_settings(cfg: Config, info: dict):
         raise SetupError(f"log.sample_prompts is for text models; {cfg.data.spec} has class labels")
 
 
+def trajectory(cfg: Config) -> dict:
+    """The settings that shape a run's trajectory, recorded in each checkpoint (a resume that changes one says so)."""
+    data = cfg.data
+    return {"optim": to_dict(cfg.optim), "train": {"seed": cfg.train.seed}, "objective": to_dict(cfg.objective),
+            "data": {"spec": data.spec, "batch_size": data.batch_size, "micro_batch_size": data.micro_batch_size,
+                     "flip": data.flip}}
+
+
 # --- building the run ---------------------------------------------------------------------------------------------
 def build_data(cfg: Config, world: World):
     """The training split (validated before anything expensive) and this rank's loader."""
@@ -337,7 +345,8 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     pafm = cfg.objective.kind == "pafm"
     run_meta = {"model": model.config,
                 "objective": {"kind": cfg.objective.kind, "source": cfg.objective.source if pafm else None},
-                "state_keys": sorted(objective.state_dict()), "world_size": world.size}
+                "state_keys": sorted(objective.state_dict()), "world_size": world.size,
+                "trajectory": trajectory(cfg)}
     export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info}, "path": cfg.objective.path,
                    "objective": cfg.objective.kind, "config": to_dict(cfg)}
     checkpointer = Checkpointer(run_dir, world, model, optimizer, ema, objective, loader, run_meta, export_meta,

@@ -255,6 +255,59 @@ def test_latest_skips_a_corrupt_newest(tmp_path, mesh, capsys):
     assert f"checkpoint {newer} is corrupt: rank0.safetensors has a checksum mismatch" in err
 
 
+MINE, THEIRS = {**RUN_META, "run_id": "mine"}, {**RUN_META, "run_id": "theirs"}
+
+
+def test_resume_and_rotation_consider_only_the_runs_own_checkpoints(tmp_path, mesh, capsys):
+    legacy = _save(tmp_path, mesh, step=1)  # written before checkpoints named their run: the run's own
+    _save(tmp_path, mesh, step=2, keep=2, run_meta=MINE)
+    foreign = _save(tmp_path, mesh, step=5, run_meta=THEIRS)
+    assert latest_checkpoint(tmp_path, "mine") == tmp_path / "step_0000002"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"warning: {foreign} belongs to another run (run id theirs" in err
+    assert latest_checkpoint(tmp_path) == foreign  # with no run to compare with, as before
+    _save(tmp_path, mesh, step=3, keep=2, run_meta=MINE)
+    _save(tmp_path, mesh, step=4, keep=2, run_meta=MINE)
+    assert not legacy.exists() and [s for s, _ in complete_checkpoints(tmp_path, "mine")] == [3, 4]
+    assert checkpoint.checkpoint_run_id(foreign) == "theirs"  # rotation never counts or deletes it
+    _save(tmp_path, mesh, step=5, keep=2, run_meta=MINE)  # the same step: set aside, not overwritten
+    assert "step_0000005 was another run's checkpoint: moved to step_0000005.foreign" in capsys.readouterr().err
+    assert checkpoint.checkpoint_run_id(tmp_path / "step_0000005.foreign") == "theirs"
+    assert [s for s, _ in complete_checkpoints(tmp_path, "mine")] == [4, 5]
+
+
+def test_a_step_folder_without_manifest_is_reported_and_never_overwritten(tmp_path, mesh, capsys):
+    older, newer = _save(tmp_path, mesh, step=1, run_meta=MINE), _save(tmp_path, mesh, step=2, run_meta=MINE)
+    (newer / "manifest.json").unlink()
+    capsys.readouterr()
+    assert latest_checkpoint(tmp_path, "mine") == older
+    assert capsys.readouterr().err == f"warning: {newer} has no manifest.json (an incomplete or damaged checkpoint): skipped\n"
+    _save(tmp_path, mesh, step=2, run_meta=MINE)
+    assert (tmp_path / "step_0000002.incomplete" / "__0_0.distcp").is_file()
+    assert "moved to step_0000002.incomplete instead of being overwritten" in capsys.readouterr().err
+
+
+def test_the_run_identity_is_made_once_and_not_compared_by_the_load(tmp_path, mesh):
+    run_id = checkpoint.run_identity(tmp_path)
+    assert json.loads((tmp_path / "run.json").read_text()) == {"run_id": run_id}
+    assert checkpoint.run_identity(tmp_path) == run_id
+    folder = _save(tmp_path / "ckpt", mesh, run_meta={**MINE, "trajectory": {"optim": {"lr": 0.1}}})
+    _load(folder, mesh, expected={**RUN_META, "run_id": run_id, "trajectory": {"optim": {"lr": 0.2}}})
+    (tmp_path / "run.json").write_text("{")
+    with pytest.raises(CheckpointError, match="run.json is damaged"):
+        checkpoint.run_identity(tmp_path)
+
+
+def test_a_changed_state_shape_names_the_setting(tmp_path):
+    saved, live = {"bank.entries": torch.zeros(10, 64, 4)}, {"bank.entries": torch.zeros(10, 32, 4)}
+    with pytest.raises(CheckpointError) as info:
+        checkpoint._check_state_shapes(tmp_path, saved, live, "objective.bank_per_class=64, this run has 32")
+    assert str(info.value) == (f"checkpoint {tmp_path} was written with objective.bank_per_class=64, this run has 32 "
+                               f"(bank.entries has shape [10, 64, 4], this run's [10, 32, 4]): {FIX}")
+    with pytest.raises(CheckpointError, match=r"holds bank.entries of shape \[10, 64, 4\], this run's has shape "):
+        checkpoint._check_state_shapes(tmp_path, saved, live, None)  # a checkpoint that records no settings
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["model"]["kwargs"].update(num_heads=4), "model.kwargs.num_heads=2, this run has 4"),
     (lambda m: m["objective"].update(source="neighbors"), 'objective.source="bank", this run has "neighbors"'),
