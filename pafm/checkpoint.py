@@ -12,7 +12,7 @@ Contents:
   run that differs, naming the first differing field.  It also names the run that wrote it (`run_id`, the id in
   RUN/run.json, made at the run's first launch) and the settings that shape its trajectory (`trajectory`): resume=auto
   and the rotation only ever consider the run's own checkpoints, and a checkpoint without a run id (written before
-  checkpoints named their run) counts as the run's own;
+  checkpoints named their run) counts as the run's own.  `export` is the meta of the EMA export made from it;
 - `manifest.json`, written last: name, size and sha256 of every other file.  A folder without it is not a complete
   checkpoint; a load verifies it first, so a truncated or bit-flipped file is refused by name, and resume=auto
   falls back to the newest checkpoint that verifies.  The hashing is split over the ranks.
@@ -58,9 +58,10 @@ RUN = "run.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
 _CHUNK = 1 << 20
 _FIX = "resume in a new run.dir or with the original settings"
-# Keys of a checkpoint's run.json that say which run wrote it and how, rather than what it can be loaded into: the
-# resume policy and the rotation read them; the load's strict comparison leaves them out.
-_IDENTITY_KEYS = ("run_id", "trajectory")
+# Keys of a checkpoint's run.json that say which run wrote it, how, and how to export it, rather than what it can be
+# loaded into: the resume policy, the rotation and `pafm.export` read them; the load's strict comparison leaves them
+# out.
+_IDENTITY_KEYS = ("run_id", "trajectory", "export")
 # full_ema reads on one rank while the process group exists, on purpose: DCP's notice about it is noise.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -102,6 +103,15 @@ def checkpoint_run_id(folder: Path) -> str | None:
     except (OSError, ValueError):
         return None
     run_id = saved.get("run_id") if isinstance(saved, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def recorded_run_id(run_dir) -> str | None:
+    """The id in RUN/run.json, without making one (None when there is none or it is unreadable)."""
+    try:
+        run_id = json.loads((Path(run_dir) / RUN).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
     return run_id if isinstance(run_id, str) else None
 
 
@@ -717,7 +727,22 @@ class Checkpointer:
         self.objective.load_state_dict(tensors)
         if self.world.is_main:
             print(f"resumed from {ckpt} at step {state.step}", flush=True)
+        self._refresh_export(ckpt, state.step)
         return state
+
+    def _refresh_export(self, ckpt: Path, step: int):
+        """Rewrite the EMA export from the checkpoint resumed when it is missing, unreadable or older (its write
+        failed, or the run was killed between a checkpoint and its export): a finished run gets it on relaunch."""
+        from pafm.export import EXPORT_NAME, ExportError, read_export_meta
+
+        if not self.world.is_main:
+            return
+        try:
+            exported = read_export_meta(self.run_dir / EXPORT_NAME).get("step")
+        except ExportError:
+            exported = None
+        if not isinstance(exported, int) or exported < step:
+            self._export(ckpt, step)
 
     def _trajectory_change(self, ckpt: Path) -> str | None:
         """'KEY=SAVED, this run has NOW' for the first trajectory setting that differs from the checkpoint's, or None

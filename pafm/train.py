@@ -349,6 +349,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
                 "trajectory": trajectory(cfg)}
     export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info}, "path": cfg.objective.path,
                    "objective": cfg.objective.kind, "config": to_dict(cfg)}
+    run_meta["export"] = export_meta  # so that `pafm.export` can make the export from any checkpoint
     checkpointer = Checkpointer(run_dir, world, model, optimizer, ema, objective, loader, run_meta, export_meta,
                                 cfg.checkpoint.keep, side, async_save=cfg.checkpoint.async_save)
     state = checkpointer.resume(cfg.train.resume)
