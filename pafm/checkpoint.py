@@ -23,12 +23,14 @@ Every function here that touches a checkpoint is a collective when torch.distrib
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
 import re
+import resource
 import shutil
 import sys
 import uuid
@@ -448,13 +450,40 @@ def _start_folder(root: Path, step: int):
     dist.barrier()
 
 
-def _failure(rank: int, error: BaseException) -> str:
+def _write_limit_hit(error: BaseException, folder: Path | None) -> str | None:
+    """A full disk or the file-size limit, named, when that is why a write into folder failed; else None.  Torch's
+    zip writer (DCP's non-tensor values) reports either as "unexpected pos", so then the folder is looked at."""
+    code = getattr(error, "errno", None)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size_limit = "a file reached the file-size limit" + (
+        f" ({limit} bytes, ulimit -f)" if limit != resource.RLIM_INFINITY else "")
+    if code == errno.EFBIG:
+        return size_limit
+    if code == errno.ENOSPC:
+        return "the disk is full"
+    if "unexpected pos" not in str(error) or folder is None:
+        return None
+    try:
+        if limit != resource.RLIM_INFINITY and any(p.is_file() and p.stat().st_size >= limit
+                                                   for p in folder.rglob("*")):
+            return size_limit
+        if shutil.disk_usage(folder).free < 16 * _CHUNK:
+            return "the disk is full"
+    except OSError:  # the folder is gone: nothing to tell by
+        pass
+    return None
+
+
+def _failure(rank: int, error: BaseException, folder: Path | None = None) -> str:
+    limit_hit = _write_limit_hit(error, folder)
+    if limit_hit:
+        return f"rank {rank}: {limit_hit}"
     return f"rank {rank}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
-def _first_failure(e: CheckpointException) -> str:
+def _first_failure(e: CheckpointException, folder: Path | None = None) -> str:
     rank, (error, _) = min(e.failures.items(), key=lambda item: item[0])
-    return _failure(rank, error)
+    return _failure(rank, error, folder)
 
 
 def aside_name(folder: Path, suffix: str) -> Path:
@@ -497,7 +526,7 @@ def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, k
         if error is None:
             _write_rank_files(tmp, rank, files)
     except OSError as e:  # a full disk or a file-size limit on this rank only: every rank must hear of it
-        error = f"rank {rank}: {e}"
+        error = f"rank {rank}: {_write_limit_hit(e, tmp) or e}"
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error, group=group)  # also the barrier before the manifest lists every rank's files
     first = next((e for e in errors if e is not None), None)
@@ -525,7 +554,7 @@ def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, ran
     try:
         dcp.save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp))
     except CheckpointException as e:  # raised on every rank alike
-        error = _first_failure(e)
+        error = _first_failure(e, tmp)
     return _complete(root, step, error, files, keep, run_meta.get("run_id"))
 
 
@@ -565,12 +594,13 @@ class BackgroundSaver:
     def _finish(self, written, root: Path, step: int, files: _RankFiles, keep: int, run_id: str | None,
                 then) -> Path:
         error = None
+        tmp, _ = _folders(root, step)
         try:
             written.result()
         except CheckpointException as e:
-            error = _first_failure(e)
+            error = _first_failure(e, tmp)
         except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it
-            error = _failure(dist.get_rank(), e)
+            error = _failure(dist.get_rank(), e, tmp)
         folder = _complete(root, step, error, files, keep, run_id, self.group)
         if then is not None:
             then(folder)

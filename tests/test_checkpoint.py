@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import resource
 import socket
 import subprocess
 import sys
@@ -491,3 +492,18 @@ def test_two_ranks_split_the_hashing_gather_the_export_on_rank_0_and_save_in_the
         assert f"rank {rank}: checkpoint {folder} is corrupt: __1_0.distcp has size 9 bytes" in result.stdout
         assert (f"rank {rank}: rank 0 could not read the checkpoint folder: [Errno 2] No such file or directory: "
                 f"'{tmp_path / 'ckpt' / 'no-such-file'}'") in result.stdout
+
+
+def test_a_full_disk_and_the_file_size_limit_are_named(tmp_path):
+    unexpected_pos = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert checkpoint._failure(1, OSError(errno.ENOSPC, "No space left on device"), tmp_path) == \
+        "rank 1: the disk is full"
+    assert checkpoint._failure(0, unexpected_pos, tmp_path).startswith("rank 0: RuntimeError: [enforce fail")
+    (tmp_path / "__0_0.distcp").write_bytes(b"x" * 4096)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        assert checkpoint._failure(0, unexpected_pos, tmp_path) == \
+            "rank 0: a file reached the file-size limit (4096 bytes, ulimit -f)"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
