@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
 from pafm.config import ConfigError, load_config, save_config, to_dict
-from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
+from pafm.distributed import (World, agree, all_reduce, cleanup, init_distributed, one_line, peer_failure, print_once,
+                              shard_model)
 from pafm.ema import EMA
 from pafm.logger import MetricsLogger, SideWork
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
@@ -163,12 +164,18 @@ def condition(batch: dict, device):
 
 class StopSignal:
     """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits cleanly.  A repeated signal
-    changes nothing: Ctrl-C or a scheduler reaches the ranks both directly and through torchrun."""
+    changes nothing: Ctrl-C or a scheduler reaches the ranks both directly and through torchrun.
+
+    SIGTERM is caught from before setup: torchrun sends it to every rank as soon as one exits, and a rank that died
+    of it during setup would never print its own error.  Ctrl-C is caught from `catch_interrupt` on (the loop), so
+    that it still interrupts a long setup."""
 
     def __init__(self):
         self.requested = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def catch_interrupt(self):
+        signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = self.requested or signal.Signals(signum).name
@@ -323,7 +330,7 @@ class PreviewGrids:
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
-def train(cfg: Config, world: World) -> dict:
+def train(cfg: Config, world: World, stop: StopSignal) -> dict:
     run_dir = Path(cfg.run.dir)
     lock = RunLock(run_dir)
     try:  # on rank 0 alone, and every rank hears of a refusal (so no rank waits forever)
@@ -331,12 +338,12 @@ def train(cfg: Config, world: World) -> dict:
     except (ValueError, OSError, RunDirInUse) as err:  # a SharedError is a ValueError
         raise SetupError(one_line(err)) from None
     try:
-        return _train(cfg, world, run_dir)
+        return _train(cfg, world, run_dir, stop)
     finally:
         lock.release()
 
 
-def _train(cfg: Config, world: World, run_dir: Path) -> dict:
+def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
     info, loader, accum = build_data(cfg, world)
     check_settings(cfg, info)
     model, optimizer, ema = build_model_and_optimizer(cfg, world, info)
@@ -361,7 +368,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir)
-    stop = StopSignal()
+    stop.catch_interrupt()
     data_iter = iter(loader)
     try:
         while state.step < cfg.train.steps:
@@ -435,22 +442,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Writing past the file-size limit must raise an OSError (reported below), not kill the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    stop = StopSignal()
     world = init_distributed(cfg.train.device)
     where = "" if world.size == 1 else f" (rank {world.rank})"
     try:
-        result = train(cfg, world)
-    except (SetupError, DataError, ConfigError, CheckpointError) as err:
-        if world.is_main:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        result = train(cfg, world, stop)
+    except (SetupError, DataError, ConfigError, CheckpointError) as err:  # every rank reaches it, maybe not together
+        print_once(f"error: {err}")
         return 2
     except OSError as err:  # a read-only folder, a full disk, a file-size limit: the newest checkpoint is intact
         print(f"error{where}: {err}; the newest complete checkpoint is intact", file=sys.stderr, flush=True)
         return 2
     except TrainingStopped as err:
-        if world.is_main:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        print_once(f"error: {err}")
         return 3
-    except dist.DistError as err:  # a peer rank failed or was killed: its own message is the one that matters
+    except RuntimeError as err:  # a peer rank failed or was killed: its own message is the one that matters
+        if not peer_failure(err):
+            raise
         print(f"error{where}: a collective failed, most likely because another rank stopped: "
               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
         return 1
