@@ -4,6 +4,7 @@ their launcher, torn logs, side work that fails, and a skipped step that changes
 Every run is a real subprocess, like a user's (the helpers come from test_train.py).
 """
 import json
+import os
 import resource
 import shutil
 import signal
@@ -304,3 +305,24 @@ def test_under_torchrun_the_first_error_line_is_the_ranks_own(env, tmp_path, att
     errors = [line for line in proc.stderr.splitlines() if "rror" in line]
     assert errors and errors[0].startswith("error: objective:") and "class labels" in errors[0], proc.stderr
     assert sum(line.startswith("error") for line in proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def _rank_of(pid: int) -> int:
+    environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK="))[len(b"RANK="):])
+
+
+@pytest.mark.slow
+def test_a_peers_death_is_one_line_on_the_survivor(env, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pafm.train",
+           "configs/digits_sit.yaml", f"run.dir={run}", *TINY, "train.steps=100000", "checkpoint.every=100000"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run, 2, launcher)
+    rank1 = next(pid for pid in _children(launcher.pid) if _rank_of(pid) == 1)
+    os.kill(rank1, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    lines = stderr.splitlines()
+    survivor = [line for line in lines if line.startswith("error (rank 0)")]
+    assert len(survivor) == 1 and "another rank stopped" in survivor[0], stderr
+    assert not any(line.lstrip().startswith("File") and "/pafm/" in line for line in lines), stderr
