@@ -130,17 +130,6 @@ def complete_checkpoints(root: str | Path, run_id: str | None = None) -> list[tu
             if (folder / MANIFEST).is_file() and not _foreign(folder, run_id)]
 
 
-def foreign_checkpoints(root: str | Path, run_id: str) -> list[Path]:
-    """The complete checkpoints under root that another run wrote, oldest first."""
-    return [folder for _, folder in _step_folders(Path(root))
-            if (folder / MANIFEST).is_file() and _foreign(folder, run_id)]
-
-
-def _foreign_warning(folder: Path, run_id: str) -> str:
-    return (f"warning: {folder} belongs to another run (run id {checkpoint_run_id(folder)}, this run's is {run_id}): "
-            f"skipped and left in place; move it out of {folder.parent}")
-
-
 def _report_skipped(root: Path, run_id: str | None):
     """Rank 0: one warning line per step folder resume=auto passes over for a reason other than its integrity:
     another run's checkpoint, or a folder without a manifest."""
@@ -149,7 +138,8 @@ def _report_skipped(root: Path, run_id: str | None):
             print(f"warning: {folder} has no {MANIFEST} (an incomplete or damaged checkpoint): skipped",
                   file=sys.stderr, flush=True)
         elif _foreign(folder, run_id):
-            print(_foreign_warning(folder, run_id), file=sys.stderr, flush=True)
+            print(f"warning: {folder} belongs to another run (run id {checkpoint_run_id(folder)}, this run's is "
+                  f"{run_id}): skipped and left in place; move it out of {root}", file=sys.stderr, flush=True)
 
 
 def latest_checkpoint(root: str | Path, run_id: str | None = None) -> Path | None:
@@ -451,16 +441,14 @@ def _start_folder(root: Path, step: int):
 
 
 def _write_limit_hit(error: BaseException, folder: Path | None) -> str | None:
-    """A full disk or the file-size limit, named, when that is why a write into folder failed; else None.  Torch's
-    zip writer (DCP's non-tensor values) reports either as "unexpected pos", so then the folder is looked at."""
-    code = getattr(error, "errno", None)
+    """The file-size limit or a full disk, named, when that is why a write into folder failed and the error does not
+    say so itself (ENOSPC does); else None.  Torch's zip writer (DCP's non-tensor values) reports either as
+    "unexpected pos", so then the folder is looked at."""
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     size_limit = "a file reached the file-size limit" + (
         f" ({limit} bytes, ulimit -f)" if limit != resource.RLIM_INFINITY else "")
-    if code == errno.EFBIG:
+    if getattr(error, "errno", None) == errno.EFBIG:
         return size_limit
-    if code == errno.ENOSPC:
-        return "the disk is full"
     if "unexpected pos" not in str(error) or folder is None:
         return None
     try:
@@ -468,7 +456,7 @@ def _write_limit_hit(error: BaseException, folder: Path | None) -> str | None:
                                                    for p in folder.rglob("*")):
             return size_limit
         if shutil.disk_usage(folder).free < 16 * _CHUNK:
-            return "the disk is full"
+            return "the disk is full (no space left on device)"
     except OSError:  # the folder is gone: nothing to tell by
         pass
     return None
@@ -500,11 +488,13 @@ def _publish(root: Path, step: int, keep: int, run_id: str | None):
     a stop signal right after a periodic save); another run's, or one without a manifest, is moved aside."""
     tmp, final = _folders(root, step)
     if final.exists():
-        if (final / MANIFEST).is_file() and not _foreign(final, run_id):
+        complete = (final / MANIFEST).is_file()
+        if complete and not _foreign(final, run_id):
             shutil.rmtree(final)
         else:
-            why = "another run's checkpoint" if (final / MANIFEST).is_file() else f"a folder without {MANIFEST}"
-            target = aside_name(final, "foreign" if why.startswith("another") else "incomplete")
+            why, suffix = ("another run's checkpoint", "foreign") if complete else \
+                (f"a folder without {MANIFEST}", "incomplete")
+            target = aside_name(final, suffix)
             os.replace(final, target)
             print(f"warning: {final} was {why}: moved to {target.name} instead of being overwritten",
                   file=sys.stderr, flush=True)
@@ -692,8 +682,8 @@ class Checkpointer:
     `run_meta` (model config, objective, its state keys, world size) is recorded in every checkpoint; resuming with
     other settings is refused.  So are the run's id and its `run_meta["trajectory"]` (optimiser, schedule, seed,
     data, objective): resume=auto adopts only the run's own checkpoints, and a resume whose trajectory settings
-    changed says so in a warning line.  The export is side work (`side.run`): a failure is reported and counted, never fatal,
-    and the checkpoint is written first; it is read back from the checkpoint's files on rank 0.
+    changed says so in a warning line.  The export is side work (`side.run`): a failure is reported and counted,
+    never fatal, and the checkpoint is written first; it is read back from the checkpoint's files on rank 0.
 
     With `async_save`, periodic saves are written in the background (`BackgroundSaver`): `poll` collects a finished
     one without blocking, and a failed one is reported in one line while the run goes on.  Every other save, and

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -282,7 +283,8 @@ def test_a_step_folder_without_manifest_is_reported_and_never_overwritten(tmp_pa
     (newer / "manifest.json").unlink()
     capsys.readouterr()
     assert latest_checkpoint(tmp_path, "mine") == older
-    assert capsys.readouterr().err == f"warning: {newer} has no manifest.json (an incomplete or damaged checkpoint): skipped\n"
+    assert capsys.readouterr().err == \
+        f"warning: {newer} has no manifest.json (an incomplete or damaged checkpoint): skipped\n"
     _save(tmp_path, mesh, step=2, run_meta=MINE)
     assert (tmp_path / "step_0000002.incomplete" / "__0_0.distcp").is_file()
     assert "moved to step_0000002.incomplete instead of being overwritten" in capsys.readouterr().err
@@ -494,10 +496,13 @@ def test_two_ranks_split_the_hashing_gather_the_export_on_rank_0_and_save_in_the
                 f"'{tmp_path / 'ckpt' / 'no-such-file'}'") in result.stdout
 
 
-def test_a_full_disk_and_the_file_size_limit_are_named(tmp_path):
+shutil_usage = namedtuple("usage", "total used free")
+
+
+def test_a_full_disk_and_the_file_size_limit_are_named(tmp_path, monkeypatch):
     unexpected_pos = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
-    assert checkpoint._failure(1, OSError(errno.ENOSPC, "No space left on device"), tmp_path) == \
-        "rank 1: the disk is full"
+    assert checkpoint._failure(1, OSError(errno.EFBIG, "File too large"), tmp_path).startswith(
+        "rank 1: a file reached the file-size limit")
     assert checkpoint._failure(0, unexpected_pos, tmp_path).startswith("rank 0: RuntimeError: [enforce fail")
     (tmp_path / "__0_0.distcp").write_bytes(b"x" * 4096)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -507,3 +512,5 @@ def test_a_full_disk_and_the_file_size_limit_are_named(tmp_path):
             "rank 0: a file reached the file-size limit (4096 bytes, ulimit -f)"
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil_usage(total=1 << 30, used=1 << 30, free=0))
+    assert checkpoint._failure(0, unexpected_pos, tmp_path) == "rank 0: the disk is full (no space left on device)"

@@ -15,10 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_second_holder_is_refused_by_name(tmp_path):
     lock = RunLock(tmp_path).acquire()
-    holder = subprocess.run([sys.executable, "-c", "import sys; from pafm.run_lock import RunLock; "
-                             "RunLock(sys.argv[1]).acquire()", str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert holder.returncode != 0 and f"pid {os.getpid()}" in holder.stderr
+    with pytest.raises(RunDirInUse, match=f"pid {os.getpid()} on "):
+        RunLock(tmp_path).acquire()
     lock.release()
     RunLock(tmp_path).acquire().release()
 

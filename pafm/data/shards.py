@@ -465,8 +465,8 @@ class LatentDataset:
         up to 8). `neighbors`: also check the neighbour file. `remember`: skip shards whose check passed before and
         that look unchanged since (same size, mtime, inode, header and last 64 KiB, and the same index record) and
         whose bytes are: each such shard is read again for its CRC-32, which catches a change anywhere in the file
-        that keeps its metadata (bit rot); and remember each shard that passes now; a full check (`pafm.prep inspect`) leaves it False. Returns the numbers
-        of the shards checked now.
+        that keeps its metadata (bit rot); and remember each shard that passes now; a full check (`pafm.prep
+        inspect`) leaves it False. Returns the numbers of the shards checked now.
         """
         self._check_headers()
         shards = range(len(self.shards)) if shards is None else shards
