@@ -9,7 +9,10 @@ Contents:
 - `rank{R}.json`: step, counters and the data loader's position of rank R;
 - `rank{R}.safetensors`: rank R's RNG states and any per-rank device state (the class bank);
 - `run.json`: what the checkpoint belongs to (model config, objective, state keys, world size); a load refuses a
-  run that differs, naming the first differing field;
+  run that differs, naming the first differing field.  It also names the run that wrote it (`run_id`, the id in
+  RUN/run.json, made at the run's first launch) and the settings that shape its trajectory (`trajectory`): resume=auto
+  and the rotation only ever consider the run's own checkpoints, and a checkpoint without a run id (written before
+  checkpoints named their run) counts as the run's own.  `export` is the meta of the EMA export made from it;
 - `manifest.json`, written last: name, size and sha256 of every other file.  A folder without it is not a complete
   checkpoint; a load verifies it first, so a truncated or bit-flipped file is refused by name, and resume=auto
   falls back to the newest checkpoint that verifies.  The hashing is split over the ranks.
@@ -20,14 +23,17 @@ Every function here that touches a checkpoint is a collective when torch.distrib
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
 import re
+import resource
 import shutil
 import sys
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,13 +53,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pafm.distributed import COLLECTIVE_TIMEOUT, SharedError, agree, one_line
-from pafm.files import atomic_write
+from pafm.files import atomic_write, atomic_write_text
 
 MANIFEST = "manifest.json"
 RUN = "run.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
 _CHUNK = 1 << 20
 _FIX = "resume in a new run.dir or with the original settings"
+# Keys of a checkpoint's run.json that say which run wrote it, how, and how to export it, rather than what it can be
+# loaded into: the resume policy, the rotation and `pafm.export` read them; the load's strict comparison leaves them
+# out.
+_IDENTITY_KEYS = ("run_id", "trajectory", "export")
 # full_ema reads on one rank while the process group exists, on purpose: DCP's notice about it is noise.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -79,22 +89,66 @@ def _from_rank0(fn, group=None, what: str = "read the checkpoint folder"):
 
 
 # --- finding checkpoints ------------------------------------------------------------------------------------------
-def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint (named step_N, with a manifest) under root, oldest first."""
-    root = Path(root)
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every folder named step_N under root, oldest first."""
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _COMPLETE.match(child.name)
-        if match and child.is_dir() and (child / MANIFEST).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    return sorted((int(match.group(1)), child) for child in root.iterdir()
+                  if (match := _COMPLETE.match(child.name)) and child.is_dir())
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under root that verifies; newer ones that fail are skipped with a warning."""
-    found = _from_rank0(lambda: [str(folder) for _, folder in complete_checkpoints(root)])
+def checkpoint_run_id(folder: Path) -> str | None:
+    """The id of the run that wrote a checkpoint; None when it names none (written before checkpoints named their
+    run) or its run.json is unreadable (verification then refuses it)."""
+    try:
+        saved = json.loads((Path(folder) / RUN).read_text())
+    except (OSError, ValueError):
+        return None
+    run_id = saved.get("run_id") if isinstance(saved, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def recorded_run_id(run_dir) -> str | None:
+    """The id in RUN/run.json, without making one (None when there is none or it is unreadable)."""
+    try:
+        run_id = json.loads((Path(run_dir) / RUN).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+def _foreign(folder: Path, run_id: str | None) -> bool:
+    """Whether folder names a run other than `run_id` (never, when run_id is None: no run to compare with)."""
+    saved = checkpoint_run_id(folder) if run_id is not None else None
+    return saved is not None and saved != run_id
+
+
+def complete_checkpoints(root: str | Path, run_id: str | None = None) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint (named step_N, with a manifest) under root, oldest first; with
+    `run_id`, only that run's own (and those that name no run)."""
+    return [(step, folder) for step, folder in _step_folders(Path(root))
+            if (folder / MANIFEST).is_file() and not _foreign(folder, run_id)]
+
+
+def _report_skipped(root: Path, run_id: str | None):
+    """Rank 0: one warning line per step folder resume=auto passes over for a reason other than its integrity:
+    another run's checkpoint, or a folder without a manifest."""
+    for _, folder in _step_folders(root):
+        if not (folder / MANIFEST).is_file():
+            print(f"warning: {folder} has no {MANIFEST} (an incomplete or damaged checkpoint): skipped",
+                  file=sys.stderr, flush=True)
+        elif _foreign(folder, run_id):
+            print(f"warning: {folder} belongs to another run (run id {checkpoint_run_id(folder)}, this run's is "
+                  f"{run_id}): skipped and left in place; move it out of {root}", file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(root: str | Path, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint under root that verifies (with `run_id`: of that run, or naming none); newer
+    ones that fail are skipped with a warning, and so are other runs' checkpoints and folders without a manifest."""
+    root = Path(root)
+    found = _from_rank0(lambda: [str(folder) for _, folder in complete_checkpoints(root, run_id)])
+    if _rank() == 0:
+        _report_skipped(root, run_id)
     for folder in map(Path, reversed(found)):
         try:
             verify_checkpoint(folder)
@@ -302,6 +356,10 @@ def _show(value) -> str:
     return "(not set)" if value is _ABSENT else json.dumps(value)
 
 
+def _without_identity(run_meta: dict) -> dict:
+    return {k: v for k, v in run_meta.items() if k not in _IDENTITY_KEYS} if isinstance(run_meta, dict) else run_meta
+
+
 def _check_run(folder: Path, expected_run_meta: dict | None):
     saved_world, world = len(list(folder.glob("rank*.json"))), dist.get_world_size()
     if saved_world != world:
@@ -317,7 +375,7 @@ def _check_run(folder: Path, expected_run_meta: dict | None):
     except ValueError as e:
         raise CheckpointError(f"checkpoint {folder}: {RUN} is not valid JSON ({e})") from e
     # Through JSON like the saved side, so that a tuple and the list it was saved as compare equal.
-    found = _first_difference(saved, json.loads(json.dumps(expected_run_meta)))
+    found = _first_difference(_without_identity(saved), _without_identity(json.loads(json.dumps(expected_run_meta))))
     if found:
         key, was, now = found
         raise CheckpointError(f"checkpoint {folder} was written with {key}={_show(was)}, this run has {_show(now)}: "
@@ -382,28 +440,73 @@ def _start_folder(root: Path, step: int):
     dist.barrier()
 
 
-def _failure(rank: int, error: BaseException) -> str:
+def _write_limit_hit(error: BaseException, folder: Path | None) -> str | None:
+    """The file-size limit or a full disk, named, when that is why a write into folder failed and the error does not
+    say so itself (ENOSPC does); else None.  Torch's zip writer (DCP's non-tensor values) reports either as
+    "unexpected pos", so then the folder is looked at."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size_limit = "a file reached the file-size limit" + (
+        f" ({limit} bytes, ulimit -f)" if limit != resource.RLIM_INFINITY else "")
+    if getattr(error, "errno", None) == errno.EFBIG:
+        return size_limit
+    if "unexpected pos" not in str(error) or folder is None:
+        return None
+    try:
+        if limit != resource.RLIM_INFINITY and any(p.is_file() and p.stat().st_size >= limit
+                                                   for p in folder.rglob("*")):
+            return size_limit
+        if shutil.disk_usage(folder).free < 16 * _CHUNK:
+            return "the disk is full (no space left on device)"
+    except OSError:  # the folder is gone: nothing to tell by
+        pass
+    return None
+
+
+def _failure(rank: int, error: BaseException, folder: Path | None = None) -> str:
+    limit_hit = _write_limit_hit(error, folder)
+    if limit_hit:
+        return f"rank {rank}: {limit_hit}"
     return f"rank {rank}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
-def _first_failure(e: CheckpointException) -> str:
+def _first_failure(e: CheckpointException, folder: Path | None = None) -> str:
     rank, (error, _) = min(e.failures.items(), key=lambda item: item[0])
-    return _failure(rank, error)
+    return _failure(rank, error, folder)
 
 
-def _publish(root: Path, step: int, keep: int):
-    """Rank 0: step_N.tmp/ becomes step_N/; older checkpoints past `keep` and partial writes go."""
+def aside_name(folder: Path, suffix: str) -> Path:
+    """folder.SUFFIX, or folder.SUFFIX1, 2, ... when that exists: where a folder that must not be loaded is kept."""
+    target, n = folder.with_name(f"{folder.name}.{suffix}"), 1
+    while target.exists():
+        target, n = folder.with_name(f"{folder.name}.{suffix}{n}"), n + 1
+    return target
+
+
+def _publish(root: Path, step: int, keep: int, run_id: str | None):
+    """Rank 0: step_N.tmp/ becomes step_N/; this run's older checkpoints past `keep` and partial writes go.  A
+    step_N/ already there is replaced only when it is this run's own complete checkpoint (the same step saved twice:
+    a stop signal right after a periodic save); another run's, or one without a manifest, is moved aside."""
     tmp, final = _folders(root, step)
-    if final.exists():  # the same step saved twice (a stop signal right after a periodic save)
-        shutil.rmtree(final)
+    if final.exists():
+        complete = (final / MANIFEST).is_file()
+        if complete and not _foreign(final, run_id):
+            shutil.rmtree(final)
+        else:
+            why, suffix = ("another run's checkpoint", "foreign") if complete else \
+                (f"a folder without {MANIFEST}", "incomplete")
+            target = aside_name(final, suffix)
+            os.replace(final, target)
+            print(f"warning: {final} was {why}: moved to {target.name} instead of being overwritten",
+                  file=sys.stderr, flush=True)
     os.replace(tmp, final)
-    for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+    for _, old in complete_checkpoints(root, run_id)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob("step_*.tmp"):  # partial writes of killed runs
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, keep: int, group=None) -> Path:
+def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, keep: int, run_id: str | None,
+              group=None) -> Path:
     """After DCP wrote its files: the rank files, the ranks' agreement, the manifest and the publish (a collective on
     `group`).  Raises CheckpointError on every rank alike if any rank failed; the partial folder is removed."""
     rank = dist.get_rank()
@@ -413,7 +516,7 @@ def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, k
         if error is None:
             _write_rank_files(tmp, rank, files)
     except OSError as e:  # a full disk or a file-size limit on this rank only: every rank must hear of it
-        error = f"rank {rank}: {e}"
+        error = f"rank {rank}: {_write_limit_hit(e, tmp) or e}"
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error, group=group)  # also the barrier before the manifest lists every rank's files
     first = next((e for e in errors if e is not None), None)
@@ -422,7 +525,7 @@ def _complete(root: Path, step: int, dcp_error: str | None, files: _RankFiles, k
             raise CheckpointError(f"writing checkpoint {tmp} failed ({first}); the newest complete checkpoint is "
                                   "intact")
         _write_manifest(tmp, group)
-        _from_rank0(lambda: _publish(root, step, keep), group, what=f"publish checkpoint {final}")
+        _from_rank0(lambda: _publish(root, step, keep, run_id), group, what=f"publish checkpoint {final}")
     except CheckpointError:
         if rank == 0:  # the space it took (a full disk is a likely cause); the previous checkpoints stay
             shutil.rmtree(tmp, ignore_errors=True)
@@ -441,8 +544,8 @@ def save_checkpoint(root, step: int, model, optimizer, ema, rank_meta: dict, ran
     try:
         dcp.save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp))
     except CheckpointException as e:  # raised on every rank alike
-        error = _first_failure(e)
-    return _complete(root, step, error, files, keep)
+        error = _first_failure(e, tmp)
+    return _complete(root, step, error, files, keep, run_meta.get("run_id"))
 
 
 def _writer(cuda: bool) -> FileSystemWriter:
@@ -475,17 +578,20 @@ class BackgroundSaver:
         tmp, _ = _folders(root, step)
         written = dcp.async_save(_distributed_state(model, optimizer, ema), checkpoint_id=str(tmp),
                                  storage_writer=self.writer, process_group=self.group)
-        self.pending = self.executor.submit(self._finish, written, root, step, files, keep, then)
+        self.pending = self.executor.submit(self._finish, written, root, step, files, keep, run_meta.get("run_id"),
+                                            then)
 
-    def _finish(self, written, root: Path, step: int, files: _RankFiles, keep: int, then) -> Path:
+    def _finish(self, written, root: Path, step: int, files: _RankFiles, keep: int, run_id: str | None,
+                then) -> Path:
         error = None
+        tmp, _ = _folders(root, step)
         try:
             written.result()
         except CheckpointException as e:
-            error = _first_failure(e)
+            error = _first_failure(e, tmp)
         except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it
-            error = _failure(dist.get_rank(), e)
-        folder = _complete(root, step, error, files, keep, self.group)
+            error = _failure(dist.get_rank(), e, tmp)
+        folder = _complete(root, step, error, files, keep, run_id, self.group)
         if then is not None:
             then(folder)
         return folder
@@ -525,6 +631,44 @@ def load_checkpoint(folder, model, optimizer, ema, expected_run_meta: dict | Non
 
 
 # --- the trainer's checkpoint manager ----------------------------------------------------------------------------
+def run_identity(run_dir: Path) -> str:
+    """This run's id, read from RUN/run.json; made and written there at the run's first launch (rank 0 reads or
+    writes it, for every rank)."""
+    path = Path(run_dir) / RUN
+
+    def read_or_make() -> str:
+        if not path.exists():
+            run_id = uuid.uuid4().hex
+            atomic_write_text(path, json.dumps({"run_id": run_id}) + "\n")
+            return run_id
+        try:
+            run_id = json.loads(path.read_text())["run_id"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is damaged ({one_line(e)}): it holds the run id that this run's checkpoints "
+                             f"carry in their {RUN}; write it back as {{\"run_id\": \"...\"}}") from None
+        if not isinstance(run_id, str):
+            raise ValueError(f"{path}: run_id is not a string")
+        return run_id
+
+    try:
+        return agree(read_or_make, rank0_only=True, errors=(OSError, ValueError))
+    except (OSError, ValueError) as e:  # a SharedError is a ValueError
+        raise CheckpointError(one_line(e)) from None
+
+
+def _check_state_shapes(folder: Path, saved: dict, live: dict, trajectory_change: str | None):
+    """CheckpointError naming the first per-rank state tensor whose shape differs (and the setting behind it, when
+    the checkpoint records its settings), instead of a size-mismatch error from load_state_dict."""
+    for key in sorted(set(saved) & set(live)):
+        was, now = list(saved[key].shape), list(live[key].shape)
+        if was != now and trajectory_change:
+            raise CheckpointError(f"checkpoint {folder} was written with {trajectory_change} ({key} has shape {was}, "
+                                  f"this run's {now}): {_FIX}")
+        if was != now:
+            raise CheckpointError(f"checkpoint {folder} holds {key} of shape {was}, this run's has shape {now} (a "
+                                  f"changed objective setting): {_FIX}")
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -536,8 +680,10 @@ class Checkpointer:
     """The trainer's checkpoints: the resume policy, saves with rotation, and the EMA export written beside them.
 
     `run_meta` (model config, objective, its state keys, world size) is recorded in every checkpoint; resuming with
-    other settings is refused.  The export is side work (`side.run`): a failure is reported and counted, never fatal,
-    and the checkpoint is written first; it is read back from the checkpoint's files on rank 0.
+    other settings is refused.  So are the run's id and its `run_meta["trajectory"]` (optimiser, schedule, seed,
+    data, objective): resume=auto adopts only the run's own checkpoints, and a resume whose trajectory settings
+    changed says so in a warning line.  The export is side work (`side.run`): a failure is reported and counted,
+    never fatal, and the checkpoint is written first; it is read back from the checkpoint's files on rank 0.
 
     With `async_save`, periodic saves are written in the background (`BackgroundSaver`): `poll` collects a finished
     one without blocking, and a failed one is reported in one line while the run goes on.  Every other save, and
@@ -552,31 +698,45 @@ class Checkpointer:
         self.saver = BackgroundSaver(world.device.type == "cuda", COLLECTIVE_TIMEOUT) if async_save else None
         self.newest = None  # the newest checkpoint this run completed
         self.failed_saves = 0
+        self.run_id = None  # known once `resume` has read or made it
 
     def latest(self) -> Path | None:
         self.wait()
-        return latest_checkpoint(self.root)
+        return latest_checkpoint(self.root, self.run_id)
 
     def resume(self, policy: str) -> TrainState:
         explicit = policy not in ("auto", "none")
         if explicit and not Path(policy).is_dir():
             raise CheckpointError(f"train.resume={policy}: no such checkpoint folder")
+        self.run_id = run_identity(self.run_dir)
+        self.run_meta = {**self.run_meta, "run_id": self.run_id}
         ckpt = Path(policy) if explicit else self.latest() if policy == "auto" else None
-        existing = complete_checkpoints(self.root)
-        if ckpt is None and existing and policy == "none":
-            raise CheckpointError(f"{self.root} already holds checkpoints (up to step {existing[-1][0]}) and "
+        every = complete_checkpoints(self.root)
+        existing = complete_checkpoints(self.root, self.run_id)
+        if ckpt is None and every and policy == "none":
+            raise CheckpointError(f"{self.root} already holds checkpoints (up to step {every[-1][0]}) and "
                              "train.resume=none: use train.resume=auto to continue, or a new run.dir")
         if ckpt is None and existing:
             raise CheckpointError(f"no checkpoint in {self.root} passes its integrity check (see the warnings above); "
                              "resume from a folder with train.resume=PATH or start a new run.dir")
+        if ckpt is None and every:  # only other runs' checkpoints: starting afresh beside them would mix two runs
+            foreign = every[-1][1]
+            raise CheckpointError(f"{foreign} belongs to another run (run id {checkpoint_run_id(foreign)}, this run's "
+                                  f"is {self.run_id}) and {self.root} holds no checkpoint of this run: move it out, "
+                                  f"or resume it with train.resume={foreign} in a new run.dir")
         unverifiable = [p.parent for p in self.root.glob("step_*/.metadata") if p.parent.name[5:].isdigit()]
         if ckpt is None and unverifiable:
             raise CheckpointError(f"{self.root} holds checkpoints without a manifest (written by an older version of "
                              "this trainer): resume them with that version or start a new run.dir")
         if ckpt is None:
             return TrainState()
+        change = self._trajectory_change(ckpt)
         meta, tensors = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, expected_run_meta=self.run_meta,
                                         verified=policy == "auto")
+        _check_state_shapes(ckpt, tensors, self.objective.state_dict(), change)
+        if change and self.world.is_main:
+            print(f"warning: {ckpt} was written with {change}: the run goes on with this run's settings",
+                  file=sys.stderr, flush=True)
         state = TrainState(meta["step"], meta["skipped"], meta["bad_in_row"])
         later = [folder for s, folder in existing if s > state.step]
         if later and explicit:  # continuing would interleave two runs' checkpoints
@@ -587,15 +747,42 @@ class Checkpointer:
         self.objective.load_state_dict(tensors)
         if self.world.is_main:
             print(f"resumed from {ckpt} at step {state.step}", flush=True)
+        self._refresh_export(ckpt, state.step)
         return state
+
+    def _refresh_export(self, ckpt: Path, step: int):
+        """Rewrite the EMA export from the checkpoint resumed when it is missing, unreadable or older (its write
+        failed, or the run was killed between a checkpoint and its export): a finished run gets it on relaunch."""
+        from pafm.export import EXPORT_NAME, ExportError, read_export_meta
+
+        if not self.world.is_main:
+            return
+        try:
+            exported = read_export_meta(self.run_dir / EXPORT_NAME).get("step")
+        except ExportError:
+            exported = None
+        if not isinstance(exported, int) or exported < step:
+            self._export(ckpt, step)
+
+    def _trajectory_change(self, ckpt: Path) -> str | None:
+        """'KEY=SAVED, this run has NOW' for the first trajectory setting that differs from the checkpoint's, or None
+        (also for a checkpoint that records none)."""
+        def compare() -> str | None:
+            try:
+                saved = json.loads((ckpt / RUN).read_text()).get("trajectory")
+            except (OSError, ValueError, AttributeError):  # the load refuses such a run.json with its reason
+                return None
+            expected = json.loads(json.dumps(self.run_meta.get("trajectory")))
+            found = None if saved is None or expected is None else _first_difference(saved, expected)
+            return None if found is None else f"{found[0]}={_show(found[1])}, this run has {_show(found[2])}"
+
+        return _from_rank0(compare)
 
     def _set_aside(self, folders: list[Path]):
         """Rename checkpoints that failed verification to step_N.corrupt: kept for inspection, never loaded."""
         if self.world.is_main:
             for folder in folders:
-                target, n = folder.with_name(folder.name + ".corrupt"), 1
-                while target.exists():  # the same step failed before
-                    target, n = folder.with_name(f"{folder.name}.corrupt{n}"), n + 1
+                target = aside_name(folder, "corrupt")  # .corrupt1, 2, ...: the same step failed before
                 os.replace(folder, target)
                 print(f"warning: set {folder} aside as {target.name}", file=sys.stderr, flush=True)
         dist.barrier()

@@ -7,6 +7,7 @@ One code path for every launch: under torchrun the environment names the rank an
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import signal
 import socket
@@ -143,6 +144,32 @@ def agree(fn, *args, rank0_only: bool = False, errors=(ValueError, OSError), gro
     if first is not None:
         raise SharedError(first)
     return value
+
+
+def print_once(line: str):
+    """Print `line` on stderr unless another rank of this launch printed the same line already.
+
+    The first rank to reach an error prints it, whichever rank that is: when it then exits, the launcher stops the
+    other ranks, which may never reach the line themselves.  The launch's key-value store (it outlives the ranks)
+    decides who is first; without one, or when it cannot be reached, the line is printed."""
+    first = True
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        digest = hashlib.sha256(line.encode()).hexdigest()[:16]
+        key = f"pafm/error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{digest}"
+        try:
+            first = dist.distributed_c10d._get_default_store().add(key, 1) == 1
+        except Exception:  # noqa: BLE001 - a store that is gone: better twice than never
+            first = True
+    if first:
+        print(line, file=sys.stderr, flush=True)
+
+
+def peer_failure(err: BaseException) -> bool:
+    """Whether an error is a collective's failure because a peer rank went away: torch raises DistError, and gloo
+    a plain RuntimeError naming its transport."""
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
+        "gloo" in text or "connection closed by peer" in text or "connection reset by peer" in text))
 
 
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -5,11 +5,14 @@ the model (architecture, dataset spec and info, path, step).  Sampling, evaluati
                 "step": 1000})
     model, meta = load_export("RUN")            # a run folder means RUN/ema.safetensors
     export_staleness("RUN")                     # a warning line when RUN/checkpoints holds a newer step, else None
+
+    python -m pafm.export RUN [--checkpoint RUN/checkpoints/step_N]   # (re)write RUN/ema.safetensors from a checkpoint
 """
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ META_KEY = "pafm"  # the safetensors metadata key holding the JSON meta
 CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside a run folder
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHECKPOINT_MARKERS = ("manifest.json", ".metadata")  # a complete checkpoint holds one (.metadata: older ones)
+REFRESH = "python -m pafm.export"  # the command that rewrites a run's export from its newest checkpoint
 
 
 class ExportError(ValueError):
@@ -189,10 +193,26 @@ def load_weights(model: torch.nn.Module, state_dict: dict, device, where):
     return model.to(device).eval().requires_grad_(False)
 
 
+def _stored_shapes(path: Path) -> dict[str, tuple]:
+    """{name: shape} of the tensors in a safetensors file, from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as err:  # safetensors' own error types for truncated or foreign files
+        raise ExportError(f"{path} is not a readable safetensors file: {err}") from None
+
+
 def load_export(path_or_run_dir, device="cpu"):
-    """Rebuild the model from an export: returns (model in eval mode on `device`, meta).  Weights load strictly."""
+    """Rebuild the model from an export: returns (model in eval mode on `device`, meta).  Weights load strictly.
+
+    The meta is untrusted until the file's tensors match it: the model it describes is built on the meta device
+    first and compared with the file's header, so a meta that claims a model other than the file holds is refused
+    before anything is allocated."""
     path = resolve_export(path_or_run_dir)
     meta = read_export_meta(path)
+    skeleton = model_skeleton(meta, path)
+    stored = {name: torch.empty(shape, device="meta") for name, shape in _stored_shapes(path).items()}
+    _check_weights(path, skeleton.config["name"], stored, skeleton.state_dict())
     model = model_from_meta(meta, path)
     try:
         state = load_file(str(path), device="cpu")
@@ -202,12 +222,18 @@ def load_export(path_or_run_dir, device="cpu"):
 
 
 def newest_checkpoint_step(run_dir) -> int | None:
-    """Step of the newest complete checkpoint in RUN/checkpoints (step_NNNNNNN/ with manifest.json or .metadata)."""
-    root = Path(run_dir).expanduser() / CHECKPOINTS
+    """Step of the newest complete checkpoint in RUN/checkpoints (step_NNNNNNN/ with manifest.json or .metadata)
+    of the run itself: another run's checkpoint copied there does not count."""
+    from pafm.checkpoint import checkpoint_run_id, recorded_run_id
+
+    run_dir = Path(run_dir).expanduser()
+    root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return None
+    run_id = recorded_run_id(run_dir)
     steps = [int(m.group(1)) for child in root.iterdir() if (m := _STEP_DIR.match(child.name))
-             and any((child / marker).is_file() for marker in _CHECKPOINT_MARKERS)]
+             and any((child / marker).is_file() for marker in _CHECKPOINT_MARKERS)
+             and checkpoint_run_id(child) in (None, run_id)]
     return max(steps, default=None)
 
 
@@ -225,13 +251,89 @@ def export_staleness(run_dir_or_export) -> str | None:
     if newest is None:
         return None
     holds = f"{run_dir / CHECKPOINTS} holds step {newest}"
+    refresh = f"`{REFRESH} {run_dir}` (or a relaunch of the trainer)"
     if not export.is_file():
-        return f"warning: {export} is missing but {holds}: rerun the trainer to write the export"
+        return f"warning: {export} is missing but {holds}: {refresh} writes it"
     try:
         step = read_export_meta(export).get("step")
     except ExportError as err:
-        return f"warning: {export} is unreadable ({err}) but {holds}: rerun the trainer to refresh it"
+        return f"warning: {export} is unreadable ({err}) but {holds}: {refresh} rewrites it"
     if isinstance(step, int) and step < newest:
         return (f"warning: {export} is from step {step} but {holds}: the export is stale (a failed export write?); "
-                f"rerun the trainer to refresh it")
+                f"{refresh} refreshes it")
     return None
+
+
+# --- the export command -------------------------------------------------------------------------------------------
+def checkpoint_export_meta(folder: Path, run_dir: Path) -> dict:
+    """The export meta of a checkpoint: recorded in its run.json, or, for a checkpoint written before it was, the
+    meta of the run's current export (the same run, so the same model and data)."""
+    try:
+        meta = json.loads((folder / "run.json").read_text()).get("export")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ExportError(f"checkpoint {folder}: its run.json is unreadable ({err})") from None
+    if isinstance(meta, dict):
+        return meta
+    try:
+        return read_export_meta(run_dir / EXPORT_NAME)
+    except ExportError:
+        raise ExportError(f"checkpoint {folder} does not record its export settings (written by an older version) "
+                          f"and {run_dir / EXPORT_NAME} is not there to take them from: relaunch the trainer with "
+                          "train.resume=auto to export it") from None
+
+
+def export_checkpoint(run_dir, checkpoint=None) -> tuple[Path, Path, int]:
+    """Write RUN/ema.safetensors from the EMA weights of a verified checkpoint: `checkpoint`, or the run's newest
+    that verifies.  Runs on the CPU in one process, reading the checkpoint's files; refused while a launch holds
+    the run.  Returns (export path, checkpoint folder, step)."""
+    from pafm.checkpoint import CheckpointError, full_ema, latest_checkpoint, recorded_run_id, verify_checkpoint
+    from pafm.run_lock import RunLock
+
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a run folder")
+    lock = RunLock(run_dir).acquire()
+    try:
+        if checkpoint is None:
+            folder = latest_checkpoint(run_dir / CHECKPOINTS, recorded_run_id(run_dir))
+            if folder is None:
+                raise ExportError(f"{run_dir / CHECKPOINTS} holds no checkpoint of this run that verifies")
+        else:
+            folder = Path(checkpoint).expanduser()
+            if not folder.is_dir():
+                raise ExportError(f"--checkpoint {folder}: no such checkpoint folder")
+            verify_checkpoint(folder)
+        meta = checkpoint_export_meta(folder, run_dir)
+        try:
+            step = json.loads((folder / "rank0.json").read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {folder}: rank0.json has no step ({err})") from None
+        path = save_export(run_dir / EXPORT_NAME, full_ema(folder), {**meta, "step": step})
+    finally:
+        lock.release()
+    return path, folder, step
+
+
+def main(argv=None) -> int:
+    """Exit code: 0 when the export was written, 2 for a user error (one line on stderr)."""
+    from pafm.checkpoint import CheckpointError
+    from pafm.cli import OneLineParser, parse_args, report_error
+    from pafm.run_lock import RunDirInUse
+
+    parser = OneLineParser(prog=REFRESH, description="(Re)write RUN/ema.safetensors from a checkpoint's EMA weights.")
+    parser.add_argument("run_dir", help="the run folder (holding checkpoints/)")
+    parser.add_argument("--checkpoint", help="the checkpoint folder to export (default: the run's newest that "
+                                             "verifies)")
+    args, code = parse_args(parser, argv)
+    if args is None:
+        return code
+    try:
+        path, folder, step = export_checkpoint(args.run_dir, args.checkpoint)
+    except (ExportError, CheckpointError, RunDirInUse, OSError) as err:
+        return report_error(err)
+    print(f"wrote {path} from {folder} (step {step})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

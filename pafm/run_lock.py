@@ -3,7 +3,9 @@
 Global rank 0 holds an exclusive `flock` on RUN/.lock for the life of the run and writes its holder (host, pid,
 start time) into it.  A second launch into the same folder, or a relaunch while orphaned ranks of a killed launcher
 still train, is refused in one line naming the holder, so two runs never delete each other's checkpoints or
-interleave their logs.  The kernel drops the lock when the holder dies, however it dies.
+interleave their logs.  The kernel drops the lock when the holder dies, however it dies: an flock belongs to the open
+file, which a forked child (a data-loader worker) would share and keep alive after its parent's death, so the
+descriptor is closed in every forked child (and, like every descriptor Python opens, on exec).
 """
 from __future__ import annotations
 
@@ -19,6 +21,18 @@ class RunDirInUse(RuntimeError):
     """Another live process holds the run directory."""
 
 
+_HELD: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _drop_inherited_locks():
+    for fd in _HELD:
+        os.close(fd)  # the child's reference only: the parent still holds the lock
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
@@ -26,6 +40,8 @@ class RunLock:
 
     def acquire(self):
         """Take the lock or raise RunDirInUse naming the holder; OSError if the folder cannot be written."""
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise NotADirectoryError(f"run.dir {self.path.parent} is a file, not a folder: choose another run.dir")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -40,12 +56,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
         return self
 
     def release(self):
-        if self._fd is not None:
+        if self._fd in _HELD:  # not in a forked child, where it is closed already
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        self._fd = None
 
 
 def _describe(holder: str) -> str:

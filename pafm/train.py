@@ -19,7 +19,8 @@ from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
 from pafm.cli import error_text, launched_as_rank0
 from pafm.config import (Allowed, ConfigError, Relation, at_least, each, load_config, refusal, save_config, section,
                          setting, to_dict, within, words)
-from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
+from pafm.distributed import (World, agree, all_reduce, cleanup, init_distributed, one_line, peer_failure, print_once,
+                              shard_model)
 from pafm.ema import EMA
 from pafm.logger import MetricsLogger, SideWork
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
@@ -170,12 +171,18 @@ def condition(batch: dict, device):
 
 class StopSignal:
     """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits cleanly.  A repeated signal
-    changes nothing: Ctrl-C or a scheduler reaches the ranks both directly and through torchrun."""
+    changes nothing: Ctrl-C or a scheduler reaches the ranks both directly and through torchrun.
+
+    SIGTERM is caught from before setup: torchrun sends it to every rank as soon as one exits, and a rank that died
+    of it during setup would never print its own error.  Ctrl-C is caught from `catch_interrupt` on (the loop), so
+    that it still interrupts a long setup."""
 
     def __init__(self):
         self.requested = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def catch_interrupt(self):
+        signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = self.requested or signal.Signals(signum).name
@@ -200,6 +207,14 @@ def check_settings(cfg: Config, info: dict):
                          "whose caption was dropped); use source=resample or text_prior=similarity")
     if cfg.log.sample_prompts and info["kind"] != "text":
         raise SetupError(f"log.sample_prompts is for text models; {cfg.data.spec} has class labels")
+
+
+def trajectory(cfg: Config) -> dict:
+    """The settings that shape a run's trajectory, recorded in each checkpoint (a resume that changes one says so)."""
+    data = cfg.data
+    return {"optim": to_dict(cfg.optim), "train": {"seed": cfg.train.seed}, "objective": to_dict(cfg.objective),
+            "data": {"spec": data.spec, "batch_size": data.batch_size, "micro_batch_size": data.micro_batch_size,
+                     "flip": data.flip}}
 
 
 # --- building the run ---------------------------------------------------------------------------------------------
@@ -325,7 +340,7 @@ class PreviewGrids:
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
-def train(cfg: Config, world: World) -> dict:
+def train(cfg: Config, world: World, stop: StopSignal) -> dict:
     run_dir = Path(cfg.run.dir)
     lock = RunLock(run_dir)
     try:  # on rank 0 alone, and every rank hears of a refusal (so no rank waits forever)
@@ -333,12 +348,12 @@ def train(cfg: Config, world: World) -> dict:
     except (ValueError, OSError, RunDirInUse) as err:  # a SharedError is a ValueError
         raise SetupError(one_line(err)) from None
     try:
-        return _train(cfg, world, run_dir)
+        return _train(cfg, world, run_dir, stop)
     finally:
         lock.release()
 
 
-def _train(cfg: Config, world: World, run_dir: Path) -> dict:
+def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
     info, loader, accum = build_data(cfg, world)
     check_settings(cfg, info)
     model, optimizer, ema = build_model_and_optimizer(cfg, world, info)
@@ -347,9 +362,11 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     pafm = cfg.objective.kind == "pafm"
     run_meta = {"model": model.config,
                 "objective": {"kind": cfg.objective.kind, "source": cfg.objective.source if pafm else None},
-                "state_keys": sorted(objective.state_dict()), "world_size": world.size}
+                "state_keys": sorted(objective.state_dict()), "world_size": world.size,
+                "trajectory": trajectory(cfg)}
     export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info}, "path": cfg.objective.path,
                    "objective": cfg.objective.kind, "config": to_dict(cfg)}
+    run_meta["export"] = export_meta  # so that `pafm.export` can make the export from any checkpoint
     checkpointer = Checkpointer(run_dir, world, model, optimizer, ema, objective, loader, run_meta, export_meta,
                                 cfg.checkpoint.keep, side, async_save=cfg.checkpoint.async_save)
     state = checkpointer.resume(cfg.train.resume)
@@ -361,7 +378,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir)
-    stop = StopSignal()
+    stop.catch_interrupt()
     data_iter = iter(loader)
     try:
         while state.step < cfg.train.steps:
@@ -428,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    stop = StopSignal()  # before the config: rank 0 must live to print a config error that rank 1 also found
     try:
         cfg = load_config(Config, argv[0], argv[1:])
     except ConfigError as err:  # every rank reads the same config: rank 0 speaks for all
@@ -439,20 +457,20 @@ def main(argv: list[str] | None = None) -> int:
     world = init_distributed(cfg.train.device)
     where = "" if world.size == 1 else f" (rank {world.rank})"
     try:
-        result = train(cfg, world)
-    except (SetupError, DataError, ConfigError, CheckpointError) as err:
-        if world.is_main:
-            print(f"error: {error_text(err)}", file=sys.stderr, flush=True)
+        result = train(cfg, world, stop)
+    except (SetupError, DataError, ConfigError, CheckpointError) as err:  # every rank reaches it, maybe not together
+        print_once(f"error: {error_text(err)}")
         return 2
     except OSError as err:  # a read-only folder, a full disk, a file-size limit: the newest checkpoint is intact
         print(f"error{where}: {error_text(err)}; the newest complete checkpoint is intact", file=sys.stderr,
               flush=True)
         return 2
     except TrainingStopped as err:
-        if world.is_main:
-            print(f"error: {error_text(err)}", file=sys.stderr, flush=True)
+        print_once(f"error: {error_text(err)}")
         return 3
-    except dist.DistError as err:  # a peer rank failed or was killed: its own message is the one that matters
+    except RuntimeError as err:  # a peer rank failed or was killed: its own message is the one that matters
+        if not peer_failure(err):
+            raise
         print(f"error{where}: a collective failed, most likely because another rank stopped: "
               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
         return 1

@@ -7,11 +7,13 @@ import io
 import json
 import os
 import pickle
+import resource
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -255,6 +257,60 @@ def test_latest_skips_a_corrupt_newest(tmp_path, mesh, capsys):
     assert f"checkpoint {newer} is corrupt: rank0.safetensors has a checksum mismatch" in err
 
 
+MINE, THEIRS = {**RUN_META, "run_id": "mine"}, {**RUN_META, "run_id": "theirs"}
+
+
+def test_resume_and_rotation_consider_only_the_runs_own_checkpoints(tmp_path, mesh, capsys):
+    legacy = _save(tmp_path, mesh, step=1)  # written before checkpoints named their run: the run's own
+    _save(tmp_path, mesh, step=2, keep=2, run_meta=MINE)
+    foreign = _save(tmp_path, mesh, step=5, run_meta=THEIRS)
+    assert latest_checkpoint(tmp_path, "mine") == tmp_path / "step_0000002"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"warning: {foreign} belongs to another run (run id theirs" in err
+    assert latest_checkpoint(tmp_path) == foreign  # with no run to compare with, as before
+    _save(tmp_path, mesh, step=3, keep=2, run_meta=MINE)
+    _save(tmp_path, mesh, step=4, keep=2, run_meta=MINE)
+    assert not legacy.exists() and [s for s, _ in complete_checkpoints(tmp_path, "mine")] == [3, 4]
+    assert checkpoint.checkpoint_run_id(foreign) == "theirs"  # rotation never counts or deletes it
+    _save(tmp_path, mesh, step=5, keep=2, run_meta=MINE)  # the same step: set aside, not overwritten
+    assert "step_0000005 was another run's checkpoint: moved to step_0000005.foreign" in capsys.readouterr().err
+    assert checkpoint.checkpoint_run_id(tmp_path / "step_0000005.foreign") == "theirs"
+    assert [s for s, _ in complete_checkpoints(tmp_path, "mine")] == [4, 5]
+
+
+def test_a_step_folder_without_manifest_is_reported_and_never_overwritten(tmp_path, mesh, capsys):
+    older, newer = _save(tmp_path, mesh, step=1, run_meta=MINE), _save(tmp_path, mesh, step=2, run_meta=MINE)
+    (newer / "manifest.json").unlink()
+    capsys.readouterr()
+    assert latest_checkpoint(tmp_path, "mine") == older
+    assert capsys.readouterr().err == \
+        f"warning: {newer} has no manifest.json (an incomplete or damaged checkpoint): skipped\n"
+    _save(tmp_path, mesh, step=2, run_meta=MINE)
+    assert (tmp_path / "step_0000002.incomplete" / "__0_0.distcp").is_file()
+    assert "moved to step_0000002.incomplete instead of being overwritten" in capsys.readouterr().err
+
+
+def test_the_run_identity_is_made_once_and_not_compared_by_the_load(tmp_path, mesh):
+    run_id = checkpoint.run_identity(tmp_path)
+    assert json.loads((tmp_path / "run.json").read_text()) == {"run_id": run_id}
+    assert checkpoint.run_identity(tmp_path) == run_id
+    folder = _save(tmp_path / "ckpt", mesh, run_meta={**MINE, "trajectory": {"optim": {"lr": 0.1}}})
+    _load(folder, mesh, expected={**RUN_META, "run_id": run_id, "trajectory": {"optim": {"lr": 0.2}}})
+    (tmp_path / "run.json").write_text("{")
+    with pytest.raises(CheckpointError, match="run.json is damaged"):
+        checkpoint.run_identity(tmp_path)
+
+
+def test_a_changed_state_shape_names_the_setting(tmp_path):
+    saved, live = {"bank.entries": torch.zeros(10, 64, 4)}, {"bank.entries": torch.zeros(10, 32, 4)}
+    with pytest.raises(CheckpointError) as info:
+        checkpoint._check_state_shapes(tmp_path, saved, live, "objective.bank_per_class=64, this run has 32")
+    assert str(info.value) == (f"checkpoint {tmp_path} was written with objective.bank_per_class=64, this run has 32 "
+                               f"(bank.entries has shape [10, 64, 4], this run's [10, 32, 4]): {FIX}")
+    with pytest.raises(CheckpointError, match=r"holds bank.entries of shape \[10, 64, 4\], this run's has shape "):
+        checkpoint._check_state_shapes(tmp_path, saved, live, None)  # a checkpoint that records no settings
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["model"]["kwargs"].update(num_heads=4), "model.kwargs.num_heads=2, this run has 4"),
     (lambda m: m["objective"].update(source="neighbors"), 'objective.source="bank", this run has "neighbors"'),
@@ -438,3 +494,23 @@ def test_two_ranks_split_the_hashing_gather_the_export_on_rank_0_and_save_in_the
         assert f"rank {rank}: checkpoint {folder} is corrupt: __1_0.distcp has size 9 bytes" in result.stdout
         assert (f"rank {rank}: rank 0 could not read the checkpoint folder: [Errno 2] No such file or directory: "
                 f"'{tmp_path / 'ckpt' / 'no-such-file'}'") in result.stdout
+
+
+shutil_usage = namedtuple("usage", "total used free")
+
+
+def test_a_full_disk_and_the_file_size_limit_are_named(tmp_path, monkeypatch):
+    unexpected_pos = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert checkpoint._failure(1, OSError(errno.EFBIG, "File too large"), tmp_path).startswith(
+        "rank 1: a file reached the file-size limit")
+    assert checkpoint._failure(0, unexpected_pos, tmp_path).startswith("rank 0: RuntimeError: [enforce fail")
+    (tmp_path / "__0_0.distcp").write_bytes(b"x" * 4096)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        assert checkpoint._failure(0, unexpected_pos, tmp_path) == \
+            "rank 0: a file reached the file-size limit (4096 bytes, ulimit -f)"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil_usage(total=1 << 30, used=1 << 30, free=0))
+    assert checkpoint._failure(0, unexpected_pos, tmp_path) == "rank 0: the disk is full (no space left on device)"

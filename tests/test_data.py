@@ -125,6 +125,29 @@ def test_remembered_checks_skip_unchanged_shards_only(tmp_path):
     assert LatentDataset(folder2).validate(checksums=False, remember=True) == []
 
 
+def test_a_remembered_check_rereads_the_shard_and_catches_bit_rot_that_keeps_its_metadata(tmp_path):
+    import os
+    import struct
+
+    from pafm.data.shards import read_header
+
+    folder = tmp_path / "d"
+    write_moments_dataset(folder, n=8, shape=(4, 64, 64))  # 512 KiB shards: the middle is far from the probed tail
+    assert LatentDataset(folder).validate(remember=True) == [0, 1]
+    shard = folder / "shard-00001.safetensors"
+    header, data_start = read_header(shard)
+    stat = shard.stat()
+    with open(shard, "r+b") as f:  # a NaN in the first item's mean, with the mtime restored below
+        f.seek(data_start + header["mean"]["data_offsets"][0] + 2 * 1000)
+        f.write(struct.pack("<e", float("nan")))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    assert data_start + header["mean"]["data_offsets"][0] + 2000 < stat.st_size - (1 << 16)
+    with pytest.raises(DataError, match="shard-00001.safetensors: checksum mismatch"):
+        LatentDataset(folder).validate(remember=True)
+
+
 def test_remembered_checks_of_a_read_only_folder_go_to_the_cache(tmp_path, monkeypatch):
     import pafm.data.shards as shards
 

@@ -257,10 +257,34 @@ def test_export_staleness(tmp_path):
     (ckpts / "step_0000010" / "manifest.json").write_text("{}")
     warning = export_staleness(run)
     assert warning == (f"warning: {run / 'ema.safetensors'} is from step 5 but {ckpts} holds step 10: the export is "
-                       f"stale (a failed export write?); rerun the trainer to refresh it")
+                       f"stale (a failed export write?); `python -m pafm.export {run}` (or a relaunch of the "
+                       "trainer) refreshes it")
     assert export_staleness(run / "ema.safetensors") == warning
+    (run / "run.json").write_text('{"run_id": "mine"}')
+    (ckpts / "step_0000010" / "run.json").write_text('{"run_id": "theirs"}')
+    assert export_staleness(run) is None  # another run's checkpoint does not make the export stale
     (run / "ema.safetensors").unlink()
     assert "missing" in export_staleness(run)
+
+
+def test_an_export_whose_meta_claims_another_model_is_refused_before_allocating_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = write_run(tmp_path / "run") / "ema.safetensors"
+    meta = read_export_meta(path)
+    meta["model"]["kwargs"].update(depth=12, hidden_size=1024, num_heads=16)  # 150 M parameters: 600 MB
+    save_file(load_file(path), str(path), metadata={"pafm": json.dumps(meta)})
+    probe = ("import resource, sys\n"
+             "from pafm.export import ExportError, load_export\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "try:\n    load_export(sys.argv[1])\n"
+             "except ExportError as err:\n    print(err)\n"
+             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+    proc = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    message, grown_mb = proc.stdout.splitlines()
+    assert message.startswith(f"{path}: weights do not match SiT-T/2: ") and "with another shape" in message
+    assert int(grown_mb) < 100, proc.stdout  # the claimed model was never allocated
 
 
 def write_train_only_captions(folder: Path) -> list[str]:

@@ -3,7 +3,10 @@ their launcher, torn logs, side work that fails, and a skipped step that changes
 
 Every run is a real subprocess, like a user's (the helpers come from test_train.py).
 """
+import json
+import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,7 +65,7 @@ def test_file_size_limit_is_a_one_line_error_and_keeps_the_last_checkpoint(env, 
     cmd = [sys.executable, "-m", "pafm.train", "configs/digits_sit.yaml", f"run.dir={run}", *TINY,
            "train.steps=4", "checkpoint.every=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
-    one_line_error(proc, "writing checkpoint", "failed", "intact")
+    one_line_error(proc, "writing checkpoint", "failed", "file-size limit", "intact")
     proc = train(env, run, "train.steps=4", "checkpoint.every=2")  # resumes from the intact step 2
     assert "step_0000002 at step 2" in proc.stdout and metrics(run)[-1]["step"] == 4
 
@@ -75,6 +78,8 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_config(env, tmp_pat
     one_line_error(proc, "model.kwargs.num_heads=2", "this run has 4")
     proc = train(env, run, "train.steps=4", "objective.source=global", check=False)
     one_line_error(proc, "objective.source")
+    proc = train(env, run, "train.steps=4", "objective.bank_per_class=32", check=False)
+    one_line_error(proc, "objective.bank_per_class=64, this run has 32", "source.entries has shape [10, 64,")
     proc = train(env, run, "train.steps=4", nproc=2, check=False)
     assert proc.returncode != 0 and "written by 1 ranks, this run has 2" in proc.stderr
     first_error = next(line for line in proc.stderr.splitlines() if "rror" in line)
@@ -215,3 +220,109 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_resume_falls_back(env, tmp
     proc = train(env, tmp_path / "other", f"train.resume={run / 'checkpoints' / 'step_0000004.corrupt'}",
                  "train.steps=4", check=False)
     one_line_error(proc, "checksum mismatch")
+
+
+@pytest.mark.slow
+def test_another_runs_checkpoint_is_named_and_neither_adopted_nor_counted(env, tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other"
+    train(env, run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=2")
+    train(env, other, "train.steps=6", "checkpoint.every=6", "optim.lr=0.002")  # the same seed, another lr
+    ckpts = run / "checkpoints"
+    foreign = ckpts / "step_0000006"
+    shutil.copytree(other / "checkpoints" / "step_0000006", foreign)
+    proc = train(env, run, "train.steps=5", "checkpoint.every=2", "checkpoint.keep=2")
+    assert f"warning: {foreign} belongs to another run" in proc.stderr
+    assert "step_0000004 at step 4" in proc.stdout and "stale" not in proc.stdout
+    assert (ckpts / "step_0000004").is_dir() and (ckpts / "step_0000005").is_dir() and foreign.is_dir()
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
+    proc = train(env, run, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2")  # reaches the same step
+    assert f"{foreign} was another run's checkpoint: moved to step_0000006.foreign" in proc.stderr
+    mine = json.loads((run / "run.json").read_text())["run_id"]
+    assert json.loads((ckpts / "step_0000006" / "run.json").read_text())["run_id"] == mine
+    assert json.loads((ckpts / "step_0000006.foreign" / "run.json").read_text())["run_id"] != mine
+    lone = tmp_path / "lone"  # another run's checkpoint as the only candidate: refused, named
+    shutil.copytree(foreign.with_name("step_0000006.foreign"), lone / "checkpoints" / "step_0000006")
+    proc = train(env, lone, "train.steps=8", check=False)
+    one_line_error(proc, f"{lone / 'checkpoints' / 'step_0000006'} belongs to another run", "move it out")
+
+
+@pytest.mark.slow
+def test_a_stale_export_is_refreshed_by_the_export_command_and_by_a_relaunch(env, tmp_path):
+    run = tmp_path / "run"
+    train(env, run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=2")
+    export = run / "ema.safetensors"
+    fresh = export.read_bytes()
+    export.unlink()  # as a kill between a checkpoint's publish and its export leaves it
+    proc = train(env, run, "train.steps=4", "checkpoint.every=2")  # a finished run: the loop does not run
+    assert "resumed from" in proc.stdout and export.read_bytes() == fresh and "warning" not in proc.stdout
+    cmd = [sys.executable, "-m", "pafm.export", str(run), "--checkpoint", str(run / "checkpoints" / "step_0000002")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "(step 2)" in proc.stdout, proc.stderr
+    from pafm.export import export_staleness, read_export_meta
+
+    warning = export_staleness(run)
+    assert read_export_meta(export)["step"] == 2 and f"python -m pafm.export {run}" in warning
+    proc = subprocess.run(cmd[:4], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "step_0000004 (step 4)" in proc.stdout, proc.stderr
+    assert export.read_bytes() == fresh and export_staleness(run) is None
+    proc = subprocess.run([*cmd[:4], "--checkpoint", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    one_line_error(proc, "is not a complete checkpoint")
+
+
+# The trainer with one rank held back before it builds the objective, so that the ranks reach the same setup error
+# at different times: `python delayed_rank.py SLOW_RANK CONFIG [overrides]` under torchrun.
+DELAYED_RANK = """
+import os, sys, time
+import pafm.train as trainer
+from pafm.distributed import exit_process
+
+slow_rank, build = int(sys.argv.pop(1)), trainer.build_objective
+
+
+def build_objective(*args, **kwargs):
+    if int(os.environ["RANK"]) == slow_rank:
+        time.sleep(1.5)
+    return build(*args, **kwargs)
+
+
+trainer.build_objective = build_objective
+exit_process(trainer.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(20))
+def test_under_torchrun_the_first_error_line_is_the_ranks_own(env, tmp_path, attempt):
+    """Rank 1 fails first and exits; torchrun then stops rank 0, which used to be the only rank to print."""
+    script = tmp_path / "delayed_rank.py"
+    script.write_text(DELAYED_RANK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "0",
+           CAPTIONS, f"run.dir={tmp_path / 'run'}", *TINY, "objective.source=bank", "train.steps=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "rror" in line]
+    assert errors and errors[0].startswith("error: objective:") and "class labels" in errors[0], proc.stderr
+    assert sum(line.startswith("error") for line in proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def _rank_of(pid: int) -> int:
+    environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK="))[len(b"RANK="):])
+
+
+@pytest.mark.slow
+def test_a_peers_death_is_one_line_on_the_survivor(env, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pafm.train",
+           "configs/digits_sit.yaml", f"run.dir={run}", *TINY, "train.steps=100000", "checkpoint.every=100000"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run, 2, launcher)
+    rank1 = next(pid for pid in _children(launcher.pid) if _rank_of(pid) == 1)
+    os.kill(rank1, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    lines = stderr.splitlines()
+    survivor = [line for line in lines if line.startswith("error (rank 0)")]
+    assert len(survivor) == 1 and "another rank stopped" in survivor[0], stderr
+    assert not any(line.lstrip().startswith("File") and "/pafm/" in line for line in lines), stderr

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def to_torch(array: np.ndarray, st_dtype: str) -> torch.Tensor:
 # the check runs at memory speed and releases the GIL (numpy), letting threads check shards side by side.
 _EXPONENT_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
                   "F64": (np.uint64, 0x7FF0000000000000)}
-MEMO_VERSION = 1
+MEMO_VERSION = 2  # 2: records hold the CRC-32 of the bytes checked
 MEMO_FOLDER = ".validated"  # per-shard records of passed checks, inside the dataset folder when it is writable
 
 
@@ -251,14 +252,17 @@ def _suspect(words: np.ndarray, exponent, negative: bool, scratch: np.ndarray) -
 
 
 def scan_shard(path, header: dict, data_start: int, floats: dict[str, bool], checksum: bool):
-    """One sequential read of a shard: (sha256 of the whole file or None, {name: first bad row or None}).
+    """One sequential read of a shard: (sha256 of the whole file or None, CRC-32 of the whole file, {name: first bad
+    row or None}).
 
     `floats` maps each float tensor to check to whether a negative value is bad too (std); a bad row holds a NaN or
     Inf (or a negative value).  The file is read with plain reads into one reused buffer (no memory map, so no page
     fault per 4 KiB), each block hashed and its float elements checked on their raw bits; the checks release the GIL,
-    so threads scan shards side by side.  Tensors not listed are only hashed (and not read when `checksum` is off).
+    so threads scan shards side by side.  Tensors not listed are only hashed.  The CRC-32 (a few times cheaper than
+    the sha256) is what a remembered check compares at later launches.
     """
     digest = hashlib.sha256() if checksum else None
+    crc = 0
     regions = sorted((header[name]["data_offsets"][0] + data_start, header[name]["data_offsets"][1] + data_start,
                       name) for name in header)
     first_bad: dict[str, int | None] = {name: None for name in floats}
@@ -269,12 +273,8 @@ def scan_shard(path, header: dict, data_start: int, floats: dict[str, bool], che
         pos = 0
 
         def read_to(stop: int, name: str | None):
-            nonlocal pos
+            nonlocal pos, crc
             check = name in floats and first_bad[name] is None
-            if not (check or digest):
-                f.seek(stop)
-                pos = stop
-                return
             if check:
                 uint, exponent = _EXPONENT_BITS[header[name]["dtype"]]
                 exponent = uint(exponent)
@@ -287,6 +287,7 @@ def scan_shard(path, header: dict, data_start: int, floats: dict[str, bool], che
                     raise DataError(f"shard file {path} is truncated: it ended at byte {pos}")
                 if digest:
                     digest.update(view[:n])
+                crc = zlib.crc32(view[:n], crc)
                 if check and first_bad[name] is None:
                     words = np.frombuffer(buffer, dtype=uint, count=n // np.dtype(uint).itemsize)
                     if _suspect(words, exponent, floats[name], scratch):
@@ -300,7 +301,18 @@ def scan_shard(path, header: dict, data_start: int, floats: dict[str, bool], che
             read_to(begin, None)  # safetensors leaves no gap; hashed if a writer did
             read_to(end, name)
         read_to(size, None)
-    return (digest.hexdigest() if digest else None), first_bad
+    return (digest.hexdigest() if digest else None), crc, first_bad
+
+
+def file_crc32(path, block: int = _READ_BLOCK) -> int:
+    """CRC-32 of a whole file, read in blocks (zlib releases the GIL: threads hash files side by side)."""
+    crc = 0
+    buffer = bytearray(block)
+    view = memoryview(buffer)
+    with open(path, "rb") as f:
+        while n := f.readinto(buffer):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
 
 
 def _file_probe(path: Path, size: int, data_start: int, tail: int = 1 << 16) -> str:
@@ -451,9 +463,10 @@ class LatentDataset:
         Raises DataError naming the file and item (the lowest-numbered failing shard). `shards`: the shard numbers
         to check (default all; the trainer gives each rank its share), on `threads` threads (default: one per core,
         up to 8). `neighbors`: also check the neighbour file. `remember`: skip shards whose check passed before and
-        that look unchanged since (same size, mtime, inode, header and last 64 KiB, and the same index record), and
-        remember each shard that passes now; a full check (`pafm.prep inspect`) leaves it False. Returns the numbers
-        of the shards checked now.
+        that look unchanged since (same size, mtime, inode, header and last 64 KiB, and the same index record) and
+        whose bytes are: each such shard is read again for its CRC-32, which catches a change anywhere in the file
+        that keeps its metadata (bit rot); and remember each shard that passes now; a full check (`pafm.prep
+        inspect`) leaves it False. Returns the numbers of the shards checked now.
         """
         self._check_headers()
         shards = range(len(self.shards)) if shards is None else shards
@@ -464,11 +477,11 @@ class LatentDataset:
             if memo and memo.passed(s, record):
                 return None
             try:
-                self.check_shard(s, checksums)
+                crc = self.check_shard(s, checksums)
             except DataError as err:
                 return err
             if memo:
-                memo.remember(s, record)
+                memo.remember(s, {**record, "crc32": crc})
             return s
 
         shards = list(shards)
@@ -483,14 +496,15 @@ class LatentDataset:
             self.check_neighbors(checksums)
         return [r for r in results if r is not None]
 
-    def check_shard(self, s: int, checksums: bool = True) -> None:
-        """The full check of shard number `s`; DataError naming the file and item."""
+    def check_shard(self, s: int, checksums: bool = True) -> int:
+        """The full check of shard number `s`; DataError naming the file and item.  Returns the CRC-32 of the bytes
+        checked."""
         shard, record = self.shards[s], self.index["shards"][s]
         specs = self.index["tensors"]
         num_classes = self.info.get("num_classes")
         first = int(self.starts[s])
         floats = {name: name == "std" for name, spec in specs.items() if spec["dtype"] in _FLOAT_NAMES}
-        digest, first_bad = scan_shard(shard.path, shard.header, shard.data_start, floats, checksums)
+        digest, crc, first_bad = scan_shard(shard.path, shard.header, shard.data_start, floats, checksums)
         if checksums and digest != record["sha256"]:
             raise DataError(f"{shard.path}: checksum mismatch (file changed or corrupt after it was written)")
         shard._maps = None  # mapped afresh: the file may have been replaced since it was opened
@@ -511,6 +525,7 @@ class LatentDataset:
             size = shard.header["caption_bytes"]["shape"][0]
             if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != size:
                 raise DataError(f"{shard.path}: caption offsets are not a monotone cover of {size} bytes")
+        return crc
 
     def check_neighbors(self, checksums: bool = True) -> None:
         meta = self.index["neighbors"]
@@ -565,7 +580,8 @@ class _ValidationMemo:
         if not isinstance(stored, dict):
             return False
         same = all(stored.get(k) == v for k, v in record.items() if k != "checksums")
-        return same and (stored.get("checksums") is True or not record["checksums"])
+        return (same and (stored.get("checksums") is True or not record["checksums"])
+                and stored.get("crc32") == file_crc32(self.dataset.shards[s].path))
 
     def remember(self, s: int, record: dict) -> None:
         try:
