@@ -179,10 +179,15 @@ class StopSignal:
 
     def __init__(self):
         self.requested = None
-        signal.signal(signal.SIGTERM, self._handle)
+        self._before = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._handle)}
 
     def catch_interrupt(self):
-        signal.signal(signal.SIGINT, self._handle)
+        self._before.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, self._handle))
+
+    def restore(self):
+        """The handlers from before, so that `main` called in-process leaves its caller's signals as they were."""
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.requested = self.requested or signal.Signals(signum).name
@@ -439,13 +444,20 @@ def _report(result: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The trainer called in-process (tests, scripts): the caller's signal handlers are restored on return."""
+    stop = StopSignal()
+    try:
+        return _main(sys.argv[1:] if argv is None else argv, stop)
+    finally:
+        stop.restore()
+
+
+def _main(argv: list[str], stop: StopSignal) -> int:
     from pafm.data import DataError
 
-    argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)  # asked for, or a usage error
         return 0 if argv else 2
-    stop = StopSignal()  # before the config: rank 0 must live to print a config error that rank 1 also found
     try:
         cfg = load_config(Config, argv[0], argv[1:])
     except ConfigError as err:  # every rank reads the same config: rank 0 speaks for all
@@ -484,4 +496,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from pafm.distributed import exit_process
 
-    exit_process(main())
+    # SIGTERM is caught from before the config is read: rank 0 must live to print a config error rank 1 also found.
+    exit_process(_main(sys.argv[1:], StopSignal()))
