@@ -482,6 +482,7 @@ _TWO_RANKS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_ranks_split_the_hashing_gather_the_export_on_rank_0_and_save_in_the_background(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS)

@@ -177,6 +177,7 @@ def test_an_error_seen_by_one_rank_stops_every_rank(capfd):
     assert err.count("only rank 1 lacks") == 1  # printed by rank 0 only
 
 
+@pytest.mark.slow
 def test_eval_error_under_torchrun_is_reported_once_before_anything_else(files, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pafm.eval",

@@ -78,6 +78,7 @@ def without_run_specific(report):
     return report
 
 
+@pytest.mark.slow
 def test_digits_eval_resumes_after_a_stop_and_matches_two_ranks(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run")
     args = ["eval.num_samples=30", "eval.batch_size=10"] + SAMPLER
@@ -152,6 +153,7 @@ def random_inception_file(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_inception_eval_path_with_a_local_random_weight_file(tmp_path):
     run = write_run(tmp_path / "run")
     weights = random_inception_file(tmp_path / "inception.pth")

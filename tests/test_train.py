@@ -59,12 +59,14 @@ def test_config_typo_is_a_clear_error(capsys):
     assert "objective.kind: 'flow' is not one of ['fm', 'pafm']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_data_says_how_to_prepare_it(env, tmp_path):
     proc = train(env, tmp_path / "run", f"data.spec={tmp_path / 'nowhere'}", "train.steps=1", check=False)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "pafm.prep" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_nan_in_the_data_is_found_before_training(env, tmp_path):
     from pafm.data import ShardWriter
 
@@ -85,6 +87,7 @@ def test_nan_in_the_data_is_found_before_training(env, tmp_path):
     assert proc.returncode == 2 and "item 13" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_fsdp_ranks_match_one_process(env, tmp_path):
     args = ["objective.source=global", "train.steps=5", "checkpoint.every=100"]
     train(env, tmp_path / "one", *args)
@@ -98,6 +101,7 @@ def test_two_fsdp_ranks_match_one_process(env, tmp_path):
     assert losses(tmp_path / "bf16") == pytest.approx(one, rel=3e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,background", [(1, False), (1, True), (2, True)])
 def test_resume_equals_never_stopping(env, tmp_path, nproc, background):
     # The bank source carries state across steps; batch 256 on 1437 items crosses an epoch boundary at step 5.
@@ -121,6 +125,7 @@ def test_resume_equals_never_stopping(env, tmp_path, nproc, background):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000004", "step_0000008"]  # keep=2; no partials
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path):
     run = tmp_path / "run"
     # Background saves every 2 steps: the signal finds one in flight or just collected, and the stop save waits.
@@ -147,6 +152,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path):
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_failed_background_save_is_a_warning_and_a_failed_final_save_an_error(env, tmp_path):
     run = tmp_path / "run"
     args = ["checkpoint.every=2", "checkpoint.async_save=true"]
@@ -168,6 +174,7 @@ def test_failed_background_save_is_a_warning_and_a_failed_final_save_an_error(en
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
 
 
+@pytest.mark.slow
 def test_every_candidate_source_reports_ess(env, tmp_path):
     for source in ["batch", "global", "bank", "neighbors", "resample"]:
         run = tmp_path / source
@@ -181,6 +188,7 @@ def test_every_candidate_source_reports_ess(env, tmp_path):
         assert max(last["ess_by_t"]) > 1.01, source  # tau = 20 spreads the weight over several candidates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior,source", [("self", "resample"), ("similarity", "batch")])
 def test_text_path_with_mmdit(env, tmp_path, prior, source):
     run = tmp_path / prior
@@ -191,6 +199,7 @@ def test_text_path_with_mmdit(env, tmp_path, prior, source):
     assert len(last["ess_by_t"]) == 5 and all(e >= 1.0 for e, n in zip(last["ess_by_t"], last["rows_by_t"]) if n)
 
 
+@pytest.mark.slow
 def test_own_endpoint_pool_reproduces_fm_exactly(env, tmp_path):
     train(env, tmp_path / "fm", "objective.kind=fm", "train.steps=4", "checkpoint.every=100")
     train(env, tmp_path / "own", "objective.kind=pafm", "objective.source=neighbors", "objective.candidates=0",
@@ -199,6 +208,7 @@ def test_own_endpoint_pool_reproduces_fm_exactly(env, tmp_path):
     assert [m["fm_loss"] for m in metrics(tmp_path / "own")] == losses(tmp_path / "own")
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_the_run_stops(env, tmp_path):
     from pafm.data import ShardWriter
 

@@ -18,6 +18,8 @@ import torch
 
 from test_train import ROOT, TINY, metrics, train
 
+pytestmark = pytest.mark.slow  # every test starts a trainer
+
 CAPTIONS = "configs/digits_mmdit.yaml"
 
 
@@ -222,7 +224,6 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_resume_falls_back(env, tmp
     one_line_error(proc, "checksum mismatch")
 
 
-@pytest.mark.slow
 def test_another_runs_checkpoint_is_named_and_neither_adopted_nor_counted(env, tmp_path):
     run, other = tmp_path / "run", tmp_path / "other"
     train(env, run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=2")
@@ -246,7 +247,6 @@ def test_another_runs_checkpoint_is_named_and_neither_adopted_nor_counted(env, t
     one_line_error(proc, f"{lone / 'checkpoints' / 'step_0000006'} belongs to another run", "move it out")
 
 
-@pytest.mark.slow
 def test_a_stale_export_is_refreshed_by_the_export_command_and_by_a_relaunch(env, tmp_path):
     run = tmp_path / "run"
     train(env, run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=2")
@@ -291,7 +291,6 @@ exit_process(trainer.main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(20))
 def test_under_torchrun_the_first_error_line_is_the_ranks_own(env, tmp_path, attempt):
     """Rank 1 fails first and exits; torchrun then stops rank 0, which used to be the only rank to print."""
@@ -312,7 +311,6 @@ def _rank_of(pid: int) -> int:
     return int(next(v for v in environ if v.startswith(b"RANK="))[len(b"RANK="):])
 
 
-@pytest.mark.slow
 def test_a_peers_death_is_one_line_on_the_survivor(env, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pafm.train",
