@@ -27,9 +27,15 @@ def test_a_killed_holders_forked_workers_do_not_keep_the_lock(tmp_path):
     script = textwrap.dedent("""
         import multiprocessing, os, signal, sys, time
         from pafm.run_lock import RunLock
+        def work(running):
+            running.set()  # the fork hooks have run by now
+            time.sleep(60)
         lock = RunLock(sys.argv[1]).acquire()
-        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        fork = multiprocessing.get_context("fork")
+        running = fork.Event()
+        worker = fork.Process(target=work, args=(running,))
         worker.start()
+        running.wait(60)
         print(worker.pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
