@@ -25,8 +25,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark", "scipy", "torch-fidelity", "diffusers", "transformers", "faiss-cpu",
-                 "matplotlib"],
+                 "matplotlib", "wandb"],
         "eval": ["torch-fidelity", "scipy"],
         "prep": ["diffusers", "transformers", "faiss-cpu"],  # faiss: neighbours of groups too large for exact search
+        "wandb": ["wandb"],  # log.wandb
     },
 )

@@ -19,7 +19,8 @@ from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
 from pafm.config import ConfigError, load_config, save_config, to_dict
 from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
 from pafm.ema import EMA
-from pafm.logger import MetricsLogger, SideWork
+from pafm.logger import MetricsLogger, SideWork, WandbConfig
+from pafm.models.flops import device_peak_flops, train_flops_per_image
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
 from pafm.run_lock import RunDirInUse, RunLock
 
@@ -104,6 +105,7 @@ class LogConfig:
     #                                             else the first training captions)
     tensorboard: bool = True
     progress: bool = True
+    wandb: Optional[WandbConfig] = None  # {project, entity, name, mode}: also log to Weights & Biases (rank 0)
 
     def __post_init__(self):
         if self.every < 1:
@@ -292,10 +294,11 @@ class PreviewGrids:
     """The EMA model's preview grids (side work: a failure is reported and counted, never fatal).  Rank 0 builds
     the grid's model and decoder at the first grid and reuses them for every later one."""
 
-    def __init__(self, cfg: Config, world: World, ema, export_meta: dict, side: SideWork, run_dir: Path):
+    def __init__(self, cfg: Config, world: World, ema, export_meta: dict, side: SideWork, run_dir: Path,
+                 logger: MetricsLogger):
         self.cfg, self.world, self.ema, self.export_meta, self.side, self.run_dir = cfg, world, ema, export_meta, \
             side, run_dir
-        self.grid = None
+        self.logger, self.grid = logger, None
 
     def _draw(self, weights: dict, step: int):
         from pafm.generate import PreviewGrid
@@ -304,7 +307,8 @@ class PreviewGrids:
             log = self.cfg.log
             self.grid = PreviewGrid(self.export_meta, steps=log.sample_steps, cfg_scale=log.sample_cfg,
                                     seed=self.cfg.train.seed, prompts=log.sample_prompts)
-        self.grid.save(weights, self.run_dir / "samples" / f"step_{step:07d}.png")
+        path = self.grid.save(weights, self.run_dir / "samples" / f"step_{step:07d}.png")
+        self.logger.image("samples", path, step)
 
     def __call__(self, step: int):
         from pafm.export import gather_state_dict
@@ -347,10 +351,12 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, world, every=cfg.log.every, total_steps=cfg.train.steps, start_step=state.step,
                            batch_size=cfg.data.batch_size, pafm=cfg.objective.kind == "pafm",
-                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, side=side)
+                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, side=side,
+                           train_flops_per_image=train_flops_per_image(model.config),
+                           peak_flops=device_peak_flops(world.device), wandb=cfg.log.wandb, config=to_dict(cfg))
     # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir)
+    grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir, logger)
     stop = StopSignal()
     data_iter = iter(loader)
     try:
@@ -381,10 +387,10 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
                 break
     finally:
         checkpointer.close()  # a background save in flight finishes before anything reads it or the group goes
-    logger.close()
     loader.close()
     if state.step == cfg.train.steps and cfg.log.sample_every >= 0:
         grids(state.step)
+    logger.close()
     return {"step": state.step, "run_dir": run_dir, "checkpoint": checkpointer.newest or checkpointer.latest(),
             "skipped": state.skipped, "stopped": stop.requested, "side_work_failures": side.failures,
             "failed_saves": checkpointer.failed_saves}

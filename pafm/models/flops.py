@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from .layers import FREQ_DIM
 from .registry import MODELS
 
@@ -65,3 +67,8 @@ def dense_bf16_peak(device_name: str) -> Optional[float]:
     """FLOP/s of the device's dense bf16 peak; None for a device not in the table (and for CPUs): MFU is then not
     reported rather than guessed."""
     return next((peak for key, peak in DENSE_BF16_PEAK_FLOPS.items() if key in device_name), None)
+
+
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    """`dense_bf16_peak` of a torch device; None on the CPU."""
+    return dense_bf16_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
