@@ -19,6 +19,7 @@ from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
 from pafm.config import ConfigError, load_config, save_config, to_dict
 from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
 from pafm.ema import EMA
+from pafm.eval_during_training import TrainingEval, TrainingEvalConfig
 from pafm.logger import MetricsLogger, SideWork, WandbConfig
 from pafm.models.flops import device_peak_flops, train_flops_per_image
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
@@ -126,6 +127,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
 
 
 class SetupError(RuntimeError):
@@ -357,6 +359,7 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
     # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir, logger)
+    evaluation = TrainingEval(cfg.eval, world, ema, export_meta, side, run_dir, logger) if cfg.eval.every else None
     stop = StopSignal()
     data_iter = iter(loader)
     try:
@@ -376,6 +379,8 @@ def _train(cfg: Config, world: World, run_dir: Path) -> dict:
                 checkpoint = checkpointer.save(state, final=last or stop_now or too_bad)
             if cfg.log.sample_every > 0 and state.step % cfg.log.sample_every == 0 and not last:
                 grids(state.step)
+            if evaluation and state.step % cfg.eval.every == 0 and not (stop_now or too_bad):
+                evaluation(state.step)
             if too_bad:
                 raise TrainingStopped(f"stopped at step {state.step}: {state.bad_in_row} non-finite losses or "
                                       f"gradients in a row (train.max_bad_steps={cfg.train.max_bad_steps}); "
