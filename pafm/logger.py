@@ -217,6 +217,7 @@ class MetricsLogger:
 
     def eval_row(self, step: int, metrics: dict, seconds: float, samples: int):
         """Rank 0: an evaluation's scores, as an `eval` row of metrics.jsonl and eval/* scalars elsewhere."""
+        self.start += seconds  # the window's throughput is the training's, without the evaluation
         self._publish({"step": step, "eval": metrics, "eval_seconds": seconds, "eval_samples": samples})
 
     def image(self, key: str, path: Path, step: int):
