@@ -48,28 +48,27 @@ class TrainingEvalConfig:
             if getattr(self, key) < low:
                 raise ValueError(f"eval.{key} must be >= {low}, got {getattr(self, key)}")
 
-    def as_eval_config(self):
-        """The same settings as `pafm.eval`'s config, whose checks and scoring they go through."""
-        from pafm.eval import EvalConfig, EvalSection
+    def as_eval_config(self, meta: dict):
+        """These settings as `pafm.eval`'s config, defaults resolved and checked against the data `meta` describes
+        ({"data": {"spec", "info"}}); ConfigError for settings that cannot work with it."""
+        from pafm.eval import EvalConfig, EvalSection, check_eval_config, resolve_eval_defaults
 
         section = EvalSection(num_samples=self.during_training_samples, batch_size=self.batch_size, seed=self.seed,
                               metrics=None if self.metrics is None else list(self.metrics), reference=self.reference,
                               inception_weights=self.inception_weights,
                               inception_batch_size=self.inception_batch_size, save_npz=False)
-        return EvalConfig(eval=section, sampler=self.sampler)
+        cfg = EvalConfig(eval=section, sampler=self.sampler)
+        resolve_eval_defaults(cfg, meta)
+        check_eval_config(cfg, meta)
+        return cfg
 
 
 class TrainingEval:
-    """Scores the EMA weights; call it on every rank at the same steps.  The settings are checked against the
-    dataset when it is built, on every rank alike: a ConfigError stops the run before its first step."""
+    """Scores the EMA weights; call it on every rank at the same steps."""
 
     def __init__(self, cfg: TrainingEvalConfig, world, ema, export_meta: dict, side: SideWork, run_dir: Path,
                  logger: MetricsLogger):
-        from pafm.eval import check_eval_config, resolve_eval_defaults
-
-        self.eval_cfg = cfg.as_eval_config()
-        resolve_eval_defaults(self.eval_cfg, export_meta)
-        check_eval_config(self.eval_cfg, export_meta)
+        self.eval_cfg = cfg.as_eval_config(export_meta)
         self.world, self.ema, self.meta, self.side, self.run_dir, self.logger = world, ema, export_meta, side, \
             run_dir, logger
         self.model = self.inception = None  # built at the first evaluation, reused by the later ones

@@ -85,7 +85,7 @@ class WandbRun:
     INIT_TIMEOUT_S = 60
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, side: SideWork):
-        self.side, self.run = side, None
+        self.side = side
         self.run = self._guard("starting Weights & Biases", self._start, cfg, run_dir, config)
 
     @staticmethod

@@ -197,6 +197,8 @@ def check_settings(cfg: Config, info: dict):
                          "whose caption was dropped); use source=resample or text_prior=similarity")
     if cfg.log.sample_prompts and info["kind"] != "text":
         raise SetupError(f"log.sample_prompts is for text models; {cfg.data.spec} has class labels")
+    if cfg.eval.every:  # before anything is built or resumed (ConfigError)
+        cfg.eval.as_eval_config({"data": {"spec": cfg.data.spec, "info": info}})
 
 
 # --- building the run ---------------------------------------------------------------------------------------------

@@ -91,4 +91,4 @@ def test_two_ranks_score_like_one_and_a_wrong_metric_stops_the_start(env, tmp_pa
         assert b["eval_samples"] == 40 and b["eval"] == pytest.approx(a["eval"], rel=1e-3, abs=1e-3)
     proc = run("wrong", "eval.metrics=[mnist]", check=False)
     assert proc.returncode == 2 and "needs a model of builtin:mnist" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "wrong" / "checkpoints").exists() or not any((tmp_path / "wrong" / "checkpoints").iterdir())
+    assert not (tmp_path / "wrong" / "config.yaml").exists()  # refused before the run folder was written to
