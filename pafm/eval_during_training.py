@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from pafm.logger import MetricsLogger, SideWork, read_metrics

@@ -1,6 +1,5 @@
 """Evaluation during training (eval.every): in-process on one gloo rank, and through the trainer on one and two
 ranks."""
-import json
 import subprocess
 import sys
 from pathlib import Path
