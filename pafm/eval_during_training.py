@@ -89,12 +89,12 @@ class TrainingEval:
         from pafm.paths import build_path
 
         e, device = self.eval_cfg.eval, self.world.device
-        if self.model is None:
-            self.model = model_from_meta(self.meta, "the evaluation during training").eval().requires_grad_(False)
-            self.conditions = Conditions(self.model, self.meta, order=e.labels, seed=e.seed)
+        if self.model is None:  # the model last: a failed build is tried again at the next evaluation
+            model = model_from_meta(self.meta, "the evaluation during training").eval().requires_grad_(False)
+            self.conditions = Conditions(model, self.meta, order=e.labels, seed=e.seed)
             self.decoder = Decoder(dataset_info(self.meta), device)
-            self.flow_path, self.shape = build_path(self.meta.get("path", "linear")), latent_shape(self.model,
-                                                                                                   self.meta)
+            self.flow_path, self.shape = build_path(self.meta.get("path", "linear")), latent_shape(model, self.meta)
+            self.model = model
         chunks = range(self.world.rank, math.ceil(e.num_samples / e.batch_size), self.world.size)
         out = []
         try:
