@@ -9,7 +9,8 @@
 One process, one device, no FSDP: it isolates the cost of the objective (the posterior op and its candidate pools)
 from the model's forward/backward, through the trainer's building blocks (`build_model`, `Objective.loss`,
 `flow_loss`). Each (objective, source) prints one JSON row (appended to --out when given) with the device name,
-versions, date, ms/step, images/s, model FLOPs per image and the ratio to FM measured in the same run.
+versions, date, ms/step, images/s, model FLOPs per image (`pafm.models.flops`, as the trainer counts them) and
+the ratio to FM measured in the same run.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import time
 import torch
 
 from pafm.models import build_model
+from pafm.models.flops import train_flops_per_image
 from pafm.objectives import Objective, ObjectiveConfig, step_generator
 
 VARIANTS = [("fm", "batch"), ("pafm", "batch"), ("pafm", "bank"), ("pafm", "resample")]
@@ -31,15 +33,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def train_flops_per_image(model) -> float:
-    """Forward + backward FLOPs of one image (3x the forward's matmuls: linear layers and attention)."""
-    kw = model.config["kwargs"]
-    h, depth, ratio = kw["hidden_size"], kw["depth"], kw["mlp_ratio"]
-    tokens = (kw["input_size"] // int(model.config["name"].rsplit("/", 1)[1])) ** 2  # "SiT-B/2": patch 2
-    per_block = 2 * tokens * (4 * h * h + 2 * ratio * h * h) + 4 * tokens * tokens * h + 2 * 6 * h * h
-    return 3.0 * depth * per_block
 
 
 def make_step(model_name, *, size, channels, classes, batch, precision, kind, source, device, bank_per_class=64,
@@ -131,7 +124,7 @@ def main():
                "model": args.model, "latent": [args.channels, args.size, args.size], "batch": args.batch,
                "precision": args.precision, "objective": kind, "source": source if kind == "pafm" else None,
                "ms_per_step": 1e3 * seconds, "images_per_s": args.batch / seconds,
-               "train_gflops_per_image": train_flops_per_image(model) / 1e9, "ratio_to_fm": seconds / base}
+               "train_gflops_per_image": train_flops_per_image(model.config) / 1e9, "ratio_to_fm": seconds / base}
         emit(row, args.out)
 
 

@@ -40,7 +40,6 @@ ITEMS = ["environment", "roofline", "correctness", "op_time", "train_step"]
 # Seconds an item needs at the least to be worth starting (start-up, imports and its first useful row).
 MIN_SECONDS = {"environment": 5, "roofline": 15, "correctness": 30, "op_time": 30, "train_step": 45}
 ROWS_FILE = "gpu_check.jsonl"
-NOMINAL_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}  # dense, SXM
 
 
 # --- the parent: runs each item in a subprocess under the deadline -------------------------------------------------
@@ -415,6 +414,7 @@ def train_step(rows: Rows):
 
     try:
         import bench_train
+        from pafm.models.flops import dense_bf16_peak, train_flops_per_image
     except Exception as e:  # noqa: BLE001 - the trainer's building blocks may be mid-change
         rows.emit(skipped=f"the trainer's building blocks do not import: {e!r}"[:600])
         return
@@ -434,12 +434,12 @@ def train_step(rows: Rows):
             if r.get("item") == "roofline" and r.get("case") == "gemm_bf16" and "tflops" in r:
                 peak_measured = r["tflops"] * 1e12
     name = rows.header["device"]
-    peak_nominal = next((v for k, v in NOMINAL_BF16_FLOPS.items() if k in name), None)
+    peak_nominal = dense_bf16_peak(name)
     def one(label, model, batch, size, channels, classes, precision, kind, source, fm_seconds):
         seconds, net = bench_train.time_step(model, size=size, channels=channels, classes=classes, batch=batch,
                                              precision=precision, kind=kind, source=source, device=dev, steps=steps,
                                              warmup=warmup, fill_bank=True)
-        flops = bench_train.train_flops_per_image(net) * batch / seconds
+        flops = train_flops_per_image(net.config) * batch / seconds
         rows.emit(case=label, model=model, batch=batch, latent=[channels, size, size], precision=precision,
                   objective=kind, source=source if kind == "pafm" else None, ms_per_step=seconds * 1e3,
                   images_per_s=batch / seconds, model_tflops=flops / 1e12,

@@ -62,6 +62,7 @@ from pafm.sampling import SamplerConfig
 
 INCEPTION_METRICS = ("fid", "isc", "prc", "kid")
 METRICS = INCEPTION_METRICS + ("digits", "mnist")
+METRIC_LIST = each(Allowed(lambda m: m in METRICS, f"one of {list(METRICS)}"))  # what `eval.metrics` allows
 
 
 @section("eval")
@@ -80,7 +81,7 @@ class EvalSection:
     seed: int = setting(0, INTEGER)
     labels: Literal["random", "balanced"] = "random"
     out_dir: Optional[str] = setting(None, words("a folder"))
-    metrics: Optional[list[str]] = setting(None, each(Allowed(lambda m: m in METRICS, f"one of {list(METRICS)}")))
+    metrics: Optional[list[str]] = setting(None, METRIC_LIST)
     reference: Optional[str] = setting(None, words("a folder of images or an .npz"))
     inception_weights: Optional[str] = setting(None, words("a torch-fidelity Inception file"))
     inception_batch_size: int = setting(64, within(1, 65536))

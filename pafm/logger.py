@@ -1,5 +1,8 @@
-"""The training log: a window of step statistics, written every `log.every` steps to metrics.jsonl, TensorBoard
-and the progress bar.
+"""The training log: a window of step statistics, written every `log.every` steps to metrics.jsonl, TensorBoard,
+Weights & Biases (when `log.wandb` is set) and the progress bar; evaluation rows and preview grids go the same way.
+
+Throughput: images/s over all ranks, the model TFLOP/s per device (`pafm.models.flops`: 3x the forward's matrix
+products) and the MFU against the device's dense bf16 peak (omitted where the peak is unknown, as on the CPU).
 
 Logging is side work: a failed write (full disk, a removed folder) is reported as a warning, counted in the next
 record, and never stops training.  Only rank 0 writes; the window's sums live on the device so that a step costs no
@@ -10,11 +13,16 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 
+from pafm.config import section, setting, words
 from pafm.distributed import World, all_reduce
+from pafm.files import atomic_write_text
 from pafm.objectives import T_BINS
 
 
@@ -56,17 +64,97 @@ class SideWork:
             return None
 
 
+@section("log.wandb")
+class WandbConfig:
+    """`log.wandb`: the Weights & Biases run (rank 0 only).  name: default the run folder's name.  mode offline
+    writes RUN/wandb/offline-run-* for `wandb sync` later, with no network."""
+
+    project: str = setting(allowed=words("the W&B project"))
+    entity: Optional[str] = setting(None, words("the W&B user or team"))
+    name: Optional[str] = setting(None, words("the W&B run's name"))
+    mode: Literal["online", "offline"] = "online"
+
+
+class WandbRun:
+    """Rank 0's W&B run.  Its id is kept in RUN/wandb_id, so a resumed training continues the same W&B run.  A
+    missing package or an unreachable server is one warning (side work), after which W&B is off for the run."""
+
+    INIT_TIMEOUT_S = 60
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, side: SideWork):
+        self.side = side
+        self.run = self._guard("starting Weights & Biases", self._start, cfg, run_dir, config)
+
+    @staticmethod
+    def _start(cfg: WandbConfig, run_dir: Path, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("log.wandb is set but the wandb package is not installed (pip install "
+                              "'pafm[wandb]')") from None
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        atomic_write_text(id_file, run_id + "\n")
+        run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, mode=cfg.mode,
+                         id=run_id, resume="allow", config=config, dir=str(run_dir),
+                         settings=wandb.Settings(init_timeout=WandbRun.INIT_TIMEOUT_S))
+        # Rows carry their own step: a resumed run logs steps again from the checkpoint's, which W&B's own
+        # monotonic step counter would drop.
+        run.define_metric("*", step_metric="step")
+        return run
+
+    def _guard(self, what: str, fn, *args):
+        failures = self.side.failures
+        result = self.side.run(what, fn, *args)
+        if self.side.failures > failures:
+            self.run = None  # one warning, not one per row
+        return result
+
+    def log(self, step: int, scalars: dict):
+        if self.run is not None:
+            self._guard("logging to Weights & Biases", self.run.log, {"step": step, **scalars})
+
+    def image(self, key: str, path: Path, step: int):
+        if self.run is not None:
+            import wandb
+
+            self._guard("sending an image to Weights & Biases", self.run.log,
+                        {"step": step, key: wandb.Image(str(path))})
+
+    def finish(self):
+        if self.run is not None:
+            self._guard("closing Weights & Biases", self.run.finish)
+
+
+def scalars(record: dict, prefix: str = "") -> dict:
+    """A metrics record as flat scalars (lists become key/bin<i>), the rows of TensorBoard and W&B."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, list):
+            out.update({f"{prefix}{key}/bin{i}": v for i, v in enumerate(value)})
+        elif key != "step" and isinstance(value, (int, float)):
+            out[prefix + key] = value
+    return out
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, world: World, *, every: int, total_steps: int, start_step: int,
-                 batch_size: int, pafm: bool, tensorboard: bool, progress: bool, side: SideWork):
+                 batch_size: int, pafm: bool, tensorboard: bool, progress: bool, side: SideWork,
+                 train_flops_per_image: float, peak_flops: Optional[float] = None,
+                 wandb: Optional[WandbConfig] = None, config: Optional[dict] = None):
+        """train_flops_per_image: model FLOPs of one image, forward and backward; peak_flops: one device's peak
+        FLOP/s (None: MFU is not reported); config: the resolved config, for W&B."""
         self.path = run_dir / "metrics.jsonl"
         self.world, self.every, self.total, self.batch_size, self.pafm = world, every, total_steps, batch_size, pafm
-        self.side = side
+        self.side, self.flops_per_image, self.peak_flops = side, train_flops_per_image, peak_flops
         device = world.device
         self.window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fm loss, grad norm, good steps
         self.bins = torch.zeros(3, T_BINS, dtype=torch.float64, device=device)  # rows, ESS, own weight per t-bin
         self.start, self.images = time.perf_counter(), 0
-        self.writer = self.bar = None
+        self.throughput = "-"  # the progress line's images/s and MFU of the last written window
+        self.writer = self.bar = self.wandb = None
         if not world.is_main:
             return
         # On resume, drop records past the resumed step so that the file reads as one uninterrupted run.
@@ -74,6 +162,8 @@ class MetricsLogger:
         side.run("rewriting metrics.jsonl", self.path.write_text, "".join(json.dumps(r) + "\n" for r in keep))
         if tensorboard:
             self.writer = side.run("starting TensorBoard", _tensorboard, run_dir)
+        if wandb is not None:
+            self.wandb = WandbRun(wandb, run_dir, config or {}, side)
         if progress:
             from tqdm import tqdm
 
@@ -89,7 +179,7 @@ class MetricsLogger:
         self.images += self.batch_size
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss.item():.4f}")
+            self.bar.set_postfix(loss=f"{loss.item():.4f}", speed=self.throughput)
         if step % self.every == 0 or step == self.total:
             self._flush(step, lr, skipped)
 
@@ -97,9 +187,13 @@ class MetricsLogger:
         all_reduce(self.bins)
         elapsed = time.perf_counter() - self.start
         n = max(self.window[3].item(), 1.0)
+        images_per_s = self.images / elapsed
+        flops_per_device = images_per_s * self.flops_per_image / self.world.size
         record = {
             "step": step, "loss": self.window[0].item() / n, "fm_loss": self.window[1].item() / n,
-            "grad_norm": self.window[2].item() / n, "lr": lr, "images_per_s": self.images / elapsed,
+            "grad_norm": self.window[2].item() / n, "lr": lr, "images_per_s": images_per_s,
+            "tflops_per_device": flops_per_device / 1e12,
+            **({"mfu": flops_per_device / self.peak_flops} if self.peak_flops else {}),
             "sec_per_step": elapsed / max(1, self.images // self.batch_size),
             "peak_memory_gb": peak_memory_gb(self.window.device), "skipped_steps": skipped,
             "side_work_failures": self.side.failures,
@@ -110,31 +204,46 @@ class MetricsLogger:
             record["own_weight_by_t"] = (self.bins[2] / count).tolist()
             record["rows_by_t"] = self.bins[0].long().tolist()
         if self.world.is_main:
-            self.side.run("writing metrics.jsonl", self._append, record)
-            if self.writer is not None:
-                self.side.run("writing TensorBoard", self._tensorboard_scalars, record)
+            self._publish(record)
+            if self.bar is not None:
+                self.throughput = f"{images_per_s:.0f} img/s" + (f" MFU {record['mfu']:.1%}" if "mfu" in record
+                                                                 else f" {record['tflops_per_device']:.3g} TFLOP/s")
         self.window.zero_()
         self.bins.zero_()
         self.start, self.images = time.perf_counter(), 0
+
+    def eval_row(self, step: int, metrics: dict, seconds: float, samples: int):
+        """Rank 0: an evaluation's scores, as an `eval` row of metrics.jsonl and eval/* scalars elsewhere."""
+        self.start += seconds  # the window's throughput is the training's, without the evaluation
+        self._publish({"step": step, "eval": metrics, "eval_seconds": seconds, "eval_samples": samples})
+
+    def image(self, key: str, path: Path, step: int):
+        """Rank 0: an image saved during training (a preview grid), for W&B."""
+        if self.wandb is not None:
+            self.wandb.image(key, path, step)
+
+    def _publish(self, record: dict):
+        self.side.run("writing metrics.jsonl", self._append, record)
+        if self.writer is not None:
+            self.side.run("writing TensorBoard", self._tensorboard_scalars, record)
+        if self.wandb is not None:
+            self.wandb.log(record["step"], scalars(record))
 
     def _append(self, record: dict):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _tensorboard_scalars(self, record: dict):
-        step = record["step"]
-        for key, value in record.items():
-            if isinstance(value, list):
-                for i, v in enumerate(value):
-                    self.writer.add_scalar(f"{key}/bin{i}", v, step)
-            elif key != "step":
-                self.writer.add_scalar(key, value, step)
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.side.run("closing TensorBoard", self.writer.close)
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def peak_memory_gb(device) -> float:

@@ -22,7 +22,9 @@ from pafm.config import (Allowed, ConfigError, Relation, at_least, each, load_co
 from pafm.distributed import (World, agree, all_reduce, cleanup, init_distributed, one_line, peer_failure, print_once,
                               shard_model)
 from pafm.ema import EMA
-from pafm.logger import MetricsLogger, SideWork
+from pafm.eval_during_training import TrainingEval, TrainingEvalConfig
+from pafm.logger import MetricsLogger, SideWork, WandbConfig
+from pafm.models.flops import device_peak_flops, train_flops_per_image
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
 from pafm.run_lock import RunDirInUse, RunLock
 from pafm.sampling import GUIDANCE_SCALE
@@ -120,6 +122,7 @@ class LogConfig:
     sample_prompts: Optional[list[str]] = setting(None, each(words("a caption")))
     tensorboard: bool = True
     progress: bool = True
+    wandb: Optional[WandbConfig] = None  # {project, entity, name, mode}: also log to Weights & Biases (rank 0)
 
 
 @section("")
@@ -132,6 +135,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
 
 
 class SetupError(RuntimeError):
@@ -212,6 +216,8 @@ def check_settings(cfg: Config, info: dict):
                          "whose caption was dropped); use source=resample or text_prior=similarity")
     if cfg.log.sample_prompts and info["kind"] != "text":
         raise SetupError(f"log.sample_prompts is for text models; {cfg.data.spec} has class labels")
+    if cfg.eval.every:  # before anything is built or resumed (ConfigError)
+        cfg.eval.as_eval_config({"data": {"spec": cfg.data.spec, "info": info}})
 
 
 def trajectory(cfg: Config) -> dict:
@@ -322,10 +328,11 @@ class PreviewGrids:
     """The EMA model's preview grids (side work: a failure is reported and counted, never fatal).  Rank 0 builds
     the grid's model and decoder at the first grid and reuses them for every later one."""
 
-    def __init__(self, cfg: Config, world: World, ema, export_meta: dict, side: SideWork, run_dir: Path):
+    def __init__(self, cfg: Config, world: World, ema, export_meta: dict, side: SideWork, run_dir: Path,
+                 logger: MetricsLogger):
         self.cfg, self.world, self.ema, self.export_meta, self.side, self.run_dir = cfg, world, ema, export_meta, \
             side, run_dir
-        self.grid = None
+        self.logger, self.grid = logger, None
 
     def _draw(self, weights: dict, step: int):
         from pafm.generate import PreviewGrid
@@ -334,7 +341,8 @@ class PreviewGrids:
             log = self.cfg.log
             self.grid = PreviewGrid(self.export_meta, steps=log.sample_steps, cfg_scale=log.sample_cfg,
                                     seed=self.cfg.train.seed, prompts=log.sample_prompts)
-        self.grid.save(weights, self.run_dir / "samples" / f"step_{step:07d}.png")
+        path = self.grid.save(weights, self.run_dir / "samples" / f"step_{step:07d}.png")
+        self.logger.image("samples", path, step)
 
     def __call__(self, step: int):
         from pafm.export import gather_state_dict
@@ -379,10 +387,13 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, world, every=cfg.log.every, total_steps=cfg.train.steps, start_step=state.step,
                            batch_size=cfg.data.batch_size, pafm=cfg.objective.kind == "pafm",
-                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, side=side)
+                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, side=side,
+                           train_flops_per_image=train_flops_per_image(model.config),
+                           peak_flops=device_peak_flops(world.device), wandb=cfg.log.wandb, config=to_dict(cfg))
     # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir)
+    grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir, logger)
+    evaluation = TrainingEval(cfg.eval, world, ema, export_meta, side, run_dir, logger) if cfg.eval.every else None
     stop.catch_interrupt()
     data_iter = iter(loader)
     try:
@@ -402,6 +413,8 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
                 checkpoint = checkpointer.save(state, final=last or stop_now or too_bad)
             if cfg.log.sample_every > 0 and state.step % cfg.log.sample_every == 0 and not last:
                 grids(state.step)
+            if evaluation and state.step % cfg.eval.every == 0 and not (stop_now or too_bad):
+                evaluation(state.step)
             if too_bad:
                 raise TrainingStopped(f"stopped at step {state.step}: {state.bad_in_row} non-finite losses or "
                                       f"gradients in a row (train.max_bad_steps={cfg.train.max_bad_steps}); "
@@ -413,10 +426,10 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
                 break
     finally:
         checkpointer.close()  # a background save in flight finishes before anything reads it or the group goes
-    logger.close()
     loader.close()
     if state.step == cfg.train.steps and cfg.log.sample_every >= 0:
         grids(state.step)
+    logger.close()
     return {"step": state.step, "run_dir": run_dir, "checkpoint": checkpointer.newest or checkpointer.latest(),
             "skipped": state.skipped, "stopped": stop.requested, "side_work_failures": side.failures,
             "failed_saves": checkpointer.failed_saves}

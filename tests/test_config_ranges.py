@@ -30,11 +30,13 @@ HUGE = {int: str(10**18), float: "1e300"}
 NEGATIVE_OK = {("log.sample_every", "-1"), ("objective.time_mean", "-1")}
 HUGE_OK = {"train.steps", "train.seed", "train.max_bad_steps", "objective.target_ess", "checkpoint.every",
            "checkpoint.keep", "data.batch_size", "optim.warmup_steps", "optim.grad_clip", "log.every",
-           "log.sample_every"}
+           "log.sample_every", "eval.every", "eval.seed", "eval.sampler.cfg_channels"}
 # A seed is hashed; isc_splits and cfg_channels are checked against the samples and the export's channels (see
 # tests/test_cli_errors.py), and the KID subset is capped at the samples.
 EVAL_HUGE_OK = {"eval.seed", "eval.isc_splits", "eval.kid_subset_size", "sampler.cfg_channels"}
 NOT_TRAINED = {("train.steps", HUGE[int])}  # accepted, but would train for 10^18 steps
+# Keys of an optional section are probed with the section switched on: its required keys, and no network.
+SECTION_ON = {"log.wandb.": ["log.wandb.project=probe", "log.wandb.mode=offline"]}
 
 
 def probes(key) -> list[str]:
@@ -132,10 +134,11 @@ def test_every_value_of_the_schema_trains_or_is_refused_in_one_line(in_process, 
         for value in probes(key):
             tried += 1
             override = f"{key.name}={value}"
+            section_on = next((on for prefix, on in SECTION_ON.items() if key.name.startswith(prefix)), [])
             try:
-                load_config(Config, DIGITS, [f"run.dir={tmp_path}", *TINY, override])
+                load_config(Config, DIGITS, [f"run.dir={tmp_path}", *TINY, *section_on, override])
             except ConfigError:
-                assert_refused(*run(in_process, capsys, tmp_path / "refused", override), key.name)
+                assert_refused(*run(in_process, capsys, tmp_path / "refused", *section_on, override), key.name)
                 assert not (tmp_path / "refused").exists()
                 continue
             assert value not in (".nan", ".inf") and ".nan" not in value and ".inf" not in value, override
@@ -144,7 +147,7 @@ def test_every_value_of_the_schema_trains_or_is_refused_in_one_line(in_process, 
             if (key.name, value) in NOT_TRAINED:
                 continue
             run_dir = tmp_path / f"run{tried}"
-            code, err = run(in_process, capsys, run_dir, override)
+            code, err = run(in_process, capsys, run_dir, *section_on, override)
             if code == 2:  # refused at launch, where the rule needs the data
                 assert_refused(code, err, key.name)
                 continue

