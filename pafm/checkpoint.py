@@ -680,9 +680,9 @@ class Checkpointer:
     """The trainer's checkpoints: the resume policy, saves with rotation, and the EMA export written beside them.
 
     `run_meta` (model config, objective, its state keys, world size) is recorded in every checkpoint; resuming with
-    other settings is refused.  So are the run's id and its `run_meta["trajectory"]` (optimiser, schedule, seed,
-    data, objective): resume=auto adopts only the run's own checkpoints, and a resume whose trajectory settings
-    changed says so in a warning line.  The export is side work (`side.run`): a failure is reported and counted,
+    other settings is refused.  The run's id and its `run_meta["trajectory"]` (optimiser, schedule, seed, data,
+    objective) are recorded too but not compared: resume=auto adopts only the run's own checkpoints, and a resume
+    whose trajectory settings changed says so in a warning line.  The export is side work (`side.run`): a failure is reported and counted,
     never fatal, and the checkpoint is written first; it is read back from the checkpoint's files on rank 0.
 
     With `async_save`, periodic saves are written in the background (`BackgroundSaver`): `poll` collects a finished

@@ -24,6 +24,8 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin
 
 import yaml
 
+from pafm.files import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config's schema."""
@@ -390,4 +392,4 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -11,13 +11,14 @@ evaluation is side work: a failure is reported and counted, and training goes on
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
 
-from pafm.config import at_least, section, setting, within, words
+from pafm.config import ConfigError, at_least, section, setting, within, words
 from pafm.eval import METRIC_LIST
 from pafm.logger import MetricsLogger, SideWork, read_metrics
 from pafm.sampling import MAX_STEPS, SamplerConfig
@@ -60,7 +61,11 @@ class TrainingEvalConfig:
                               inception_batch_size=self.inception_batch_size, save_npz=False)
         cfg = EvalConfig(eval=section, sampler=self.sampler)
         resolve_eval_defaults(cfg, meta)
-        check_eval_config(cfg, meta)
+        try:
+            check_eval_config(cfg, meta)
+        except ValueError as err:  # a ConfigError, or the guided channels': pafm.eval's keys in this section's words
+            text = re.sub(r"(?<![\w.])sampler\.(?=\w)", "eval.sampler.", str(err))
+            raise ConfigError(text.replace("eval.num_samples", "eval.during_training_samples")) from None
         return cfg
 
 

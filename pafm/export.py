@@ -286,7 +286,8 @@ def export_checkpoint(run_dir, checkpoint=None) -> tuple[Path, Path, int]:
     """Write RUN/ema.safetensors from the EMA weights of a verified checkpoint: `checkpoint`, or the run's newest
     that verifies.  Runs on the CPU in one process, reading the checkpoint's files; refused while a launch holds
     the run.  Returns (export path, checkpoint folder, step)."""
-    from pafm.checkpoint import CheckpointError, full_ema, latest_checkpoint, recorded_run_id, verify_checkpoint
+    from pafm.checkpoint import (CheckpointError, checkpoint_run_id, full_ema, latest_checkpoint, recorded_run_id,
+                                 verify_checkpoint)
     from pafm.run_lock import RunLock
 
     run_dir = Path(run_dir).expanduser()
@@ -303,6 +304,10 @@ def export_checkpoint(run_dir, checkpoint=None) -> tuple[Path, Path, int]:
             if not folder.is_dir():
                 raise ExportError(f"--checkpoint {folder}: no such checkpoint folder")
             verify_checkpoint(folder)
+            own, theirs = recorded_run_id(run_dir), checkpoint_run_id(folder)
+            if own and theirs and own != theirs:
+                raise ExportError(f"--checkpoint {folder} belongs to another run (run id {theirs}, {run_dir} is "
+                                  f"{own}): its weights would not be this run's")
         meta = checkpoint_export_meta(folder, run_dir)
         try:
             step = json.loads((folder / "rank0.json").read_text())["step"]

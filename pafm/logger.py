@@ -159,7 +159,7 @@ class MetricsLogger:
             return
         # On resume, drop records past the resumed step so that the file reads as one uninterrupted run.
         keep = read_metrics(self.path, up_to_step=start_step)
-        side.run("rewriting metrics.jsonl", self.path.write_text, "".join(json.dumps(r) + "\n" for r in keep))
+        side.run("rewriting metrics.jsonl", atomic_write_text, self.path, "".join(json.dumps(r) + "\n" for r in keep))
         if tensorboard:
             self.writer = side.run("starting TensorBoard", _tensorboard, run_dir)
         if wandb is not None:

@@ -389,7 +389,8 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
                            batch_size=cfg.data.batch_size, pafm=cfg.objective.kind == "pafm",
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, side=side,
                            train_flops_per_image=train_flops_per_image(model.config),
-                           peak_flops=device_peak_flops(world.device), wandb=cfg.log.wandb, config=to_dict(cfg))
+                           peak_flops=device_peak_flops(world.device) if cfg.train.precision == "bf16" else None,
+                           wandb=cfg.log.wandb, config=to_dict(cfg))  # MFU against the bf16 peak: bf16 runs only
     # FSDP2 already computes in bf16; autocast also covers tensors the model creates itself (time embeddings).
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     grids = PreviewGrids(cfg, world, ema, export_meta, side, run_dir, logger)
@@ -497,7 +498,8 @@ def _main(argv: list[str], stop: StopSignal) -> int:
         if not peer_failure(err):
             raise
         print(f"error{where}: a collective failed, most likely because another rank stopped: "
-              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
+              f"{error_text(str(err).splitlines()[0]) if str(err) else type(err).__name__}", file=sys.stderr,
+              flush=True)
         return 1
     finally:
         cleanup()

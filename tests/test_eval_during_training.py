@@ -66,6 +66,23 @@ def test_eval_settings_are_checked_before_training(capsys):
     assert "eval.every=-1: must be >= 0" in capsys.readouterr().err
 
 
+def test_a_setting_that_cannot_work_with_the_data_is_named_by_the_trainers_key(tmp_path):
+    """pafm.eval's checks name its own keys; the trainer's section says them in its own words."""
+    from pafm.config import ConfigError
+    from pafm.eval_during_training import TrainingEvalConfig, TrainingSamplerConfig
+
+    meta = {"data": {"spec": "builtin:digits", "info": {"kind": "class", "latent_shape": [1, 8, 8],
+                                                         "num_classes": 10}}}
+    (tmp_path / "w.pth").write_bytes(b"")
+    few = TrainingEvalConfig(every=5, during_training_samples=5, metrics=["isc"],
+                             inception_weights=str(tmp_path / "w.pth"))
+    with pytest.raises(ConfigError, match=r"eval\.during_training_samples is 5"):
+        few.as_eval_config(meta)
+    guided = TrainingEvalConfig(every=5, sampler=TrainingSamplerConfig(cfg_channels=4))
+    with pytest.raises(ConfigError, match=r"^eval\.sampler\.cfg_channels=4"):
+        guided.as_eval_config(meta)
+
+
 @pytest.mark.slow
 def test_two_ranks_score_like_one_and_a_wrong_metric_stops_the_start(env, tmp_path):
     from test_train import TINY

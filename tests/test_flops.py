@@ -48,4 +48,5 @@ def test_flop_count_agrees_with_torch_counter(name, kwargs):
 def test_peak_table_knows_data_center_gpus_and_nothing_else():
     assert dense_bf16_peak("NVIDIA H100 80GB HBM3") == 989e12 and dense_bf16_peak("NVIDIA H200") == 989e12
     assert dense_bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert dense_bf16_peak("NVIDIA H100 PCIe") == 756e12 and dense_bf16_peak("NVIDIA H100 NVL") == 835e12
     assert dense_bf16_peak("NVIDIA GeForce RTX 4090") is None and dense_bf16_peak("cpu") is None

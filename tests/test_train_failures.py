@@ -241,6 +241,9 @@ def test_another_runs_checkpoint_is_named_and_neither_adopted_nor_counted(env, t
     mine = json.loads((run / "run.json").read_text())["run_id"]
     assert json.loads((ckpts / "step_0000006" / "run.json").read_text())["run_id"] == mine
     assert json.loads((ckpts / "step_0000006.foreign" / "run.json").read_text())["run_id"] != mine
+    export = subprocess.run([sys.executable, "-m", "pafm.export", str(run), "--checkpoint",
+                             str(ckpts / "step_0000006.foreign")], cwd=ROOT, env=env, capture_output=True, text=True)
+    one_line_error(export, "belongs to another run", "would not be this run's")
     lone = tmp_path / "lone"  # another run's checkpoint as the only candidate: refused, named
     shutil.copytree(foreign.with_name("step_0000006.foreign"), lone / "checkpoints" / "step_0000006")
     proc = train(env, lone, "train.steps=8", check=False)

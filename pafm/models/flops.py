@@ -15,8 +15,10 @@ import torch
 from .layers import FREQ_DIM
 from .registry import MODELS
 
-# Dense (no sparsity) bf16 tensor-core peak per GPU, SXM parts; matched as a substring of the device name.
-DENSE_BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
+# Dense (no sparsity) bf16 tensor-core peak per GPU; the longest key found in the device name wins, so the PCIe
+# and NVL parts of the H100 get their own (lower) peaks rather than the SXM part's.
+DENSE_BF16_PEAK_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H800": 989e12,
+                         "A100": 312e12}
 
 
 def _linear(rows: int, fan_in: int, fan_out: int) -> int:
@@ -66,7 +68,8 @@ def train_flops_per_image(config: dict) -> int:
 def dense_bf16_peak(device_name: str) -> Optional[float]:
     """FLOP/s of the device's dense bf16 peak; None for a device not in the table (and for CPUs): MFU is then not
     reported rather than guessed."""
-    return next((peak for key, peak in DENSE_BF16_PEAK_FLOPS.items() if key in device_name), None)
+    keys = [key for key in DENSE_BF16_PEAK_FLOPS if key in device_name]
+    return DENSE_BF16_PEAK_FLOPS[max(keys, key=len)] if keys else None
 
 
 def device_peak_flops(device: torch.device) -> Optional[float]:
