@@ -60,7 +60,7 @@ class KernelBuild:
 
 
 # The shapes compiled, each with the optional inputs the trainer passes (the class label, the row's own endpoint
-# and noise, its pool index) or with every one switched on. The runtime specialises integers and pointers on their
+# and noise, its pool index) or with every one switched on (a log prior, per-row temperatures, the gate's mask). The runtime specialises integers and pointers on their
 # values (divisible by 16, equal to 1), so each shape compiles the kernels that run at it: (256, 256, 4096) splits
 # the logits over D (132 SMs), (32, 4096, 4096) splits the mix over K, (256, 4096, 4096) splits neither.
 CASES = [  # (layout, B, K, D, features)
@@ -110,6 +110,7 @@ def _case_inputs(layout, B, K, D, features, dtype):
             kw["pool_index"] = torch.zeros(B, dtype=torch.long)
     if everything:
         kw["log_prior"] = torch.zeros(B, K)
+        kw["active"] = torch.ones(B, dtype=torch.bool)  # the gate on t
     tau = coef() if everything else 1.0
     return (x(B, D), pool, coef(), coef(), coef(), coef(), tau), kw
 

@@ -18,12 +18,29 @@ from .launch import INTERPRET, KernelInputs, load_row_coefficients, size_bucket
 
 @triton.jit
 def _per_row_kernel(Z, X, POOL_INDEX, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR,
-                    ENDPOINT, NOISE, LOGITS, V, LSE, ESS,
+                    ENDPOINT, NOISE, ACTIVE, LOGITS, V, LSE, ESS,
                     K, D, stride_z, stride_xb, stride_xk, stride_pl, stride_lp, k_bucket,
                     ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PRIOR: tl.constexpr,
-                    HAS_POOL_INDEX: tl.constexpr, RESIDUAL: tl.constexpr, EMULATE_FMA: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    HAS_POOL_INDEX: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+                    EMULATE_FMA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if HAS_ACTIVE:
+        live = tl.load(ACTIVE + row) != 0  # a row the gate leaves out costs one load
+    else:
+        live = True
+    if live:
+        _per_row(Z, X, POOL_INDEX, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR,
+                 ENDPOINT, NOISE, LOGITS, V, LSE, ESS, row, K, D, stride_z, stride_xb, stride_xk, stride_pl,
+                 stride_lp, ROW_TAU, HAS_LABELS, HAS_PRIOR, HAS_POOL_INDEX, RESIDUAL, EMULATE_FMA, BLOCK_K, BLOCK_D)
+
+
+@triton.jit
+def _per_row(Z, X, POOL_INDEX, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR,
+             ENDPOINT, NOISE, LOGITS, V, LSE, ESS, row, K, D, stride_z, stride_xb, stride_xk, stride_pl, stride_lp,
+             ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PRIOR: tl.constexpr,
+             HAS_POOL_INDEX: tl.constexpr, RESIDUAL: tl.constexpr, EMULATE_FMA: tl.constexpr,
+             BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One row's two passes (the module docstring)."""
     rk = tl.arange(0, BLOCK_K)
     rd = tl.arange(0, BLOCK_D)
     a, sg, tau, inv = load_row_coefficients(ALPHA, SIGMA, TAU, tau_value, row, row >= 0, ROW_TAU)
@@ -114,7 +131,7 @@ PER_ROW_CONFIGS = [
     for bk, bd, w, st in [(16, 256, 4, 2), (8, 512, 4, 2)]
 ]
 _per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["k_bucket", "D", "HAS_LABELS", "HAS_PRIOR", "HAS_POOL_INDEX",
-                                                      "RESIDUAL"])(
+                                                      "RESIDUAL", "HAS_ACTIVE"])(
     _per_row_kernel)
 
 
@@ -126,14 +143,15 @@ def per_row_posterior(inp: KernelInputs):
     K = pool.shape[1]
     f32 = dict(device=z.device, dtype=torch.float32)
     logits = torch.empty(B, K, **f32)
-    velocity = torch.empty(B, D, **f32)
-    lse_ess = torch.empty(2, B, **f32)
+    outputs = torch.zeros if inp.has_active else torch.empty  # gated-out rows get 0
+    velocity = outputs(B, D, **f32)
+    lse_ess = outputs(2, B, **f32)
     args = (z, pool, inp.pool_index, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma, inp.row_labels,
-            inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, logits, velocity, lse_ess[0], lse_ess[1],
+            inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, inp.active, logits, velocity, lse_ess[0], lse_ess[1],
             K, D, z.stride(0), pool.stride(0), pool.stride(1), K if inp.labels_2d else 0, K if inp.has_prior else 0,
             size_bucket(K))
     flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, HAS_PRIOR=inp.has_prior,
-                 HAS_POOL_INDEX=inp.has_pool_index, RESIDUAL=inp.residual,
+                 HAS_POOL_INDEX=inp.has_pool_index, RESIDUAL=inp.residual, HAS_ACTIVE=inp.has_active,
                  EMULATE_FMA=INTERPRET)
     if INTERPRET:
         _per_row_kernel[(B,)](*args, **flags, BLOCK_K=max(2, min(16, triton.next_power_of_2(K))),
