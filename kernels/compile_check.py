@@ -62,7 +62,8 @@ class KernelBuild:
 # The shapes compiled, each with the optional inputs the trainer passes (the class label, the row's own endpoint
 # and noise, its pool index) or with every one switched on (a log prior, per-row temperatures, the gate's mask). The runtime specialises integers and pointers on their
 # values (divisible by 16, equal to 1), so each shape compiles the kernels that run at it: (256, 256, 4096) splits
-# the logits over D (132 SMs), (32, 4096, 4096) splits the mix over K, (256, 4096, 4096) splits neither.
+# the logits over D (132 SMs), (32, 4096, 4096) splits the mix over K, (256, 4096, 4096) splits neither; the bank
+# at 32 rows splits each row's candidates over K (a merge launch follows), 256 per-row pools do not.
 CASES = [  # (layout, B, K, D, features)
     ("shared", 256, 256, 4096, "trainer"),
     ("shared", 256, 4096, 4096, "trainer"),
@@ -73,7 +74,8 @@ CASES = [  # (layout, B, K, D, features)
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_SMS = 132  # an H100 SXM: sets the splits the launchers choose
 KERNEL_NAMES = {"_logits_kernel": "shared_logits", "_row_kernel": "shared_row", "_mix_kernel": "shared_mix",
-                "_mix_reduce_kernel": "shared_mix_sum", "_per_row_kernel": "per_row"}
+                "_mix_reduce_kernel": "shared_mix_sum", "_per_row_kernel": "per_row",
+                "_per_row_merge_kernel": "per_row_merge"}
 
 
 class _Recorder:
@@ -122,7 +124,7 @@ def recorded_launches(layout, B, K, D, features, dtype):
     args, kw = _case_inputs(layout, B, K, D, features, TORCH_DTYPES[dtype])
     launches = []
     handles = [(shared_pool, n) for n in ("_logits_tuned", "_row_kernel", "_mix_tuned", "_mix_reduce_kernel")]
-    handles.append((per_row_pool, "_per_row_tuned"))
+    handles += [(per_row_pool, "_per_row_tuned"), (per_row_pool, "_per_row_merge_kernel")]
     saved = [getattr(m, n) for m, n in handles] + [launch.SMS_WITHOUT_GPU]
     try:
         for m, n in handles:
@@ -185,7 +187,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 def _build(job) -> KernelBuild:
     name, arch, dtype, case, signature, constexprs, attrs, opts = job
-    module = per_row_pool if name == "_per_row_kernel" else shared_pool
+    module = per_row_pool if name.startswith("_per_row") else shared_pool
     fn = getattr(module, name)
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=opts)

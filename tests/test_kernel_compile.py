@@ -25,7 +25,8 @@ def test_every_launch_of_every_dtype_compiles_with_runtime_specialisation():
     builds = [compile_check.KernelBuild(**{k: v for k, v in json.loads(line).items() if k != "fits"})
               for line in out.stdout.splitlines()]
     assert {(b.arch, b.dtype) for b in builds} == {(a, d) for a in (90, 80) for d in compile_check.DTYPES}
-    assert {b.kernel for b in builds} == {"shared_logits", "shared_row", "shared_mix", "shared_mix_sum", "per_row"}
+    assert {b.kernel for b in builds} == {"shared_logits", "shared_row", "shared_mix", "shared_mix_sum", "per_row",
+                                          "per_row_merge"}
     assert {b.case for b in builds} == {f"{c[0]} {c[1]}x{c[2]}x{c[3]}" for c in compile_check.CASES}
     for b in builds:
         print(b.row())

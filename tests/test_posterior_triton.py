@@ -55,9 +55,13 @@ def test_shared_pool_kernel_matches_oracle(case, dtype):
     _check(args, kw, TOL[dtype])
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one_program_per_row", "split_over_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", PER_ROW)
-def test_per_row_kernel_matches_oracle(case, dtype):
+def test_per_row_kernel_matches_oracle(monkeypatch, case, dtype, split):
+    if split:  # a pretend GPU whose wave the rows do not fill: each row's candidates spread over several programs
+        monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132)
+        monkeypatch.setattr(per_row_pool, "SPLIT_MIN_K", 4)
     B, K, S, labels, prior, tau, residual = case
     args, kw = make_case(B, K, S, per_row=True, dtype=dtype, labels=labels, prior=prior, tau=tau, residual=residual)
     _check(args, kw, TOL_PER_ROW)
@@ -80,7 +84,9 @@ def test_single_admissible_candidate_gives_flow_matching_target(per_row):
 
 
 @pytest.mark.parametrize("per_row", [False, True])
-def test_row_without_admissible_candidate(per_row):
+def test_row_without_admissible_candidate(monkeypatch, per_row):
+    monkeypatch.setattr(per_row_pool, "SPLIT_MIN_K", 2)  # with the pretend GPU below, per-row rows split over K
+    monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132 if per_row else 1)
     B, K = 4, 6
     args, _ = make_case(B, K, (20,), per_row=per_row)
     row_labels = torch.tensor([0, 7, -1, 0])
@@ -360,13 +366,15 @@ def test_kernel_refines_the_rows_the_host_decision_names():
 
 
 # ---- the gate: rows outside t_range are not computed ---------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["shared", "shared_split", "per_row", "bank"])
+@pytest.mark.parametrize("layout", ["shared", "shared_split", "per_row", "per_row_split", "bank"])
 def test_gated_rows_are_neither_read_nor_computed(monkeypatch, layout):
     # The gated-out rows' inputs are NaN: any read of them would reach a result. The active rows match the oracle
     # on the active rows alone; the others come back 0. "shared_split" also splits the logits over D and the mix
     # over K (a pretend GPU), with the first row block entirely gated out (its ||x||^2 still counts).
-    if layout == "shared_split":
+    if layout.endswith("split"):
         monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132)
+        monkeypatch.setattr(per_row_pool, "SPLIT_MIN_K", 16)
+        layout = layout[:-len("_split")] if layout == "per_row_split" else layout
     B, K, D = 40, 70, 140
     per_row = layout in ("per_row", "bank")
     args, kw = make_case(B, K, (D,), per_row=per_row, residual=True, own_index=True, t_range=(0.3, 0.9999))
