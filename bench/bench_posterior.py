@@ -306,7 +306,7 @@ def run(shapes, dtypes, providers, device, emit, deadline=float("inf"), quick=Fa
     Rows of one shape carry `ratio_to_triton` (time / the op's time of that shape and dtype, same run).
     `cpu_timing`: cpu_seconds and cpu_calls of time_fn."""
     roof = measure_roofline(device, quick=quick or cpu_timing.get("cpu_calls") == 1)
-    emit({**header(device), "provider": "roofline", **roof})
+    emit({**header(device), "measured": "roofline", **roof})
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True  # the native baseline's
     try:
         _run_shapes(shapes, dtypes, providers, device, emit, deadline, roof, cpu_timing)

@@ -21,7 +21,7 @@ def test_quick_run_on_cpu_reports_every_provider_with_its_error_and_floor(tmp_pa
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     roof = rows[0]
-    assert roof["provider"] == "roofline" and roof["device"].startswith("cpu")
+    assert roof["measured"] == "roofline" and roof["device"].startswith("cpu")
     assert roof["gemm_bf16_flops"] > 0 and roof["copy_bytes_per_s"] > 0
     assert roof["gemm_tf32x3_flops"] == pytest.approx(roof["gemm_tf32_flops"] / 3)
     measured = rows[1:]
