@@ -14,8 +14,10 @@ per-row kernel between them:
      get exact float64 direct distances ||z - a x_j||^2, their share of the velocity is computed in float64, and
      the other candidates keep their approximate logits, shifted by the picks' mean error (a row whose weight is
      spread over more candidates than that is only as exact as the bound). No host sync, no data-dependent shapes.
-  `_mix_kernel`: mu = sum_j w_j x_j as a GEMM whose prologue forms the weights from S and whose epilogue writes the
-     velocity; under one wave it splits K and `_mix_reduce_kernel` sums the parts in a fixed order.
+     Last, it writes the row's normalised weights once (for 16-bit candidates as hi + lo parts in their dtype).
+  `_mix_kernel`: mu = sum_j w_j x_j as a plain GEMM over those weights (no exp per D tile; both 16-bit parts are
+     loaded with one layout) whose epilogue writes the velocity; under one wave it splits K and
+     `_mix_reduce_kernel` sums the parts in a fixed order.
 
 Refinement bound: with u = 2^-24, |error of S_ij| <= (g_dot 2|a| ||z|| max||x|| + g_sum a^2 max||x||^2) / (2 sigma^2 tau).
 The logits kernel sums each BLOCK_D chunk's products from zero on tensor cores (16 products per MMA step for 16-bit
@@ -234,10 +236,11 @@ def _own_endpoint_check(Z, X, LOG_PRIOR, OWN, D_ALPHA, D_SIGMA, part, row, B, K,
 
 @triton.jit
 def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-                OWN, ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS,
+                OWN, ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, W,
                 B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
                 ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+                SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr, BLOCK_W: tl.constexpr,
                 BLOCK_N: tl.constexpr, TOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     if _active_rows(ACTIVE, row, row >= 0, HAS_ACTIVE):  # a row the gate leaves out costs one load
@@ -245,6 +248,31 @@ def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, P
              OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
              B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
              ROW_TAU, HAS_LABELS, LABELS_2D, HAS_PRIOR, HAS_OWN, RESIDUAL, BLOCK_N, TOP, BLOCK_T, BLOCK_D)
+        # The row's normalised weights, once: the mix is then a plain GEMM (no exp per D tile).
+        tl.debug_barrier()  # the stats and the picks' -inf logits stored above are read back
+        _write_weights(LOGITS, STATS, W, row, B, K, SPLIT_P, P_SCALE, BLOCK_W)
+
+
+@triton.jit
+def _write_weights(LOGITS, STATS, W, row, B, K, SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
+    """w_j = exp(S_j - row max) * scale for the mix (refined rows: the candidates outside the picks). 16-bit inputs
+    store w = hi + lo in the candidates' dtype (two planes of W): ~16 mantissa bits for a tensor-core dot; P_SCALE
+    lifts fp16 weights out of its subnormals."""
+    row_max = tl.load(STATS + row)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    scale = tl.load(STATS + B + row) * P_SCALE
+    rw = tl.arange(0, BLOCK_W)
+    for k0 in range(0, K, BLOCK_W):
+        cols = k0 + rw
+        ok = cols < K
+        p = tl.exp(tl.load(LOGITS + row * K + cols, mask=ok, other=float("-inf")) - row_max) * scale
+        if SPLIT_P:
+            hi = p.to(W.dtype.element_ty)
+            tl.store(W + row * K + cols, hi, mask=ok)
+            tl.store(W + (B + row) * K + cols, (p - hi.to(tl.float32)).to(W.dtype.element_ty), mask=ok)
+        else:
+            tl.store(W + row * K + cols, p, mask=ok)
 
 
 @triton.jit
@@ -479,7 +507,7 @@ def _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA
 
 
 @triton.jit
-def _mix_kernel(LOGITS, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL, ACTIVE,
+def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL, ACTIVE,
                 B, K, D, stride_z, stride_x, split_k, b_bucket, k_bucket,
                 RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -497,31 +525,25 @@ def _mix_kernel(LOGITS, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_S
     live = tl.max(mask_m.to(tl.int32), axis=0) > 0  # a row block the gate leaves empty walks no candidate
     k_hi = tl.where(live, tl.minimum(K, k_lo + k_share), k_lo)
 
-    # w_ij = exp(S_ij - row_max) * scale (see the row kernel); P_SCALE lifts fp16 weights out of its subnormals.
-    row_max = tl.load(STATS + rm, mask=mask_m, other=0.0)
-    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    scale = tl.load(STATS + B + rm, mask=mask_m, other=0.0) * P_SCALE
+    # The weights the row kernel wrote (P_SCALE: see _write_weights); two planes hi + lo for 16-bit candidates.
     row0 = (pid_m * BLOCK_M).to(tl.int64)
-    s_ptrs = LOGITS + row0 * K + (lm[:, None] * K + (k_lo + rk)[None, :])
+    w_ptrs = W + row0 * K + (lm[:, None] * K + (k_lo + rk)[None, :])
     x_ptrs = X + k_lo.to(tl.int64) * stride_x + (rk[:, None] * stride_x + rd[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         mask_k = k0 + rk < k_hi
-        s = tl.load(s_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=float("-inf"))
-        p = tl.exp(s - row_max[:, None]) * scale[:, None]
+        mask_w = mask_m[:, None] & mask_k[None, :]
+        p = tl.load(w_ptrs, mask=mask_w, other=0.0)
         x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
-            acc = tl.dot(p, x.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(p.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
         elif SPLIT_P:
-            # 16-bit candidates: P = hi + lo in the candidates' dtype keeps ~16 mantissa bits of each weight
-            # (a single bf16 P would carry 8) for a second tensor-core dot in a memory-bound loop.
-            p_hi = p.to(x.dtype)
-            p_lo = (p - p_hi.to(tl.float32)).to(x.dtype)
-            acc = tl.dot(p_hi, x, acc)
-            acc = tl.dot(p_lo, x, acc)
+            # Both planes come from memory with one layout: one accumulator layout for the two dots.
+            acc = tl.dot(p, x, acc)
+            acc = tl.dot(tl.load(w_ptrs + B * K, mask=mask_w, other=0.0), x, acc)
         else:
             acc = tl.dot(p, x, acc, input_precision=PRECISION)
-        s_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K * stride_x
     acc = acc * (1.0 / P_SCALE)
     if split_k == 1:
@@ -555,12 +577,13 @@ def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA
 LOGITS_BLOCK_M, LOGITS_BLOCK_N = 64, 64
 LOGITS_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in [(64, 8, 3), (32, 8, 4)]]
 MIX_BLOCK_M, MIX_BLOCK_D = 64, 64
-MIX_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st) for bk, w, st in [(64, 8, 3), (32, 8, 4)]]
+MIX_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st) for bk, w, st in [(64, 4, 3), (32, 4, 4)]]
 _logits_tuned = triton.autotune(LOGITS_CONFIGS, key=["b_bucket", "k_bucket", "D", "split_d", "HAS_LABELS",
                                                      "HAS_PRIOR"])(_logits_kernel)
 _mix_tuned = triton.autotune(MIX_CONFIGS, key=["b_bucket", "k_bucket", "D", "split_k", "RESIDUAL"])(_mix_kernel)
 # Candidates refined per row (the 15 largest approximate logits and the own endpoint); the row kernel's tiles.
 ROW_TOP, ROW_BLOCK_T, ROW_BLOCK_D, ROW_WARPS = 16, 128, 256, 4
+ROW_BLOCK_W = 1024  # the row kernel's chunk of candidates when it writes the mix's weights
 REDUCE_BLOCK_M, REDUCE_BLOCK_D, REDUCE_WARPS = 16, 128, 4
 # On a GPU, splitting stops at parts of this many elements of D (logits) or candidates (mix).
 SPLIT_MIN_D, SPLIT_MIN_K = 256, 256
@@ -653,7 +676,8 @@ def launch_logits(inp: KernelInputs) -> Logits:
 
 
 def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None):
-    """The row kernel: returns (stats (4, B), the refined rows' velocity share (B, D), lse and ess (2, B))."""
+    """The row kernel: returns (stats (4, B), the refined rows' velocity share (B, D), lse and ess (2, B), the mix's
+    weights: (2, B, K) hi and lo parts in the candidates' dtype for 16-bit inputs, else (1, B, K) fp32)."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[0]
@@ -661,21 +685,33 @@ def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None)
     f32 = dict(device=z.device, dtype=torch.float32)
     stats, vt = torch.empty(4, B, **f32), torch.empty(B, D, **f32)
     lse_ess = (torch.zeros if inp.has_active else torch.empty)(2, B, **f32)  # gated-out rows get 0
+    split_p = _split_weights(z.dtype)
+    weights = torch.empty(2 if split_p else 1, B, K, device=z.device, dtype=z.dtype if split_p else torch.float32)
     g_dot, g_sum = logit_error_coefficients(D, z.dtype)
     _row_kernel[(B,)](z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma,
                       inp.row_labels, inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, inp.endpoint_index,
-                      inp.active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], B, K, D, nt, z.stride(0), pool.stride(0),
-                      lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
-                      ONE_HOT_MASS,
-                      ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
+                      inp.active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt, z.stride(0),
+                      pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
+                      ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
                       HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual,
-                      HAS_ACTIVE=inp.has_active, BLOCK_N=lg.block_n,
+                      HAS_ACTIVE=inp.has_active, SPLIT_P=split_p, P_SCALE=_p_scale(z.dtype),
+                      BLOCK_W=_interpret_block(K, 1024) if INTERPRET else ROW_BLOCK_W, BLOCK_N=lg.block_n,
                       TOP=ROW_TOP, BLOCK_T=_interpret_block(nt, 128) if INTERPRET else ROW_BLOCK_T,
                       BLOCK_D=_interpret_block(D, 1024) if INTERPRET else ROW_BLOCK_D, num_warps=ROW_WARPS)
-    return stats, vt, lse_ess
+    return stats, vt, lse_ess, weights
 
 
-def launch_mix(inp: KernelInputs, logits, stats, vt):
+def _split_weights(dtype) -> bool:
+    # 16-bit candidates on a GPU: the weights as hi + lo in their dtype (a single bf16 weight would carry 8 bits);
+    # the interpreter, which upcasts, keeps them in fp32.
+    return dtype != torch.float32 and not INTERPRET
+
+
+def _p_scale(dtype) -> float:
+    return 2.0 ** 15 if dtype == torch.float16 else 1.0
+
+
+def launch_mix(inp: KernelInputs, weights, stats, vt):
     """The mix (and, under one wave, its fixed-order sum): returns the velocity (B, D)."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
@@ -689,10 +725,10 @@ def launch_mix(inp: KernelInputs, logits, stats, vt):
     velocity = (torch.zeros if inp.has_active else torch.empty)(B, D, device=z.device, dtype=torch.float32)
     partial = torch.empty(split_k, B, D, device=z.device, dtype=torch.float32) if split_k > 1 else velocity
     tail = (z, inp.endpoint, inp.noise, inp.alpha, inp.sigma, inp.d_alpha, inp.d_sigma, vt, velocity)
-    args = (logits, pool, stats, *tail, partial, inp.active, B, K, D, z.stride(0), pool.stride(0), split_k,
+    args = (weights, pool, stats, *tail, partial, inp.active, B, K, D, z.stride(0), pool.stride(0), split_k,
             size_bucket(B), size_bucket(K))
-    flags = dict(RESIDUAL=inp.residual, HAS_ACTIVE=inp.has_active, SPLIT_P=z.dtype != torch.float32,
-                 P_SCALE=2.0 ** 15 if z.dtype == torch.float16 else 1.0, BLOCK_M=bm, BLOCK_D=bd)
+    flags = dict(RESIDUAL=inp.residual, HAS_ACTIVE=inp.has_active, SPLIT_P=_split_weights(z.dtype),
+                 P_SCALE=_p_scale(z.dtype), BLOCK_M=bm, BLOCK_D=bd)
     grid = (triton.cdiv(B, bm), triton.cdiv(D, bd), split_k)
     if INTERPRET:
         _mix_kernel[grid](*args, **flags, UPCAST=True, PRECISION="ieee", BLOCK_K=bk)
@@ -711,5 +747,5 @@ def shared_pool_posterior(inp: KernelInputs, refine_nats: float | None = None):
 
     `refine_nats` overrides REFINE_NATS (float("inf"): the kernels without refinement)."""
     lg = launch_logits(inp)
-    stats, vt, lse_ess = launch_rows(inp, lg, refine_nats)
-    return launch_mix(inp, lg.logits, stats, vt), lse_ess[0], lse_ess[1]
+    stats, vt, lse_ess, weights = launch_rows(inp, lg, refine_nats)
+    return launch_mix(inp, weights, stats, vt), lse_ess[0], lse_ess[1]

@@ -353,7 +353,7 @@ def test_kernel_refines_the_rows_the_host_decision_names():
                   endpoint_index=torch.arange(B).to(d))
     lg = shared_pool.launch_logits(inp)
     logits = lg.logits.clone()
-    stats, _, _ = shared_pool.launch_rows(inp, lg)
+    stats = shared_pool.launch_rows(inp, lg)[0]
     in_kernel = stats[3].cpu() != 0
     on_host = shared_pool.refined_rows(logits.cpu(), z, pool, *coefs, torch.arange(B))
     _, _, bound = _logits_and_bound(z, pool, t, sigma)
