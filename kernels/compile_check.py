@@ -47,6 +47,7 @@ class KernelBuild:
     spill_stack: int  # stack-frame bytes per thread; these kernels have no local arrays, so nonzero means spills
     shared: int
     aligned_args: int  # arguments the runtime marks divisible by 16
+    loop_layout_converts: int  # convert_layout ops in the kernel's first loop (the GEMM loop of the mix)
 
     @property
     def fits(self) -> bool:
@@ -196,8 +197,10 @@ def _build(job) -> KernelBuild:
     meta = {k: v for k, v in named.items() if k.startswith("BLOCK")}
     # Integer arguments the runtime turned into constants (equal to 1), e.g. split_d: that branch is compiled out.
     meta.update({k: v for k, v in named.items() if k.islower() and k in ("split_d", "split_k")})
+    ttgir = compiled.asm["ttgir"]
+    loop = ttgir[ttgir.find("scf.for"):ttgir.find("scf.yield")] if "scf.for" in ttgir else ""
     return KernelBuild(KERNEL_NAMES[name], arch, dtype, case, meta, opts["num_warps"], opts["num_stages"], regs,
-                       stack, compiled.metadata.shared, len(attrs))
+                       stack, compiled.metadata.shared, len(attrs), loop.count("convert_layout"))
 
 
 def compile_all(archs=(90, 80), dtypes=DTYPES, jobs=None):

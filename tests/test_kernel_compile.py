@@ -37,6 +37,9 @@ def test_every_launch_of_every_dtype_compiles_with_runtime_specialisation():
         assert b.aligned_args >= 8, b.row()
         if b.dtype != "fp32":  # 16-bit configurations are chosen not to spill; fp32 is a checking path
             assert b.spill_stack <= 64, b.row()
+    # The mix's two 16-bit dots (weights hi + lo) share one accumulator layout on sm_90: no round trip per k-step.
+    mixes = [b for b in builds if b.kernel == "shared_mix" and b.arch == 90 and b.dtype != "fp32"]
+    assert mixes and all(b.loop_layout_converts == 0 for b in mixes), [b.row() for b in mixes]
     # Where the grid fills the GPU, split_d = 1 reaches the compiler as a constant and the split path is compiled out.
     unsplit = [b for b in builds if b.kernel == "shared_logits" and b.case == "shared 256x4096x4096"]
     assert unsplit and all(b.meta.get("split_d") == 1 for b in unsplit)
