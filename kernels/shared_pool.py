@@ -240,14 +240,14 @@ def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, P
                 B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
                 ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-                SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr, BLOCK_W: tl.constexpr,
+                SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_N: tl.constexpr, TOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     if _active_rows(ACTIVE, row, row >= 0, HAS_ACTIVE):  # a row the gate leaves out costs one load
         _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
              OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
              B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
-             ROW_TAU, HAS_LABELS, LABELS_2D, HAS_PRIOR, HAS_OWN, RESIDUAL, BLOCK_N, TOP, BLOCK_T, BLOCK_D)
+             ROW_TAU, HAS_LABELS, LABELS_2D, HAS_PRIOR, HAS_OWN, RESIDUAL, BLOCK_S, BLOCK_N, TOP, BLOCK_T, BLOCK_D)
         # The row's normalised weights, once: the mix is then a plain GEMM (no exp per D tile).
         tl.debug_barrier()  # the stats and the picks' -inf logits stored above are read back
         _write_weights(LOGITS, STATS, W, row, B, K, SPLIT_P, P_SCALE, BLOCK_W)
@@ -280,7 +280,7 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
          OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
          B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
          ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
-         HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr,
+         HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_S: tl.constexpr,
          BLOCK_N: tl.constexpr, TOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """The row kernel's work for one row (its docstring is the module's)."""
     rt = tl.arange(0, BLOCK_T)
@@ -290,9 +290,9 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
         row_lab = tl.load(ROW_LAB + row)
     else:
         row_lab = 0
-    zsq = tl.load(ZSQ + row)
-    for s in range(1, split_d):
-        zsq += tl.load(ZSQ + s * B + row)
+    # The split parts are summed as one (BLOCK_S, ...) block each: loads in parallel, no chain of split_d loads.
+    rs = tl.arange(0, BLOCK_S)
+    zsq = tl.sum(tl.load(ZSQ + rs * B + row, mask=rs < split_d, other=0.0), axis=0)
     part = PART + row * NT
 
     if split_d > 1:
@@ -301,11 +301,9 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
         for t in range(0, NT):
             cols = t * BLOCK_N + rn
             ok = cols < K
-            dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s in range(0, split_d):
-                dot += tl.load(DOTS + (s * B + row) * K + cols, mask=ok, other=0.0)
-                xsq += tl.load(XSQ + s * K + cols, mask=ok, other=0.0)
+            both = (rs < split_d)[:, None] & ok[None, :]
+            dot = tl.sum(tl.load(DOTS + (rs[:, None] * B + row) * K + cols[None, :], mask=both, other=0.0), axis=0)
+            xsq = tl.sum(tl.load(XSQ + rs[:, None] * K + cols[None, :], mask=both, other=0.0), axis=0)
             logit = _finish_logits((2.0 * a * inv) * dot - (a * a * inv) * xsq, row * K, cols, cols, ok, row_lab,
                                    POOL_LAB, LOG_PRIOR, K, HAS_LABELS, LABELS_2D, HAS_PRIOR)
             tl.store(LOGITS + row * K + cols, logit, mask=ok)
@@ -695,7 +693,8 @@ def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None)
                       ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
                       HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual,
                       HAS_ACTIVE=inp.has_active, SPLIT_P=split_p, P_SCALE=_p_scale(z.dtype),
-                      BLOCK_W=_interpret_block(K, 1024) if INTERPRET else ROW_BLOCK_W, BLOCK_N=lg.block_n,
+                      BLOCK_W=_interpret_block(K, 1024) if INTERPRET else ROW_BLOCK_W,
+                      BLOCK_S=triton.next_power_of_2(lg.split_d), BLOCK_N=lg.block_n,
                       TOP=ROW_TOP, BLOCK_T=_interpret_block(nt, 128) if INTERPRET else ROW_BLOCK_T,
                       BLOCK_D=_interpret_block(D, 1024) if INTERPRET else ROW_BLOCK_D, num_warps=ROW_WARPS)
     return stats, vt, lse_ess, weights
