@@ -3,9 +3,10 @@
 The launchers run on CPU tensors of each case's shapes with the kernel handles replaced by recorders, so the
 arguments are the ones a launch passes; triton's own binder then derives the runtime's specialisation from them
 (16-divisible pointers and integers, integers equal to 1), and `triton.compile(ASTSource(fn, signature, constexprs,
-attrs), target=GPUTarget("cuda", arch, 32))` lowers exactly that kernel to PTX and a cubin on any machine; cuobjdump's resource usage of the cubin gives registers and the stack frame (spills), the compiler's
-metadata the shared memory. Builds run in parallel worker processes and land in triton's on-disk cache, so a second
-run takes seconds.
+attrs), target=GPUTarget("cuda", arch, 32))` lowers exactly that kernel to PTX and a cubin on any machine;
+cuobjdump's resource usage of the cubin gives registers and the stack frame (spills), the compiler's metadata the
+shared memory. Builds run in parallel worker processes and land in triton's on-disk cache, so a second run takes
+seconds.
 Run as `python -m pafm_kernels.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32] [--jobs N] [--json | --markdown]`.
 """
 from __future__ import annotations
@@ -60,11 +61,12 @@ class KernelBuild:
                 f"smem={self.shared}B{'' if self.fits else '  (does not fit)'}")
 
 
-# The shapes compiled, each with the optional inputs the trainer passes (the class label, the row's own endpoint
-# and noise, its pool index) or with every one switched on (a log prior, per-row temperatures, the gate's mask). The runtime specialises integers and pointers on their
-# values (divisible by 16, equal to 1), so each shape compiles the kernels that run at it: (256, 256, 4096) splits
-# the logits over D (132 SMs), (32, 4096, 4096) splits the mix over K, (256, 4096, 4096) splits neither; the bank
-# at 32 rows splits each row's candidates over K (a merge launch follows), 256 per-row pools do not.
+# The shapes compiled, each with the optional inputs the trainer passes (the class label, the row's own endpoint and
+# noise, its pool index) or with every one switched on (a log prior, per-row temperatures, the gate's mask). The
+# runtime specialises integers and pointers on their values (divisible by 16, equal to 1), so each shape compiles
+# the kernels that run at it: (256, 256, 4096) splits the logits over D (132 SMs), (32, 4096, 4096) splits the mix
+# over K, (256, 4096, 4096) splits neither; the bank at 32 rows splits each row's candidates over K (a merge launch
+# follows), 256 per-row pools do not.
 CASES = [  # (layout, B, K, D, features)
     ("shared", 256, 256, 4096, "trainer"),
     ("shared", 256, 4096, 4096, "trainer"),

@@ -63,11 +63,12 @@ def prepare(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=
     # Per-row pools are read through their strides, so a bank's slice (N, K, D) is used in place.
     per_row_in_place = pool.dim() == 3 and pool.stride(-1) == 1
     return KernelInputs(
-        z.contiguous(), pool if per_row_in_place else pool.contiguous(), arg(alpha), arg(sigma), arg(d_alpha), arg(d_sigma),
-        arg(temperature if row_tau else None), 1.0 if row_tau else float(temperature),
+        z.contiguous(), pool if per_row_in_place else pool.contiguous(), arg(alpha), arg(sigma), arg(d_alpha),
+        arg(d_sigma), arg(temperature if row_tau else None), 1.0 if row_tau else float(temperature),
         arg(row_labels), arg(pool_labels), arg(log_prior), arg(endpoint), arg(noise), arg(endpoint_index),
-        arg(pool_index), arg(active), row_tau, row_labels is not None, pool_labels is not None and pool_labels.dim() == 2, log_prior is not None,
-        endpoint is not None, endpoint_index is not None, pool_index is not None, active is not None)
+        arg(pool_index), arg(active), row_tau, row_labels is not None,
+        pool_labels is not None and pool_labels.dim() == 2, log_prior is not None, endpoint is not None,
+        endpoint_index is not None, pool_index is not None, active is not None)
 
 
 def size_bucket(n: int) -> int:

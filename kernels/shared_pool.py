@@ -19,7 +19,8 @@ per-row kernel between them:
      loaded with one layout) whose epilogue writes the velocity; under one wave it splits K and
      `_mix_reduce_kernel` sums the parts in a fixed order.
 
-Refinement bound: with u = 2^-24, |error of S_ij| <= (g_dot 2|a| ||z|| max||x|| + g_sum a^2 max||x||^2) / (2 sigma^2 tau).
+Refinement bound: with u = 2^-24,
+|error of S_ij| <= (g_dot 2|a| ||z|| max||x|| + g_sum a^2 max||x||^2) / (2 sigma^2 tau).
 The logits kernel sums each BLOCK_D chunk's products from zero on tensor cores (16 products per MMA step for 16-bit
 inputs; 8 for TF32, of which tf32x3 issues three dots) and adds the chunk to the running fp32 sum with one
 round-to-nearest add. A truncating tensor-core adder may lose one unit in the last place (2u relative) of the chunk's
@@ -507,8 +508,9 @@ def _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA
 @triton.jit
 def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL, ACTIVE,
                 B, K, D, stride_z, stride_x, split_k, b_bucket, k_bucket,
-                RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr,
+                P_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_k = tl.program_id(2)
