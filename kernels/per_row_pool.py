@@ -1,11 +1,14 @@
-"""Fused Triton kernel for per-row candidate pools (B, K, D): neighbours and VAE re-samples.
+"""Fused Triton kernels for per-row candidate pools (B, K, D): neighbours, VAE re-samples and a class bank's entries.
 
-There is no reuse across rows, so this is a memory-bound batched GEMV: one program per row.
-Pass 1 walks the row's candidates once, forms the direct fp32 distance ||z - a x_j||^2 over D chunks (as cheap as
-the expansion here and the most accurate), writes the B x K logits and keeps per-lane online-softmax statistics
-(max, sum exp, sum exp^2). Pass 2 forms mu = sum_j exp(l_j - lse) x_j one D chunk at a time and writes the velocity.
-Pass 2 re-reads the row's K x D candidates, which pass 1 just brought into L2 (128 KiB for K = 16, D = 4096 bf16),
-so HBM sees them about once while the rows in flight fit in L2. Extra memory: the B x K logits.
+There is no reuse across rows, so this is a memory-bound batched GEMV: one program per row, or, when the rows do not
+fill a wave of SMs (training's 32 rows per rank), one program per row and part of its candidates.
+Pass 1 walks the program's candidates once, forms the direct fp32 distance ||z - a x_j||^2 over D chunks (as cheap
+as the expansion here and the most accurate), writes the B x K logits and keeps per-lane online-softmax statistics
+(max, sum exp, sum exp^2). Pass 2 forms mu = sum_j exp(l_j - lse) x_j one D chunk at a time and writes the velocity;
+a part instead writes its statistics and sum_j exp(l_j - m) (x_j - x_own), and `_per_row_merge_kernel` combines the
+parts in a fixed order (the flash-decoding merge). Pass 2 re-reads the candidates, which pass 1 just brought into L2
+(128 KiB for K = 16, D = 4096 bf16), so HBM sees them about once while the rows in flight fit in L2. Extra memory:
+the B x K logits, and when split the parts' statistics and B x D partial sums per part.
 """
 from __future__ import annotations
 
