@@ -1,10 +1,13 @@
-"""Ahead-of-time compilation of every Triton kernel configuration for NVIDIA targets, without a GPU.
+"""Ahead-of-time compilation of every Triton kernel launch for NVIDIA targets, without a GPU.
 
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` lowers a kernel to PTX and a cubin on any
-machine; cuobjdump's resource usage of the cubin gives registers and the stack frame (spills), the compiler's
-metadata the shared memory. Builds run in parallel worker processes and land in triton's on-disk cache, so a second
-run takes seconds.
-Run as `python -m pafm_kernels.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32] [--jobs N]` for the table.
+The launchers run on CPU tensors of each case's shapes with the kernel handles replaced by recorders, so the
+arguments are the ones a launch passes; triton's own binder then derives the runtime's specialisation from them
+(16-divisible pointers and integers, integers equal to 1), and `triton.compile(ASTSource(fn, signature, constexprs,
+attrs), target=GPUTarget("cuda", arch, 32))` lowers exactly that kernel to PTX and a cubin on any machine;
+cuobjdump's resource usage of the cubin gives registers and the stack frame (spills), the compiler's metadata the
+shared memory. Builds run in parallel worker processes and land in triton's on-disk cache, so a second run takes
+seconds.
+Run as `python -m pafm_kernels.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32] [--jobs N] [--json | --markdown]`.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
 
 from . import per_row_pool, shared_pool
 
@@ -35,12 +40,15 @@ class KernelBuild:
     kernel: str
     arch: int
     dtype: str
+    case: str  # the shape whose launch was compiled
     meta: dict
     num_warps: int
     num_stages: int
     registers: int
     spill_stack: int  # stack-frame bytes per thread; these kernels have no local arrays, so nonzero means spills
     shared: int
+    aligned_args: int  # arguments the runtime marks divisible by 16
+    loop_layout_converts: int  # convert_layout ops in the kernel's first loop (the GEMM loop of the mix)
 
     @property
     def fits(self) -> bool:
@@ -48,51 +56,123 @@ class KernelBuild:
 
     def row(self) -> str:
         meta = ",".join(f"{k}={v}" for k, v in self.meta.items())
-        return (f"{self.kernel:<16} sm_{self.arch} {self.dtype:<4} {meta:<30} warps={self.num_warps} "
+        return (f"{self.kernel:<16} sm_{self.arch} {self.dtype:<4} {self.case:<22} {meta:<40} warps={self.num_warps} "
                 f"stages={self.num_stages} regs={self.registers:<3} spill_stack={self.spill_stack}B "
                 f"smem={self.shared}B{'' if self.fits else '  (does not fit)'}")
 
 
-def _arg_type(name: str, dtype: str) -> str:
-    """Triton signature type of a kernel argument, from the naming convention of these kernels."""
-    if name in ("Z", "X", "ENDPOINT", "NOISE"):
-        return f"*{dtype}"  # the op's inputs
-    if name in ("ROW_LAB", "POOL_LAB", "OWN", "POOL_INDEX"):
-        return "*i64"
-    if name in ("tau_value", "refine_nats", "g_dot", "g_sum"):
-        return "fp32"
-    if name == "ZSQ":
-        return "*fp64"
-    if name.islower() or name in ("B", "K", "D", "NT"):
-        return "i32"
-    return "*fp32"  # coefficients, buffers, outputs
+# The shapes compiled, each with the optional inputs the trainer passes (the class label, the row's own endpoint and
+# noise, its pool index) or with every one switched on (a log prior, per-row temperatures, the gate's mask). The
+# runtime specialises integers and pointers on their values (divisible by 16, equal to 1), so each shape compiles
+# the kernels that run at it: (256, 256, 4096) splits the logits over D (132 SMs), (32, 4096, 4096) splits the mix
+# over K, (256, 4096, 4096) splits neither; the bank at 32 rows splits each row's candidates over K (a merge launch
+# follows), 256 per-row pools do not.
+CASES = [  # (layout, B, K, D, features)
+    ("shared", 256, 256, 4096, "trainer"),
+    ("shared", 256, 4096, 4096, "trainer"),
+    ("shared", 32, 4096, 4096, "all"),
+    ("bank", 32, 64, 4096, "trainer"),
+    ("per_row", 256, 16, 4096, "all"),
+]
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GPU_SMS = 132  # an H100 SXM: sets the splits the launchers choose
+KERNEL_NAMES = {"_logits_kernel": "shared_logits", "_row_kernel": "shared_row", "_mix_kernel": "shared_mix",
+                "_mix_reduce_kernel": "shared_mix_sum", "_per_row_kernel": "per_row",
+                "_per_row_merge_kernel": "per_row_merge"}
 
 
-def kernel_variants(dtype: str):
-    """(name, kernel, constexprs, num_warps, num_stages) for every kernel and tuned configuration at one dtype.
+class _Recorder:
+    """Stands in for a kernel handle (`kernel[grid](*args, **kwargs)`) and records each launch, once per
+    autotuning configuration, with the keyword arguments the autotuner would add."""
 
-    Every optional feature is switched on (per-row temperature, labels, prior, own endpoint, residual form), the
-    variant with the most live state; the split paths are runtime branches of the same kernels.
-    """
-    sp, pr = shared_pool, per_row_pool
-    features = dict(ROW_TAU=True, HAS_LABELS=True, HAS_PRIOR=True)
-    sixteen = dtype != "fp32"
-    for cfg in sp.LOGITS_CONFIGS:
-        const = dict(features, LABELS_2D=True, UPCAST=False, PRECISION=sp.DOT_PRECISION, BLOCK_M=sp.LOGITS_BLOCK_M,
-                     BLOCK_N=sp.LOGITS_BLOCK_N, **cfg.kwargs)
-        yield "shared_logits", sp._logits_kernel, const, cfg.num_warps, cfg.num_stages
-    const = dict(features, LABELS_2D=True, HAS_OWN=True, RESIDUAL=True, BLOCK_N=sp.LOGITS_BLOCK_N, TOP=sp.ROW_TOP,
-                 BLOCK_T=sp.ROW_BLOCK_T, BLOCK_D=sp.ROW_BLOCK_D)
-    yield "shared_row", sp._row_kernel, const, sp.ROW_WARPS, 3
-    for cfg in sp.MIX_CONFIGS:
-        const = dict(RESIDUAL=True, UPCAST=False, SPLIT_P=sixteen, P_SCALE=2.0 ** 15 if dtype == "fp16" else 1.0,
-                     PRECISION=sp.DOT_PRECISION, BLOCK_M=sp.MIX_BLOCK_M, BLOCK_D=sp.MIX_BLOCK_D, **cfg.kwargs)
-        yield "shared_mix", sp._mix_kernel, const, cfg.num_warps, cfg.num_stages
-    const = dict(RESIDUAL=True, BLOCK_M=sp.REDUCE_BLOCK_M, BLOCK_D=sp.REDUCE_BLOCK_D)
-    yield "shared_mix_sum", sp._mix_reduce_kernel, const, sp.REDUCE_WARPS, 3
-    for cfg in pr.PER_ROW_CONFIGS:
-        const = dict(features, HAS_POOL_INDEX=True, RESIDUAL=True, EMULATE_FMA=False, **cfg.kwargs)
-        yield "per_row", pr._per_row_kernel, const, cfg.num_warps, cfg.num_stages
+    def __init__(self, handle, launches):
+        tuned = isinstance(handle, Autotuner)
+        self.fn = handle.fn if tuned else handle
+        self.configs = handle.configs if tuned else [None]
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            for cfg in self.configs:
+                self.launches.append((self.fn, args, {**kwargs, **(cfg.all_kwargs() if cfg else {})}))
+        return launch
+
+
+def _case_inputs(layout, B, K, D, features, dtype):
+    """CPU tensors shaped as the op receives them (the launchers read only shapes, strides and addresses)."""
+    x = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
+    coef = lambda: torch.rand(B) + 0.1  # noqa: E731
+    everything = features == "all"
+    kw = dict(endpoint=x(B, D), noise=x(B, D))
+    if layout == "shared":
+        pool = x(K, D)
+        kw.update(row_labels=torch.zeros(B, dtype=torch.long), endpoint_index=torch.arange(B))
+        kw["pool_labels"] = torch.zeros(B, K, dtype=torch.long) if everything else torch.zeros(K, dtype=torch.long)
+    else:
+        pool = x(10, K, D) if layout == "bank" else x(B, K, D)
+        kw.update(row_labels=torch.zeros(B, dtype=torch.long), pool_labels=torch.zeros(B, K, dtype=torch.long))
+        if layout == "bank":
+            kw["pool_index"] = torch.zeros(B, dtype=torch.long)
+    if everything:
+        kw["log_prior"] = torch.zeros(B, K)
+        kw["active"] = torch.ones(B, dtype=torch.bool)  # the gate on t
+    tau = coef() if everything else 1.0
+    return (x(B, D), pool, coef(), coef(), coef(), coef(), tau), kw
+
+
+def recorded_launches(layout, B, K, D, features, dtype):
+    """[(jit function, args, kwargs)] of every kernel launch the op makes at this case, as on an H100."""
+    from . import launch
+
+    args, kw = _case_inputs(layout, B, K, D, features, TORCH_DTYPES[dtype])
+    launches = []
+    handles = [(shared_pool, n) for n in ("_logits_tuned", "_row_kernel", "_mix_tuned", "_mix_reduce_kernel")]
+    handles += [(per_row_pool, "_per_row_tuned"), (per_row_pool, "_per_row_merge_kernel")]
+    saved = [getattr(m, n) for m, n in handles] + [launch.SMS_WITHOUT_GPU]
+    try:
+        for m, n in handles:
+            setattr(m, n, _Recorder(getattr(m, n), launches))
+        launch.SMS_WITHOUT_GPU = GPU_SMS
+        inputs = launch.prepare(*args, **kw)
+        if layout == "shared":
+            shared_pool.shared_pool_posterior(inputs)
+        else:
+            per_row_pool.per_row_posterior(inputs)
+    finally:
+        for (m, n), handle in zip(handles, saved):
+            setattr(m, n, handle)
+        launch.SMS_WITHOUT_GPU = saved[-1]
+    return launches
+
+
+def runtime_specialisation(fn, args, kwargs, arch):
+    """(signature, constexprs, attrs, options) exactly as triton's JIT derives them when it launches `fn` with
+    these arguments: pointers and integers divisible by 16 get `tt.divisibility`, integers equal to 1 become
+    constants. Uses the JIT's own binder (the same in triton 3.6 and 3.8)."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def build_jobs(archs=(90, 80), dtypes=DTYPES):
+    """One job per distinct (kernel, specialisation, options, arch) over every case and dtype."""
+    jobs = {}
+    for dtype in dtypes:
+        for layout, B, K, D, features in CASES:
+            for fn, args, kwargs in recorded_launches(layout, B, K, D, features, dtype):
+                for arch in archs:
+                    signature, constexprs, attrs, options = runtime_specialisation(fn, args, kwargs, arch)
+                    opts = {k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages")}
+                    key = (fn.__name__, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+                           repr(sorted(attrs.items())), repr(opts))
+                    case = f"{layout} {B}x{K}x{D}"
+                    jobs.setdefault(key, (fn.__name__, arch, dtype, case, signature, constexprs, attrs, opts))
+    return list(jobs.values())
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -109,30 +189,51 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def _build(job) -> KernelBuild:
-    dtype, index, arch = job
-    name, kernel, const, warps, stages = list(kernel_variants(dtype))[index]
-    signature = {a: "constexpr" if a in const else _arg_type(a, dtype) for a in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+    name, arch, dtype, case, signature, constexprs, attrs, opts = job
+    module = per_row_pool if name.startswith("_per_row") else shared_pool
+    fn = getattr(module, name)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=opts)
     regs, stack = _resource_usage(compiled.asm["cubin"])
-    meta = {k: v for k, v in const.items() if k.startswith("BLOCK")}
-    return KernelBuild(name, arch, dtype, meta, warps, stages, regs, stack, compiled.metadata.shared)
+    named = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
+    meta = {k: v for k, v in named.items() if k.startswith("BLOCK")}
+    # Integer arguments the runtime turned into constants (equal to 1), e.g. split_d: that branch is compiled out.
+    meta.update({k: v for k, v in named.items() if k.islower() and k in ("split_d", "split_k")})
+    ttgir = compiled.asm["ttgir"]
+    loop = ttgir[ttgir.find("scf.for"):ttgir.find("scf.yield")] if "scf.for" in ttgir else ""
+    return KernelBuild(KERNEL_NAMES[name], arch, dtype, case, meta, opts["num_warps"], opts["num_stages"], regs,
+                       stack, compiled.metadata.shared, len(attrs), loop.count("convert_layout"))
 
 
 def compile_all(archs=(90, 80), dtypes=DTYPES, jobs=None):
-    """Compile every kernel configuration for each arch and input dtype, `jobs` builds at a time.
+    """Compile every kernel launch of every case for each arch and input dtype, `jobs` builds at a time.
 
     Needs a process without TRITON_INTERPRET=1 (the interpreter replaces triton's own jit functions at import);
     the tests therefore run `python -m pafm_kernels.compile_check --json` in a subprocess.
     """
     if knobs.runtime.interpret:
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset; run `python -m pafm_kernels.compile_check`")
-    work = [(dtype, i, arch) for dtype in dtypes for i in range(len(list(kernel_variants(dtype)))) for arch in archs]
+    work = build_jobs(archs, dtypes)
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
         return [_build(job) for job in work]
     with ProcessPoolExecutor(jobs) as pool:
         return list(pool.map(_build, work))
+
+
+def markdown_table(builds) -> str:
+    """One row per (kernel, case, configuration), one column per (dtype, arch): registers / spill bytes / shared KB."""
+    columns = sorted({(b.dtype, b.arch) for b in builds}, key=lambda c: (DTYPES.index(c[0]), -c[1]))
+    cells = {}
+    for b in builds:
+        config = ",".join(f"{k}={v}" for k, v in b.meta.items()) + f" w{b.num_warps} s{b.num_stages}"
+        cell = f"{b.registers} / {b.spill_stack} / {b.shared / 1024:.0f}" + ("" if b.fits else " (no fit)")
+        cells.setdefault((b.kernel, b.case, config), {})[(b.dtype, b.arch)] = cell
+    lines = ["| kernel | case | configuration | " + " | ".join(f"{d} sm_{a}" for d, a in columns) + " |",
+             "|---" * (3 + len(columns)) + "|"]
+    for (kernel, case, config), row in cells.items():
+        lines.append(f"| {kernel} | {case} | {config} | " + " | ".join(row.get(c, "") for c in columns) + " |")
+    return "\n".join(lines)
 
 
 def main():
@@ -141,8 +242,12 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--jobs", type=int, default=None, help="parallel builds (default: one per CPU)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
+    parser.add_argument("--markdown", action="store_true", help="the table of bench/README.md")
     args = parser.parse_args()
-    for build in compile_all(args.arch, args.dtype, args.jobs):
+    builds = compile_all(args.arch, args.dtype, args.jobs)
+    if args.markdown:
+        print(markdown_table(builds))
+    for build in [] if args.markdown else builds:
         print(json.dumps(dict(asdict(build), fits=build.fits)) if args.json else build.row(), flush=True)
 
 

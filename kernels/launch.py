@@ -41,6 +41,7 @@ class KernelInputs(NamedTuple):
     noise: torch.Tensor
     endpoint_index: torch.Tensor
     pool_index: torch.Tensor
+    active: torch.Tensor  # (B,) bool when has_active: the rows to compute
     row_tau: bool
     has_labels: bool
     labels_2d: bool
@@ -48,10 +49,12 @@ class KernelInputs(NamedTuple):
     residual: bool
     has_own: bool
     has_pool_index: bool
+    has_active: bool
 
 
 def prepare(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=None, pool_labels=None,
-            log_prior=None, endpoint=None, noise=None, endpoint_index=None, pool_index=None) -> KernelInputs:
+            log_prior=None, endpoint=None, noise=None, endpoint_index=None, pool_index=None,
+            active=None) -> KernelInputs:
     """Inputs already validated by `posterior_velocity`; `temperature` is a float or a (B,) tensor."""
     def arg(t):
         return z if t is None else t.contiguous()  # contiguous() is free on the trainer's (contiguous) tensors
@@ -60,11 +63,12 @@ def prepare(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=
     # Per-row pools are read through their strides, so a bank's slice (N, K, D) is used in place.
     per_row_in_place = pool.dim() == 3 and pool.stride(-1) == 1
     return KernelInputs(
-        z.contiguous(), pool if per_row_in_place else pool.contiguous(), arg(alpha), arg(sigma), arg(d_alpha), arg(d_sigma),
-        arg(temperature if row_tau else None), 1.0 if row_tau else float(temperature),
+        z.contiguous(), pool if per_row_in_place else pool.contiguous(), arg(alpha), arg(sigma), arg(d_alpha),
+        arg(d_sigma), arg(temperature if row_tau else None), 1.0 if row_tau else float(temperature),
         arg(row_labels), arg(pool_labels), arg(log_prior), arg(endpoint), arg(noise), arg(endpoint_index),
-        arg(pool_index), row_tau, row_labels is not None, pool_labels is not None and pool_labels.dim() == 2, log_prior is not None,
-        endpoint is not None, endpoint_index is not None, pool_index is not None)
+        arg(pool_index), arg(active), row_tau, row_labels is not None,
+        pool_labels is not None and pool_labels.dim() == 2, log_prior is not None, endpoint is not None,
+        endpoint_index is not None, pool_index is not None, active is not None)
 
 
 def size_bucket(n: int) -> int:

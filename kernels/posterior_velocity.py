@@ -53,7 +53,7 @@ def _check_tensor(name, t, shape, device, *, floating=None, integer=False):
 
 def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=None, pool_labels=None,
                        log_prior=None, temperature=1.0, endpoint=None, noise=None, endpoint_index=None,
-                       pool_index=None, backend="auto"):
+                       pool_index=None, active=None, backend="auto"):
     """Self-normalised importance-sampling estimate of the posterior-mean flow-matching velocity.
 
     Logits l_ij = -||z_i - alpha_i x_j||^2 / (2 sigma_i^2 tau_i) + log_prior_ij over the candidates x_j admitted by
@@ -76,6 +76,9 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             the pool). Optional; the shared-pool kernels then always compute that candidate's logit exactly (near
             sigma -> 0 it carries the weight). Per-row pools and the reference compute every logit exactly.
         pool_index: (B,) integers in [0, N), the per-row pool each row reads (not checked: no host sync).
+        active: (B,) bool, the rows to compute (a gate on t): the others are not computed, their velocity, lse and ess
+            are 0. The Triton kernels skip them without a host sync (their programs load and compute nothing for
+            them); the reference solves only the active rows.
         backend: "torch" (memory-bounded float64-grade reference), "triton" (fused kernels; CUDA, or CPU tensors
             when TRITON_INTERPRET=1), or "auto" (Triton on CUDA tensors except float64, the reference elsewhere).
             The op has no autograd: it builds a stop-gradient target. The Triton path never waits for the device
@@ -152,6 +155,10 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             _check_tensor(name, t, z.shape, device, floating=(z.dtype,))
     if endpoint_index is not None:
         _check_tensor("endpoint_index", endpoint_index, (B,), device, integer=True)
+    if active is not None:
+        _check_tensor("active", active, (B,), device)
+        if active.dtype != torch.bool:
+            raise ValueError(f"active must be a bool tensor, got {active.dtype}")
 
     use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and z.dtype != torch.float64)
     if use_triton:
@@ -170,7 +177,8 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             from .launch import prepare
 
             inputs = prepare(z2, pool2, alpha, sigma, d_alpha, d_sigma, temperature, **optional,
-                             endpoint_index=endpoint_index if shared else None, pool_index=pool_index)
+                             endpoint_index=endpoint_index if shared else None, pool_index=pool_index,
+                             active=active)
             if shared:
                 from .shared_pool import shared_pool_posterior
 
@@ -182,6 +190,27 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
         else:
             if isinstance(temperature, torch.Tensor) and not bool((temperature > 0).all()):  # also rejects NaN
                 raise ValueError("temperature must be positive in every row")
-            velocity, lse, ess = posterior_velocity_reference(z2, pool2, alpha, sigma, d_alpha, d_sigma, temperature,
-                                                              **optional, pool_index=pool_index)
+            args = (z2, pool2, alpha, sigma, d_alpha, d_sigma, temperature)
+            if active is None:
+                velocity, lse, ess = posterior_velocity_reference(*args, **optional, pool_index=pool_index)
+            else:
+                velocity, lse, ess = _active_rows_only(active, args, dict(optional, pool_index=pool_index))
     return PosteriorTarget(velocity.reshape(z.shape), lse, ess)
+
+
+def _active_rows_only(active, args, optional):
+    """The reference on the active rows alone (one host read of the mask), scattered into zeros. `args` are
+    (z, pool, alpha, sigma, d_alpha, d_sigma, temperature), `optional` the per-row keyword inputs."""
+    rows = active.nonzero().squeeze(1)
+    z, pool, *coefficients, temperature = args
+    per_row_pools = pool.dim() == 3 and optional["pool_index"] is None  # (B, K, D): row i's pool is pool[i]
+    shared_labels = optional["pool_labels"] is not None and optional["pool_labels"].dim() == 1  # (K,)
+    sub_optional = {k: v if v is None or (k == "pool_labels" and shared_labels) else v[rows]
+                    for k, v in optional.items()}
+    v, lse, ess = posterior_velocity_reference(
+        z[rows], pool[rows] if per_row_pools else pool, *(c[rows] for c in coefficients),
+        temperature[rows] if isinstance(temperature, torch.Tensor) else temperature, **sub_optional)
+    B = z.shape[0]
+    out_v, out_lse, out_ess = v.new_zeros(B, v.shape[1]), lse.new_zeros(B), ess.new_zeros(B)
+    out_v[rows], out_lse[rows], out_ess[rows] = v, lse, ess
+    return out_v, out_lse, out_ess

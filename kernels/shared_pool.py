@@ -14,18 +14,37 @@ per-row kernel between them:
      get exact float64 direct distances ||z - a x_j||^2, their share of the velocity is computed in float64, and
      the other candidates keep their approximate logits, shifted by the picks' mean error (a row whose weight is
      spread over more candidates than that is only as exact as the bound). No host sync, no data-dependent shapes.
-  `_mix_kernel`: mu = sum_j w_j x_j as a GEMM whose prologue forms the weights from S and whose epilogue writes the
-     velocity; under one wave it splits K and `_mix_reduce_kernel` sums the parts in a fixed order.
+     Last, it writes the row's normalised weights once (for 16-bit candidates as hi + lo parts in their dtype).
+  `_mix_kernel`: mu = sum_j w_j x_j as a plain GEMM over those weights (no exp per D tile; both 16-bit parts are
+     loaded with one layout) whose epilogue writes the velocity; under one wave it splits K and
+     `_mix_reduce_kernel` sums the parts in a fixed order.
 
-Refinement bound: with u = 2^-24 and n the products summed per logit (D; 3D for fp32's tf32x3),
-|error of S_ij| <= (g_dot 2|a| ||z|| max||x|| + g_sum a^2 max||x||^2) / (2 sigma^2 tau), where
-g_dot = 2 ((n + 2) 2u + [tf32x3] 2^-19) and g_sum = 2 (D + 8) u: every product may cost one unit in the last place
-of the running sum (tensor-core adders truncate), times a safety factor 2 for what the hardware does not document;
-||z||^2 is summed in float64 and adds nothing. Rows whose bound exceeds REFINE_NATS are refined.
+Refinement bound: with u = 2^-24,
+|error of S_ij| <= (g_dot 2|a| ||z|| max||x|| + g_sum a^2 max||x||^2) / (2 sigma^2 tau).
+The logits kernel sums each BLOCK_D chunk's products from zero on tensor cores (16 products per MMA step for 16-bit
+inputs; 8 for TF32, of which tf32x3 issues three dots) and adds the chunk to the running fp32 sum with one
+round-to-nearest add. A truncating tensor-core adder may lose one unit in the last place (2u relative) of the chunk's
+partial sum at each MMA step, each chunk add half a unit of the running sum: g_dot = 2u (BLOCK_D / k + 2) +
+u (D / BLOCK_D + 1) (largest BLOCK_D for the first term, smallest for the second), plus 3 * 2^-22 per product for
+tf32x3's dropped low parts. ||x||^2 is an fp32 CUDA-core sum (a tree over BLOCK_D, then one add per chunk): g_sum =
+2u (D / 32 + 9). ||z||^2 is summed in float64 and adds nothing. The interpreter (fp32 round-to-nearest dots) shows at
+most 1/97 (fp32) and 1/64 (16-bit) of this bound at D = 4096 (tests/test_posterior_triton.py); bench/gpu_check.py
+measures the ratio on a device.
+A row is refined only where that error can move its velocity: the bound exceeds REFINE_NATS and, in the residual
+form with the own endpoint's pool index, the candidates other than the own endpoint can hold weight. The own
+endpoint's exact logit (a direct float64 distance: one read of z and x_own) bounds the others' weight relative to it
+by U = sum_{j != own} exp(S_j + bound - S_own); when U max(1, |d_alpha - d_sigma alpha / sigma|) <= ONE_HOT_MASS the
+row needs nothing more (the velocity's error is below that times the candidates' spread: the mix gives w_own = 1
+and mu - x_own ~ 0) and its lse is the own logit plus log(1 + the others' computed weight). At D = 4096 that is every
+row with random candidates away from t ~ 0 (tests/test_posterior_triton.py counts it). The own logit's closed form
+-||eps||^2 / (2 tau) (z - alpha x_own = sigma eps) is exact only for unrounded inputs: a bf16 z at sigma = 1e-4 moves
+it by ~1e4 nats, and the op's lse is that of the inputs it receives. `refined_rows` evaluates the same decision on
+the host.
 Extra memory O(B K + B D); no B x K x D tensor exists.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -52,6 +71,14 @@ def _finish_logits(logit, base, offs, cols, valid, row_lab, POOL_LAB, LOG_PRIOR,
 
 
 @triton.jit
+def _active_rows(ACTIVE, rows, mask, HAS_ACTIVE: tl.constexpr):
+    """`mask` less the rows the gate leaves out: the kernels load, compute and store nothing for those."""
+    if HAS_ACTIVE:
+        mask = mask & (tl.load(ACTIVE + rows, mask=mask, other=0) != 0)
+    return mask
+
+
+@triton.jit
 def _order_key(v, idx):
     """int64 keys ordered like (v, -idx): the largest key is the largest value, the smallest index among ties.
     One max-reduction then selects a value and its index together."""
@@ -71,11 +98,11 @@ def _key_is_finite(key):
 
 
 @triton.jit
-def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PRIOR,
+def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PRIOR, ACTIVE,
                    LOGITS, PART, XMAX, ZSQ, DOTS, XSQ,
                    B, K, D, NT, stride_z, stride_x, split_d, b_bucket, k_bucket,
                    ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
-                   HAS_PRIOR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   HAS_PRIOR: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -84,14 +111,17 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
     rm = pid_m * BLOCK_M + lm
-    mask_m = rm < B
+    mask_m = _active_rows(ACTIVE, rm, rm < B, HAS_ACTIVE)
     mask_n = rn < K
     rm64 = rm.to(tl.int64)
     row0 = (pid_m * BLOCK_M).to(tl.int64)
-    # This program's share of D: whole BLOCK_D chunks, one share unless the grid is under a wave.
+    # This program's share of D: whole BLOCK_D chunks, one share unless the grid is under a wave. A row block the
+    # gate leaves empty walks none of it.
     d_share = tl.cdiv(tl.cdiv(D, BLOCK_D), split_d) * BLOCK_D
     d_lo = pid_s * d_share
-    d_hi = tl.minimum(D, d_lo + d_share)
+    live = tl.max(mask_m.to(tl.int32), axis=0) > 0
+    d_all = tl.minimum(D, d_lo + d_share)
+    d_hi = tl.where(live, d_all, d_lo)
 
     # Tile offsets stay int32 around an int64 base; int64 pointer tiles would cost two registers per element.
     z_ptrs = Z + row0 * stride_z + (lm[:, None] * stride_z + (d_lo + rd)[None, :])
@@ -109,9 +139,18 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
         if UPCAST:
             acc = tl.dot(z.to(tl.float32), tl.trans(xf), acc, input_precision="ieee")
         else:
-            acc = tl.dot(z, tl.trans(x), acc, input_precision=PRECISION)
+            # Each chunk's products are summed from zero and added with one round-to-nearest add: a truncating
+            # tensor-core accumulator then errs per chunk, not along all of D (the bound's g_dot).
+            acc += tl.dot(z, tl.trans(x), input_precision=PRECISION)
         z_ptrs += BLOCK_D
         x_ptrs += BLOCK_D
+    if HAS_ACTIVE:
+        # The column tile's ||x||^2 (XMAX, XSQ) comes from row block 0, which sums it alone when gated out.
+        for d0 in range(d_hi, tl.where(pid_m == 0, d_all, d_hi), BLOCK_D):
+            mask_d = d0 + rd < d_all
+            xf = tl.load(x_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            xsq += tl.sum(xf * xf, axis=1)
+            x_ptrs += BLOCK_D
     if pid_n == 0:
         # ||z||^2 in float64 (it shifts the logits back to the reported lse, ~1e11 nats at sigma = 1e-5): one
         # column of programs re-reads its z rows.
@@ -152,13 +191,99 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
 
 
 @triton.jit
+def _own_endpoint_check(Z, X, LOG_PRIOR, OWN, D_ALPHA, D_SIGMA, part, row, B, K, D, NT, stride_z, stride_x,
+                        LOGITS, zsq, a, sg, tau, bound, HAS_PRIOR: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(U max(1, |d_alpha - d_sigma alpha / sigma|) of the module docstring, the row's lse from its own endpoint's
+    exact logit), in float64; U is inf when the own endpoint is not in the pool or not admissible."""
+    own = tl.load(OWN + row).to(tl.int64)
+    own_ok = (own >= 0) & (own < K)
+    a64, sg64, tau64 = a.to(tl.float64), sg.to(tl.float64), tau.to(tl.float64)
+    inv64 = 1.0 / (2.0 * sg64 * sg64 * tau64)
+    # The own endpoint's exact logit: a direct float64 distance (z - a x_own = sigma eps cancels to O(sigma)).
+    rd = tl.arange(0, BLOCK_D)
+    dist = tl.zeros((), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        md = (d0 + rd < D) & own_ok
+        zr = tl.load(Z + row * stride_z + d0 + rd, mask=md, other=0.0).to(tl.float64)
+        xr = tl.load(X + own * stride_x + d0 + rd, mask=md, other=0.0).to(tl.float64)
+        diff = zr - a64 * xr
+        dist += tl.sum(diff * diff, axis=0)
+    s_own = (zsq - dist) * inv64  # in the kernels' convention (||z||^2 inv added back)
+    if HAS_PRIOR:
+        s_own += tl.load(LOG_PRIOR + row * K + own, mask=own_ok, other=0.0).to(tl.float64)
+    admissible = tl.load(LOGITS + row * K + own, mask=own_ok, other=float("-inf")) > float("-inf")
+    # The others' weight relative to the own endpoint's: `mass` from the computed logits, `upper` with each raised
+    # by the bound (exp(S + bound) rather than exp(S) e^bound: 0 * inf would be NaN).
+    own_tile = (own // BLOCK_N).to(tl.int32)
+    rt = tl.arange(0, BLOCK_T)
+    mass = tl.zeros((), dtype=tl.float64)
+    upper = tl.zeros((), dtype=tl.float64)
+    for t0 in range(0, NT, BLOCK_T):
+        t = t0 + rt
+        other = (t < NT) & (t != own_tile)
+        mt = tl.load(part + t, mask=other, other=float("-inf")).to(tl.float64) - s_own
+        lt = tl.load(part + B * NT + t, mask=other, other=0.0).to(tl.float64)
+        mass += tl.sum(tl.where(mt > float("-inf"), lt * tl.exp(mt), 0.0), axis=0)
+        upper += tl.sum(tl.where(mt > float("-inf"), lt * tl.exp(mt + bound), 0.0), axis=0)
+    cols = own_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    v = tl.load(LOGITS + row * K + cols, mask=(cols < K) & (cols != own), other=float("-inf")).to(tl.float64) - s_own
+    mass += tl.sum(tl.exp(v), axis=0)
+    upper += tl.sum(tl.exp(v + bound), axis=0)
+    c = tl.abs(tl.load(D_ALPHA + row).to(tl.float64) - tl.load(D_SIGMA + row).to(tl.float64) * a64 / sg64)
+    lse = s_own - zsq * inv64 + tl.log(1.0 + mass)
+    return tl.where(own_ok & admissible, upper * tl.maximum(c, 1.0), float("inf")), lse
+
+
+@triton.jit
 def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-                OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS,
-                B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum,
+                OWN, ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, W,
+                B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
                 ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
-                HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr,
+                HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+                SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_N: tl.constexpr, TOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if _active_rows(ACTIVE, row, row >= 0, HAS_ACTIVE):  # a row the gate leaves out costs one load
+        _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
+             OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
+             B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
+             ROW_TAU, HAS_LABELS, LABELS_2D, HAS_PRIOR, HAS_OWN, RESIDUAL, BLOCK_S, BLOCK_N, TOP, BLOCK_T, BLOCK_D)
+        # The row's normalised weights, once: the mix is then a plain GEMM (no exp per D tile).
+        tl.debug_barrier()  # the stats and the picks' -inf logits stored above are read back
+        _write_weights(LOGITS, STATS, W, row, B, K, SPLIT_P, P_SCALE, BLOCK_W)
+
+
+@triton.jit
+def _write_weights(LOGITS, STATS, W, row, B, K, SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
+    """w_j = exp(S_j - row max) * scale for the mix (refined rows: the candidates outside the picks). 16-bit inputs
+    store w = hi + lo in the candidates' dtype (two planes of W): ~16 mantissa bits for a tensor-core dot; P_SCALE
+    lifts fp16 weights out of its subnormals."""
+    row_max = tl.load(STATS + row)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    scale = tl.load(STATS + B + row) * P_SCALE
+    rw = tl.arange(0, BLOCK_W)
+    for k0 in range(0, K, BLOCK_W):
+        cols = k0 + rw
+        ok = cols < K
+        p = tl.exp(tl.load(LOGITS + row * K + cols, mask=ok, other=float("-inf")) - row_max) * scale
+        if SPLIT_P:
+            hi = p.to(W.dtype.element_ty)
+            tl.store(W + row * K + cols, hi, mask=ok)
+            tl.store(W + (B + row) * K + cols, (p - hi.to(tl.float32)).to(W.dtype.element_ty), mask=ok)
+        else:
+            tl.store(W + row * K + cols, p, mask=ok)
+
+
+@triton.jit
+def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
+         OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
+         B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
+         ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
+         HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_S: tl.constexpr,
+         BLOCK_N: tl.constexpr, TOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The row kernel's work for one row (its docstring is the module's)."""
     rt = tl.arange(0, BLOCK_T)
     rn = tl.arange(0, BLOCK_N)
     a, sg, tau, inv = load_row_coefficients(ALPHA, SIGMA, TAU, tau_value, row, row < B, ROW_TAU)
@@ -166,9 +291,9 @@ def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, P
         row_lab = tl.load(ROW_LAB + row)
     else:
         row_lab = 0
-    zsq = tl.load(ZSQ + row)
-    for s in range(1, split_d):
-        zsq += tl.load(ZSQ + s * B + row)
+    # The split parts are summed as one (BLOCK_S, ...) block each: loads in parallel, no chain of split_d loads.
+    rs = tl.arange(0, BLOCK_S)
+    zsq = tl.sum(tl.load(ZSQ + rs * B + row, mask=rs < split_d, other=0.0), axis=0)
     part = PART + row * NT
 
     if split_d > 1:
@@ -177,11 +302,9 @@ def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, P
         for t in range(0, NT):
             cols = t * BLOCK_N + rn
             ok = cols < K
-            dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s in range(0, split_d):
-                dot += tl.load(DOTS + (s * B + row) * K + cols, mask=ok, other=0.0)
-                xsq += tl.load(XSQ + s * K + cols, mask=ok, other=0.0)
+            both = (rs < split_d)[:, None] & ok[None, :]
+            dot = tl.sum(tl.load(DOTS + (rs[:, None] * B + row) * K + cols[None, :], mask=both, other=0.0), axis=0)
+            xsq = tl.sum(tl.load(XSQ + rs[:, None] * K + cols[None, :], mask=both, other=0.0), axis=0)
             logit = _finish_logits((2.0 * a * inv) * dot - (a * a * inv) * xsq, row * K, cols, cols, ok, row_lab,
                                    POOL_LAB, LOG_PRIOR, K, HAS_LABELS, LABELS_2D, HAS_PRIOR)
             tl.store(LOGITS + row * K + cols, logit, mask=ok)
@@ -213,7 +336,19 @@ def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, P
 
     bound = (g_dot * 2.0 * tl.abs(a) * tl.sqrt(zsq.to(tl.float32) * xmax) + g_sum * a * a * xmax) * inv
     inv64 = 1.0 / (2.0 * sg.to(tl.float64) * sg.to(tl.float64) * tau.to(tl.float64))
-    if (bound > refine_nats) & (m > float("-inf")):
+    refine = (bound > refine_nats) & (m > float("-inf"))
+    lse = (m_safe + tl.log(sum_p)).to(tl.float64) - zsq * inv64
+    if RESIDUAL:  # the residual form keeps a one-hot row exact in the mix: mu - x_own = 0 when w_own = 1
+        if HAS_OWN:
+            if refine:
+                others, own_lse = _own_endpoint_check(Z, X, LOG_PRIOR, OWN, D_ALPHA, D_SIGMA, part, row, B, K, D,
+                                                      NT, stride_z, stride_x, LOGITS, zsq, a, sg, tau, bound,
+                                                      HAS_PRIOR, BLOCK_N, BLOCK_T, BLOCK_D)
+                # A one-hot row keeps the mix's result; its lse comes from the exact own logit (the approximate
+                # logits' max is off by up to the bound).
+                lse = tl.where(others <= one_hot_mass, own_lse, lse)
+                refine = others > one_hot_mass
+    if refine:
         rr = tl.arange(0, TOP)
         n_top = TOP - HAS_OWN  # the last slot is kept for the own endpoint
         # 1. The n_top tiles with the largest maxima hold the n_top largest approximate logits. Each pass takes the
@@ -339,7 +474,7 @@ def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, P
         tl.store(STATS + B + row, tl.where(m == float("-inf"), float("nan"), 1.0 / sum_p))
         tl.store(STATS + 2 * B + row, 1.0)
         tl.store(STATS + 3 * B + row, 0.0)
-        tl.store(LSE + row, ((m_safe + tl.log(sum_p)).to(tl.float64) - zsq * inv64).to(tl.float32))
+        tl.store(LSE + row, lse.to(tl.float32))
         tl.store(ESS + row, tl.where(m == float("-inf"), 0.0, sum_p * sum_p / sum_p2))
 
 
@@ -371,10 +506,11 @@ def _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA
 
 
 @triton.jit
-def _mix_kernel(LOGITS, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL,
+def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL, ACTIVE,
                 B, K, D, stride_z, stride_x, split_k, b_bucket, k_bucket,
-                RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr,
+                P_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -382,37 +518,32 @@ def _mix_kernel(LOGITS, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_S
     rk = tl.arange(0, BLOCK_K)
     rm = pid_m * BLOCK_M + lm
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = rm < B
+    mask_m = _active_rows(ACTIVE, rm, rm < B, HAS_ACTIVE)
     mask_d = rd < D
     k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
     k_lo = pid_k * k_share
-    k_hi = tl.minimum(K, k_lo + k_share)
+    live = tl.max(mask_m.to(tl.int32), axis=0) > 0  # a row block the gate leaves empty walks no candidate
+    k_hi = tl.where(live, tl.minimum(K, k_lo + k_share), k_lo)
 
-    # w_ij = exp(S_ij - row_max) * scale (see the row kernel); P_SCALE lifts fp16 weights out of its subnormals.
-    row_max = tl.load(STATS + rm, mask=mask_m, other=0.0)
-    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    scale = tl.load(STATS + B + rm, mask=mask_m, other=0.0) * P_SCALE
+    # The weights the row kernel wrote (P_SCALE: see _write_weights); two planes hi + lo for 16-bit candidates.
     row0 = (pid_m * BLOCK_M).to(tl.int64)
-    s_ptrs = LOGITS + row0 * K + (lm[:, None] * K + (k_lo + rk)[None, :])
+    w_ptrs = W + row0 * K + (lm[:, None] * K + (k_lo + rk)[None, :])
     x_ptrs = X + k_lo.to(tl.int64) * stride_x + (rk[:, None] * stride_x + rd[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         mask_k = k0 + rk < k_hi
-        s = tl.load(s_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=float("-inf"))
-        p = tl.exp(s - row_max[:, None]) * scale[:, None]
+        mask_w = mask_m[:, None] & mask_k[None, :]
+        p = tl.load(w_ptrs, mask=mask_w, other=0.0)
         x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
-            acc = tl.dot(p, x.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(p.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
         elif SPLIT_P:
-            # 16-bit candidates: P = hi + lo in the candidates' dtype keeps ~16 mantissa bits of each weight
-            # (a single bf16 P would carry 8) for a second tensor-core dot in a memory-bound loop.
-            p_hi = p.to(x.dtype)
-            p_lo = (p - p_hi.to(tl.float32)).to(x.dtype)
-            acc = tl.dot(p_hi, x, acc)
-            acc = tl.dot(p_lo, x, acc)
+            # Both planes come from memory with one layout: one accumulator layout for the two dots.
+            acc = tl.dot(p, x, acc)
+            acc = tl.dot(tl.load(w_ptrs + B * K, mask=mask_w, other=0.0), x, acc)
         else:
             acc = tl.dot(p, x, acc, input_precision=PRECISION)
-        s_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K * stride_x
     acc = acc * (1.0 / P_SCALE)
     if split_k == 1:
@@ -424,13 +555,14 @@ def _mix_kernel(LOGITS, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_S
 
 
 @triton.jit
-def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V,
+def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, ACTIVE,
                        B, D, stride_z, split_k,
-                       RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                       RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     lm = tl.arange(0, BLOCK_M)
     row0 = (tl.program_id(0) * BLOCK_M).to(tl.int64)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = row0 + lm < B
+    mask_m = _active_rows(ACTIVE, row0 + lm, row0 + lm < B, HAS_ACTIVE)
     mask_d = rd < D
     offs = lm[:, None] * D + rd[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -445,12 +577,13 @@ def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA
 LOGITS_BLOCK_M, LOGITS_BLOCK_N = 64, 64
 LOGITS_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in [(64, 8, 3), (32, 8, 4)]]
 MIX_BLOCK_M, MIX_BLOCK_D = 64, 64
-MIX_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st) for bk, w, st in [(64, 8, 3), (32, 8, 4)]]
+MIX_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st) for bk, w, st in [(64, 4, 3), (32, 4, 4)]]
 _logits_tuned = triton.autotune(LOGITS_CONFIGS, key=["b_bucket", "k_bucket", "D", "split_d", "HAS_LABELS",
                                                      "HAS_PRIOR"])(_logits_kernel)
 _mix_tuned = triton.autotune(MIX_CONFIGS, key=["b_bucket", "k_bucket", "D", "split_k", "RESIDUAL"])(_mix_kernel)
 # Candidates refined per row (the 15 largest approximate logits and the own endpoint); the row kernel's tiles.
 ROW_TOP, ROW_BLOCK_T, ROW_BLOCK_D, ROW_WARPS = 16, 128, 256, 4
+ROW_BLOCK_W = 1024  # the row kernel's chunk of candidates when it writes the mix's weights
 REDUCE_BLOCK_M, REDUCE_BLOCK_D, REDUCE_WARPS = 16, 128, 4
 # On a GPU, splitting stops at parts of this many elements of D (logits) or candidates (mix).
 SPLIT_MIN_D, SPLIT_MIN_K = 256, 256
@@ -459,18 +592,42 @@ SPLIT_MIN_D, SPLIT_MIN_K = 256, 256
 # logits that are divided by 2 sigma^2). 16-bit dots ignore it.
 DOT_PRECISION = "tf32x3"
 
-# A row is refined when the bound on its logit error exceeds this many nats; float("inf") switches it off.
-REFINE_NATS = 0.05
-SAFETY = 2.0
-
-
+# A row is refined when the bound on its logit error exceeds this many nats and its other candidates can hold weight
+# (module docstring); float("inf") switches refinement off.
+REFINE_NATS = 0.01
+ONE_HOT_MASS = 1e-9
 def logit_error_coefficients(D: int, dtype: torch.dtype) -> tuple[float, float]:
     """(g_dot, g_sum) of the bound in the module docstring, for inputs of this dtype."""
+    u = 2.0 ** -24
+    chunks = [cfg.kwargs["BLOCK_D"] for cfg in LOGITS_CONFIGS]
     fp32 = dtype == torch.float32
-    n = 3 * D if fp32 else D
-    g_dot = SAFETY * ((n + 2) * 2.0 ** -23 + (2.0 ** -19 if fp32 else 0.0))
-    g_sum = SAFETY * (D + 8) * 2.0 ** -24
-    return g_dot, g_sum
+    steps = max(chunks) / (8 if fp32 else 16)  # MMA steps per chunk
+    g_dot = 2 * u * (steps + 2) + u * (math.ceil(D / min(chunks)) + 1) + (3 * 2.0 ** -22 if fp32 else 0.0)
+    return g_dot, 2 * u * (D / 32 + 9)
+
+
+def refined_rows(logits, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint_index, temperature=1.0,
+                 refine_nats=None):
+    """(B,) bool: the rows the row kernel refines in the residual form, decided on the host in float64 from logits
+    S (B, K) in the kernels' convention (without the -||z||^2 / (2 sigma^2 tau) term), for a shared pool (K, D) with
+    endpoint_index and no prior: the same formula as `_row_kernel` and `_own_endpoint_check`. Exact logits give the
+    decision without running the kernels."""
+    f64 = torch.float64
+    B, K = logits.shape
+    z64, x64 = z.to(f64), pool.to(f64)
+    a, sg, da, ds = (c.to(f64) for c in (alpha, sigma, d_alpha, d_sigma))
+    tau = temperature.to(f64) if isinstance(temperature, torch.Tensor) else torch.full_like(a, temperature)
+    inv = 1.0 / (2.0 * sg * sg * tau)
+    zsq, xmax = (z64 * z64).sum(1), (x64 * x64).sum(1).max()
+    g_dot, g_sum = logit_error_coefficients(z.shape[1], z.dtype)
+    bound = (g_dot * 2.0 * a.abs() * (zsq * xmax).sqrt() + g_sum * a * a * xmax) * inv
+    own = endpoint_index.long()
+    own_ok = (own >= 0) & (own < K)
+    s_own = (zsq - (z64 - a[:, None] * x64[own.clamp(0, K - 1)]).square().sum(1)) * inv
+    others = torch.arange(K, device=logits.device)[None, :] != own[:, None]
+    upper = torch.where(others, torch.exp(logits.to(f64) - s_own[:, None] + bound[:, None]), 0.0).sum(1)
+    one_hot = own_ok & (upper * (da - ds * a / sg).abs().clamp_min(1.0) <= ONE_HOT_MASS)
+    return (bound > (REFINE_NATS if refine_nats is None else refine_nats)) & ~one_hot
 
 
 def _interpret_block(n: int, cap: int) -> int:
@@ -507,9 +664,9 @@ def launch_logits(inp: KernelInputs) -> Logits:
                  torch.empty(split_d, B, K, **f32) if split_d > 1 else logits,
                  torch.empty(split_d, K, **f32) if split_d > 1 else logits, bn, split_d)
     args = (z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.row_labels, inp.pool_labels, inp.log_prior,
-            *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B), size_bucket(K))
+            inp.active, *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B), size_bucket(K))
     flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d, HAS_PRIOR=inp.has_prior,
-                 BLOCK_M=bm, BLOCK_N=bn)
+                 HAS_ACTIVE=inp.has_active, BLOCK_M=bm, BLOCK_N=bn)
     grid = (triton.cdiv(B, bm), nt, split_d)
     if INTERPRET:
         _logits_kernel[grid](*args, **flags, UPCAST=True, PRECISION="ieee", BLOCK_D=bd)
@@ -519,26 +676,43 @@ def launch_logits(inp: KernelInputs) -> Logits:
 
 
 def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None):
-    """The row kernel: returns (stats (4, B), the refined rows' velocity share (B, D), lse and ess (2, B))."""
+    """The row kernel: returns (stats (4, B), the refined rows' velocity share (B, D), lse and ess (2, B), the mix's
+    weights: (2, B, K) hi and lo parts in the candidates' dtype for 16-bit inputs, else (1, B, K) fp32)."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[0]
     nt = lg.part.shape[2]
     f32 = dict(device=z.device, dtype=torch.float32)
-    stats, vt, lse_ess = torch.empty(4, B, **f32), torch.empty(B, D, **f32), torch.empty(2, B, **f32)
+    stats, vt = torch.empty(4, B, **f32), torch.empty(B, D, **f32)
+    lse_ess = (torch.zeros if inp.has_active else torch.empty)(2, B, **f32)  # gated-out rows get 0
+    split_p = _split_weights(z.dtype)
+    weights = torch.empty(2 if split_p else 1, B, K, device=z.device, dtype=z.dtype if split_p else torch.float32)
     g_dot, g_sum = logit_error_coefficients(D, z.dtype)
     _row_kernel[(B,)](z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma,
                       inp.row_labels, inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, inp.endpoint_index,
-                      *lg[:6], stats, vt, lse_ess[0], lse_ess[1], B, K, D, nt, z.stride(0), pool.stride(0),
-                      lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
-                      ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
-                      HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual, BLOCK_N=lg.block_n,
+                      inp.active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt, z.stride(0),
+                      pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
+                      ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
+                      HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual,
+                      HAS_ACTIVE=inp.has_active, SPLIT_P=split_p, P_SCALE=_p_scale(z.dtype),
+                      BLOCK_W=_interpret_block(K, 1024) if INTERPRET else ROW_BLOCK_W,
+                      BLOCK_S=triton.next_power_of_2(lg.split_d), BLOCK_N=lg.block_n,
                       TOP=ROW_TOP, BLOCK_T=_interpret_block(nt, 128) if INTERPRET else ROW_BLOCK_T,
                       BLOCK_D=_interpret_block(D, 1024) if INTERPRET else ROW_BLOCK_D, num_warps=ROW_WARPS)
-    return stats, vt, lse_ess
+    return stats, vt, lse_ess, weights
 
 
-def launch_mix(inp: KernelInputs, logits, stats, vt):
+def _split_weights(dtype) -> bool:
+    # 16-bit candidates on a GPU: the weights as hi + lo in their dtype (a single bf16 weight would carry 8 bits);
+    # the interpreter, which upcasts, keeps them in fp32.
+    return dtype != torch.float32 and not INTERPRET
+
+
+def _p_scale(dtype) -> float:
+    return 2.0 ** 15 if dtype == torch.float16 else 1.0
+
+
+def launch_mix(inp: KernelInputs, weights, stats, vt):
     """The mix (and, under one wave, its fixed-order sum): returns the velocity (B, D)."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
@@ -549,13 +723,13 @@ def launch_mix(inp: KernelInputs, logits, stats, vt):
         bm, bk, bd = MIX_BLOCK_M, None, MIX_BLOCK_D
     split_k = split_factor(triton.cdiv(B, bm) * triton.cdiv(D, bd), triton.cdiv(K, bk or SPLIT_MIN_K),
                            sm_count(z.device))
-    velocity = torch.empty(B, D, device=z.device, dtype=torch.float32)
+    velocity = (torch.zeros if inp.has_active else torch.empty)(B, D, device=z.device, dtype=torch.float32)
     partial = torch.empty(split_k, B, D, device=z.device, dtype=torch.float32) if split_k > 1 else velocity
     tail = (z, inp.endpoint, inp.noise, inp.alpha, inp.sigma, inp.d_alpha, inp.d_sigma, vt, velocity)
-    args = (logits, pool, stats, *tail, partial, B, K, D, z.stride(0), pool.stride(0), split_k, size_bucket(B),
-            size_bucket(K))
-    flags = dict(RESIDUAL=inp.residual, SPLIT_P=z.dtype != torch.float32,
-                 P_SCALE=2.0 ** 15 if z.dtype == torch.float16 else 1.0, BLOCK_M=bm, BLOCK_D=bd)
+    args = (weights, pool, stats, *tail, partial, inp.active, B, K, D, z.stride(0), pool.stride(0), split_k,
+            size_bucket(B), size_bucket(K))
+    flags = dict(RESIDUAL=inp.residual, HAS_ACTIVE=inp.has_active, SPLIT_P=_split_weights(z.dtype),
+                 P_SCALE=_p_scale(z.dtype), BLOCK_M=bm, BLOCK_D=bd)
     grid = (triton.cdiv(B, bm), triton.cdiv(D, bd), split_k)
     if INTERPRET:
         _mix_kernel[grid](*args, **flags, UPCAST=True, PRECISION="ieee", BLOCK_K=bk)
@@ -564,8 +738,8 @@ def launch_mix(inp: KernelInputs, logits, stats, vt):
     if split_k > 1:
         bm, bd = (bm, bd) if INTERPRET else (REDUCE_BLOCK_M, REDUCE_BLOCK_D)
         _mix_reduce_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bd))](
-            partial, stats, *tail, B, D, z.stride(0), split_k, RESIDUAL=inp.residual, BLOCK_M=bm, BLOCK_D=bd,
-            num_warps=REDUCE_WARPS)
+            partial, stats, *tail, inp.active, B, D, z.stride(0), split_k, RESIDUAL=inp.residual,
+            HAS_ACTIVE=inp.has_active, BLOCK_M=bm, BLOCK_D=bd, num_warps=REDUCE_WARPS)
     return velocity
 
 
@@ -574,5 +748,5 @@ def shared_pool_posterior(inp: KernelInputs, refine_nats: float | None = None):
 
     `refine_nats` overrides REFINE_NATS (float("inf"): the kernels without refinement)."""
     lg = launch_logits(inp)
-    stats, vt, lse_ess = launch_rows(inp, lg, refine_nats)
-    return launch_mix(inp, lg.logits, stats, vt), lse_ess[0], lse_ess[1]
+    stats, vt, lse_ess, weights = launch_rows(inp, lg, refine_nats)
+    return launch_mix(inp, weights, stats, vt), lse_ess[0], lse_ess[1]

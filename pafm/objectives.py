@@ -210,6 +210,9 @@ class Objective:
     def _target(self, x, z, u, draws: Draws, prior: Prior, cand: Candidates):
         """(target, diagnostics): the posterior velocity inside t_range, u outside."""
         alpha, sigma, d_alpha, d_sigma = self.path.coefficients(draws.t)
+        lo, hi = self.cfg.t_range
+        inside = (draws.t >= lo) & (draws.t <= hi)
+        active = None if (lo, hi) == (0.0, 1.0) else inside  # the op skips the other rows (no host sync)
         dt = self.op_dtype  # no copies in float32, the trainer's dtype
         x_op, z_op, noise_op, pool_op = x.to(dt), z.to(dt), draws.noise.to(dt), cand.pool.to(dt)
         per_row = cand.pool.dim() == x.dim() + 1
@@ -230,7 +233,7 @@ class Objective:
             temperature = self._temperature_for_ess(z, cand, alpha, width, row_labels, pool_labels, log_prior, draws,
                                                     prior)
         weighting = dict(row_labels=row_labels, pool_labels=pool_labels, log_prior=log_prior, temperature=temperature,
-                         backend=self.cfg.backend, endpoint_index=None if per_row else cand.own_index)
+                         backend=self.cfg.backend, endpoint_index=None if per_row else cand.own_index, active=active)
         if cand.spread:
             out = posterior_velocity(z_op, pool_op, alpha, width, torch.ones_like(alpha), torch.zeros_like(alpha),
                                      **weighting)  # velocity = d_alpha mu = mu, the weighted mean of the x_j
@@ -243,7 +246,7 @@ class Objective:
                                      **weighting)
             if cand.class_entries is not None:
                 out = combine_posteriors(out, self._bank_part(z_op, x_op, noise_op, draws, prior, cand, alpha, sigma,
-                                                              d_alpha, d_sigma, temperature))
+                                                              d_alpha, d_sigma, temperature, active))
             velocity = out.velocity
             if dt != x.dtype:
                 # The residual form is u' + c (mu - x'), u' from the rounded endpoint and noise: keep only the
@@ -254,8 +257,6 @@ class Objective:
         if log_prior is not None:
             own_logit = own_logit + (prior.pooled * prior.pooled).sum(1) / self.cfg.text_temperature * (~draws.drop)
         own_weight = torch.exp(own_logit - out.lse)
-        lo, hi = self.cfg.t_range
-        inside = (draws.t >= lo) & (draws.t <= hi)
         target = torch.where(expand_rows(inside, u), velocity.to(u.dtype), u)
         ess = torch.where(inside, out.ess, torch.ones_like(out.ess))
         own_weight = torch.where(inside, own_weight, torch.ones_like(own_weight))
@@ -268,13 +269,13 @@ class Objective:
         return filled & ~draws.drop[:, None]
 
     def _bank_part(self, z, x, noise, draws: Draws, prior: Prior, cand: Candidates, alpha, sigma, d_alpha, d_sigma,
-                   temperature):
+                   temperature, active):
         """The posterior over each row's own class's bank entries, read in place (pool_index = the row's class)."""
         admissible = self._bank_admissible(draws, prior, cand)
         return posterior_velocity(
             z, cand.class_entries, alpha, sigma, d_alpha, d_sigma, row_labels=torch.zeros_like(prior.ids),
             pool_labels=(~admissible).long(), temperature=temperature, endpoint=x, noise=noise,
-            pool_index=prior.ids, backend=self.cfg.backend)
+            pool_index=prior.ids, active=active, backend=self.cfg.backend)
 
     def _temperature_for_ess(self, z, cand: Candidates, alpha, sigma, row_labels, pool_labels, log_prior,
                              draws: Draws, row_prior: Prior):

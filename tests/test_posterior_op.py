@@ -310,3 +310,29 @@ def test_combining_disjoint_parts_equals_the_op_over_their_union():
     assert torch.isneginf(both.lse[0]) and both.ess[0] == 0 and both.velocity[0].isnan().all()
     for got, want in zip(both, whole):
         assert torch.allclose(got[1:], want[1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_row", "bank"])
+def test_reference_solves_only_the_active_rows(monkeypatch, layout):
+    # A counter in the reference backend: it receives the active rows alone; they match the op over those rows,
+    # and the others come back 0.
+    api = sys.modules["pafm_kernels.posterior_velocity"]  # the package's attribute of that name is the function
+    solved = []
+
+    def counting(z, *args, **kw):
+        solved.append(z.shape[0])
+        return posterior_velocity_reference(z, *args, **kw)
+
+    monkeypatch.setattr(api, "posterior_velocity_reference", counting)
+    B = 9
+    per_row = layout != "shared"
+    args, kw = make_case(B, 13, (2, 20), per_row=per_row, labels="2d", prior=True, tau="rows", residual=True)
+    if layout == "bank":
+        kw["pool_index"] = torch.arange(B).flip(0)
+    active = torch.tensor([True, False, False, True, True, False, True, False, False])
+    out = posterior_velocity(*args, **kw, active=active, backend="torch")
+    assert solved == [int(active.sum())]
+    full = posterior_velocity(*args, **kw, backend="torch")
+    for got, want in zip(out, full):
+        torch.testing.assert_close(got[active], want[active], rtol=0, atol=0)
+        assert (got[~active] == 0).all()

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 
-from pafm_kernels import launch, posterior_velocity, shared_pool
+from pafm_kernels import launch, per_row_pool, posterior_velocity, shared_pool
 from pafm_kernels.naive import posterior_velocity_naive as oracle
 from pafm_kernels.testing import make_case, rel_err
 
@@ -105,14 +105,18 @@ def test_shared_pool_launches_without_host_sync(monkeypatch, name, case, t_range
     assert max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)) <= 2e-4
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one_wave", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("features", [False, True])
-def test_per_row_pool_launches_once_without_host_sync(monkeypatch, dtype, features):
+def test_per_row_pool_launches_without_host_sync(monkeypatch, dtype, features, split):
+    if split:  # a pretend GPU whose wave 5 rows do not fill: the candidates split, a second launch merges them
+        monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132)
+        monkeypatch.setattr(per_row_pool, "SPLIT_MIN_K", 4)
     extra = dict(labels="2d", prior=True, tau="rows", residual=True) if features else {}
     args, kw = make_case(5, 9, (30,), per_row=True, dtype=dtype, t_range=(0.3, 0.9999), **extra)
     with device_work(monkeypatch) as work:
         posterior_velocity(*args, **kw, backend="triton")
-    assert work.launches == ["_per_row_kernel"]
+    assert work.launches == ["_per_row_kernel"] + (["_per_row_merge_kernel"] if split else [])
 
 
 def test_the_guard_catches_syncs_and_launches(monkeypatch):

@@ -55,9 +55,13 @@ def test_shared_pool_kernel_matches_oracle(case, dtype):
     _check(args, kw, TOL[dtype])
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one_program_per_row", "split_over_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", PER_ROW)
-def test_per_row_kernel_matches_oracle(case, dtype):
+def test_per_row_kernel_matches_oracle(monkeypatch, case, dtype, split):
+    if split:  # a pretend GPU whose wave the rows do not fill: each row's candidates spread over several programs
+        monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132)
+        monkeypatch.setattr(per_row_pool, "SPLIT_MIN_K", 4)
     B, K, S, labels, prior, tau, residual = case
     args, kw = make_case(B, K, S, per_row=True, dtype=dtype, labels=labels, prior=prior, tau=tau, residual=residual)
     _check(args, kw, TOL_PER_ROW)
@@ -80,7 +84,9 @@ def test_single_admissible_candidate_gives_flow_matching_target(per_row):
 
 
 @pytest.mark.parametrize("per_row", [False, True])
-def test_row_without_admissible_candidate(per_row):
+def test_row_without_admissible_candidate(monkeypatch, per_row):
+    monkeypatch.setattr(per_row_pool, "SPLIT_MIN_K", 2)  # with the pretend GPU below, per-row rows split over K
+    monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132 if per_row else 1)
     B, K = 4, 6
     args, _ = make_case(B, K, (20,), per_row=per_row)
     row_labels = torch.tensor([0, 7, -1, 0])
@@ -265,3 +271,130 @@ def test_per_row_pools_over_2_31_elements_use_64_bit_offsets():
     out = posterior_velocity(z.bfloat16(), pool, *coefs, backend="triton")
     v64, lse64, ess64 = posterior_velocity_reference(z.bfloat16().double(), pool, *coefs, 1.0)
     assert max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)) <= TOL_PER_ROW
+
+
+# ---- refinement only where it is needed ------------------------------------------------------------------------
+def _logits_and_bound(z, pool, alpha, sigma):
+    """The kernels' logits (refinement off) and the refinement bound per row, beside the exact float64 logits."""
+    from pafm_kernels.launch import prepare
+
+    d = kernel_device()
+    inp = prepare(z.to(d), pool.to(d), alpha.to(d), sigma.to(d), torch.ones_like(alpha).to(d),
+                  -torch.ones_like(alpha).to(d), 1.0)
+    lg = shared_pool.launch_logits(inp)
+    shared_pool.launch_rows(inp, lg, float("inf"))  # finishes split logits, refines nothing
+    z64, x64, a64, s64 = z.double(), pool.double(), alpha.double(), sigma.double()
+    inv = 1 / (2 * s64 ** 2)
+    exact = (2 * a64[:, None] * (z64 @ x64.T) - a64[:, None] ** 2 * (x64 * x64).sum(1)) * inv[:, None]
+    zsq, xmax = (z64 * z64).sum(1), (x64 * x64).sum(1).max()
+    g_dot, g_sum = shared_pool.logit_error_coefficients(z.shape[1], z.dtype)
+    bound = (g_dot * 2 * a64.abs() * (zsq * xmax).sqrt() + g_sum * a64 ** 2 * xmax) * inv
+    return lg.logits.cpu().double(), exact, bound
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_refinement_bound_is_ten_times_the_worst_measured_logit_error(dtype):
+    # D = 4096, t over (0.01, 0.99), each row's own endpoint in the pool (its dot products are the largest and all
+    # of one sign near t = 1). Measured in the interpreter (fp32 round-to-nearest dots): worst 1/97 of the bound
+    # for fp32, 1/64 for 16-bit inputs; the bound models a truncating tensor-core accumulator, which the GPU
+    # check measures (bench/gpu_check.py, logit_error_vs_bound).
+    g = torch.Generator().manual_seed(7)
+    B, K, D = 64, 128, 4096
+    t = torch.rand(B, generator=g) * 0.98 + 0.01
+    x = torch.randn(K, D, generator=g)
+    z = t[:, None] * x[:B] + (1 - t)[:, None] * torch.randn(B, D, generator=g)
+    logits, exact, bound = _logits_and_bound(z.to(dtype), x.to(dtype), t, 1 - t)
+    ratio = ((logits - exact).abs().amax(1) / bound).max().item()
+    print(f"{dtype}: worst logit error / bound = {ratio:.4f}")
+    assert ratio <= 0.1
+
+
+def _gate_case(B, D, dtype, t, seed=0):
+    """A minibatch pool (every row's own endpoint, as the trainer passes it) in the residual form."""
+    g = torch.Generator().manual_seed(seed)
+    x, eps = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    z = t[:, None] * x + (1 - t)[:, None] * eps
+    return z.to(dtype), x.to(dtype), eps.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_at_most_five_percent_of_rows_are_refined_at_d4096_inside_the_gate(dtype):
+    # The row kernel's decision evaluated on the host from exact logits (no kernel run): t uniform in [0, 0.5], a
+    # pool of the 512 rows' endpoints at D = 4096. With random latents the posterior is one-hot wherever the bound
+    # exceeds REFINE_NATS, so no row is refined (the bound alone would refine 66% (fp32) and 64% (bf16) of them).
+    B, D = 512, 4096
+    t = torch.rand(B, generator=torch.Generator().manual_seed(1)) * 0.5
+    z, x, _ = _gate_case(B, D, dtype, t)
+    a, s = t.double(), 1 - t.double()
+    z64, x64 = z.double(), x.double()
+    logits = (2 * a[:, None] * (z64 @ x64.T) - a[:, None] ** 2 * (x64 * x64).sum(1)) / (2 * s * s)[:, None]
+    refined = shared_pool.refined_rows(logits, z, x, t, 1 - t, torch.ones(B), -torch.ones(B), torch.arange(B))
+    share = refined.double().mean().item()
+    print(f"{dtype}: {share:.1%} of rows refined")
+    assert share <= 0.05
+
+
+def test_kernel_refines_the_rows_the_host_decision_names():
+    # Rows 0-7 have three near-duplicates of their endpoint at 0.1 sigma (the weight stays spread: refined wherever
+    # the bound is large), rows 8-15 none (one-hot: never refined); t from 0.01 to 0.9999.
+    B, D = 16, 256
+    t = torch.tensor([0.01, 0.3, 0.7, 0.9, 0.99, 0.999, 0.9999, 0.5] * 2)
+    z, x, eps = _gate_case(B, D, torch.float32, t, seed=3)
+    sigma = 1 - t
+    g = torch.Generator().manual_seed(4)
+    near = x[:8].repeat(3, 1) + 0.1 * sigma[:8].repeat(3)[:, None] * torch.randn(24, D, generator=g)
+    pool = torch.cat([x, near, torch.randn(16, D, generator=g)])
+    coefs = (t, sigma, torch.ones(B), -torch.ones(B))
+    from pafm_kernels.launch import prepare
+
+    d = kernel_device()
+    inp = prepare(z.to(d), pool.to(d), *(c.to(d) for c in coefs), 1.0, endpoint=x.to(d), noise=eps.to(d),
+                  endpoint_index=torch.arange(B).to(d))
+    lg = shared_pool.launch_logits(inp)
+    logits = lg.logits.clone()
+    stats = shared_pool.launch_rows(inp, lg)[0]
+    in_kernel = stats[3].cpu() != 0
+    on_host = shared_pool.refined_rows(logits.cpu(), z, pool, *coefs, torch.arange(B))
+    _, _, bound = _logits_and_bound(z, pool, t, sigma)
+    assert torch.equal(in_kernel, on_host)
+    assert in_kernel[:8].any() and not in_kernel[8:].any()
+    assert (bound[8:] > shared_pool.REFINE_NATS).any()  # one-hot rows the bound alone would have refined
+    out = op(z, pool, *coefs, endpoint=x, noise=eps, endpoint_index=torch.arange(B))
+    v64, lse64, ess64 = oracle(z, pool, *coefs, endpoint=x, noise=eps)
+    assert max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64)) <= 1e-5
+
+
+# ---- the gate: rows outside t_range are not computed ---------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["shared", "shared_split", "per_row", "per_row_split", "bank"])
+def test_gated_rows_are_neither_read_nor_computed(monkeypatch, layout):
+    # The gated-out rows' inputs are NaN: any read of them would reach a result. The active rows match the oracle
+    # on the active rows alone; the others come back 0. "shared_split" also splits the logits over D and the mix
+    # over K (a pretend GPU), with the first row block entirely gated out (its ||x||^2 still counts).
+    if layout.endswith("split"):
+        monkeypatch.setattr(launch, "SMS_WITHOUT_GPU", 132)
+        monkeypatch.setattr(per_row_pool, "SPLIT_MIN_K", 16)
+        layout = layout[:-len("_split")] if layout == "per_row_split" else layout
+    B, K, D = 40, 70, 140
+    per_row = layout in ("per_row", "bank")
+    args, kw = make_case(B, K, (D,), per_row=per_row, residual=True, own_index=True, t_range=(0.3, 0.9999))
+    if layout == "bank":
+        kw["pool_index"] = torch.arange(B).flip(0)
+        args = (args[0], args[1].flip(0), *args[2:])
+    active = torch.rand(B, generator=torch.Generator().manual_seed(5)) < 0.5
+    if layout == "shared_split":
+        active[:32] = False
+    z = args[0].clone()
+    z[~active] = float("nan")
+    noise, endpoint = kw["noise"].clone(), kw["endpoint"].clone()
+    noise[~active], endpoint[~active] = float("nan"), float("nan")
+    out = op(z, *args[1:], **dict(kw, noise=noise, endpoint=endpoint), active=active)
+    rows = active.nonzero().squeeze(1)
+    sub = lambda t: t[rows] if isinstance(t, torch.Tensor) and t.shape[0] == B and t.dim() >= 1 else t  # noqa: E731
+    sub_args = [args[0][rows], args[1] if not per_row or layout == "bank" else args[1][rows], *map(sub, args[2:])]
+    sub_kw = {k: sub(v) for k, v in kw.items() if k != "endpoint_index"}
+    v64, lse64, ess64 = oracle(*sub_args, **sub_kw)
+    tol = TOL_PER_ROW if per_row else TOL[torch.float32]
+    errs = rel_err(out.velocity[rows], v64), rel_err(out.lse[rows], lse64), rel_err(out.ess[rows], ess64)
+    assert max(errs) <= tol, errs
+    assert (out.velocity[~active] == 0).all() and (out.lse[~active] == 0).all() and (out.ess[~active] == 0).all()
