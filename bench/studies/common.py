@@ -74,9 +74,12 @@ def cli(module: str, *args, log: Path | None = None) -> float:
 
 
 def train(config: str, run_dir: Path, overrides: list[str]) -> dict:
-    """Train (or resume) a run; its losses from metrics.jsonl and the wall time of this call."""
+    """Train (or resume) a run; its losses from metrics.jsonl and the wall time of this call.  The recipe's
+    evaluation during training is off: a study scores its runs with its own protocol (`evaluate`), and the time per
+    step it reports is training's alone."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    seconds = cli("pafm.train", config, f"run.dir={run_dir}", *overrides, log=run_dir.parent / f"{run_dir.name}.log")
+    seconds = cli("pafm.train", config, f"run.dir={run_dir}", "eval.every=0", *overrides,
+                  log=run_dir.parent / f"{run_dir.name}.log")
     return {"seconds": seconds, **logged_curve(run_dir)}
 
 
