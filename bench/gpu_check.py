@@ -358,25 +358,15 @@ def logit_error_vs_bound(rows: Rows, dtype):
     import torch
 
     from pafm_kernels import shared_pool
-    from pafm_kernels.launch import prepare
+    from pafm_kernels.testing import logits_and_bound
 
-    dev = rows.device
     B, K, D = (16, 64, 256) if rows.dry_run else (256, 1024, 4096)
     g = torch.Generator().manual_seed(7)
     t = torch.rand(B, generator=g) * 0.98 + 0.01
     x = torch.randn(K, D, generator=g)
     z = t[:, None] * x[:B] + (1 - t)[:, None] * torch.randn(B, D, generator=g)
-    z, x, a, s = z.to(dev, dtype), x.to(dev, dtype), t.to(dev), (1 - t).to(dev)
-    inp = prepare(z, x, a, s, torch.ones_like(a), -torch.ones_like(a), 1.0)
-    lg = shared_pool.launch_logits(inp)
-    shared_pool.launch_rows(inp, lg, float("inf"))  # finishes split logits, refines nothing
-    z64, x64, a64, s64 = z.double(), x.double(), a.double(), s.double()
-    inv = 1 / (2 * s64 ** 2)
-    exact = (2 * a64[:, None] * (z64 @ x64.T) - a64[:, None] ** 2 * (x64 * x64).sum(1)) * inv[:, None]
-    zsq, xmax = (z64 * z64).sum(1), (x64 * x64).sum(1).max()
-    g_dot, g_sum = shared_pool.logit_error_coefficients(D, dtype)
-    bound = (g_dot * 2 * a64.abs() * (zsq * xmax).sqrt() + g_sum * a64 ** 2 * xmax) * inv
-    err = (lg.logits.double() - exact).abs().amax(1)
+    logits, exact, bound = logits_and_bound(z.to(dtype), x.to(dtype), t, 1 - t)
+    err = (logits - exact).abs().amax(1)
     ratio = (err / bound).max().item()
     rows.emit(case="logit_error_vs_bound", dtype=str(dtype).replace("torch.", ""), B=B, K=K, D=D,
               max_error_over_bound=ratio, max_error_nats=err.max().item(), rows_over_refine_nats=int(

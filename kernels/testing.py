@@ -103,3 +103,23 @@ def t_grid_case(ts, D, *, dtype=torch.float32, per_row=False, duplicates=3, spre
     args = (to(z), to(pool), alpha.to(device), sigma.to(device), *(c.to(device) for c in d_alpha_sigma(B)))
     kw = {k: (to(v) if v.is_floating_point() else v.to(device)) for k, v in kw.items()}
     return args, kw
+
+
+def logits_and_bound(z, pool, alpha, sigma):
+    """A shared pool's logits as the kernels compute them (refinement off), the exact float64 logits, and the
+    refinement bound per row: the kernels' error against the bound, for the tests and the GPU check."""
+    from .launch import prepare
+    from . import shared_pool
+
+    d = kernel_device()
+    inp = prepare(z.to(d), pool.to(d), alpha.to(d), sigma.to(d), torch.ones_like(alpha).to(d),
+                  -torch.ones_like(alpha).to(d), 1.0)
+    lg = shared_pool.launch_logits(inp)
+    shared_pool.launch_rows(inp, lg, float("inf"))  # finishes split logits, refines nothing
+    z64, x64, a64, s64 = z.double().cpu(), pool.double().cpu(), alpha.double().cpu(), sigma.double().cpu()
+    inv = 1 / (2 * s64 ** 2)
+    exact = (2 * a64[:, None] * (z64 @ x64.T) - a64[:, None] ** 2 * (x64 * x64).sum(1)) * inv[:, None]
+    zsq, xmax = (z64 * z64).sum(1), (x64 * x64).sum(1).max()
+    g_dot, g_sum = shared_pool.logit_error_coefficients(z.shape[1], z.dtype)
+    bound = (g_dot * 2 * a64.abs() * (zsq * xmax).sqrt() + g_sum * a64 ** 2 * xmax) * inv
+    return lg.logits.cpu().double(), exact, bound

@@ -6,7 +6,7 @@ import torch
 
 from pafm_kernels import launch, per_row_pool, posterior_velocity, shared_pool
 from pafm_kernels.naive import posterior_velocity_naive as oracle
-from pafm_kernels.testing import kernel_device, make_case, on_kernel_device, rel_err, t_grid_case
+from pafm_kernels.testing import kernel_device, logits_and_bound, make_case, on_kernel_device, rel_err, t_grid_case
 
 INTERPRETED = kernel_device().type == "cpu"
 
@@ -274,24 +274,6 @@ def test_per_row_pools_over_2_31_elements_use_64_bit_offsets():
 
 
 # ---- refinement only where it is needed ------------------------------------------------------------------------
-def _logits_and_bound(z, pool, alpha, sigma):
-    """The kernels' logits (refinement off) and the refinement bound per row, beside the exact float64 logits."""
-    from pafm_kernels.launch import prepare
-
-    d = kernel_device()
-    inp = prepare(z.to(d), pool.to(d), alpha.to(d), sigma.to(d), torch.ones_like(alpha).to(d),
-                  -torch.ones_like(alpha).to(d), 1.0)
-    lg = shared_pool.launch_logits(inp)
-    shared_pool.launch_rows(inp, lg, float("inf"))  # finishes split logits, refines nothing
-    z64, x64, a64, s64 = z.double(), pool.double(), alpha.double(), sigma.double()
-    inv = 1 / (2 * s64 ** 2)
-    exact = (2 * a64[:, None] * (z64 @ x64.T) - a64[:, None] ** 2 * (x64 * x64).sum(1)) * inv[:, None]
-    zsq, xmax = (z64 * z64).sum(1), (x64 * x64).sum(1).max()
-    g_dot, g_sum = shared_pool.logit_error_coefficients(z.shape[1], z.dtype)
-    bound = (g_dot * 2 * a64.abs() * (zsq * xmax).sqrt() + g_sum * a64 ** 2 * xmax) * inv
-    return lg.logits.cpu().double(), exact, bound
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_refinement_bound_is_ten_times_the_worst_measured_logit_error(dtype):
@@ -304,7 +286,7 @@ def test_refinement_bound_is_ten_times_the_worst_measured_logit_error(dtype):
     t = torch.rand(B, generator=g) * 0.98 + 0.01
     x = torch.randn(K, D, generator=g)
     z = t[:, None] * x[:B] + (1 - t)[:, None] * torch.randn(B, D, generator=g)
-    logits, exact, bound = _logits_and_bound(z.to(dtype), x.to(dtype), t, 1 - t)
+    logits, exact, bound = logits_and_bound(z.to(dtype), x.to(dtype), t, 1 - t)
     ratio = ((logits - exact).abs().amax(1) / bound).max().item()
     print(f"{dtype}: worst logit error / bound = {ratio:.4f}")
     assert ratio <= 0.1
@@ -356,7 +338,7 @@ def test_kernel_refines_the_rows_the_host_decision_names():
     stats = shared_pool.launch_rows(inp, lg)[0]
     in_kernel = stats[3].cpu() != 0
     on_host = shared_pool.refined_rows(logits.cpu(), z, pool, *coefs, torch.arange(B))
-    _, _, bound = _logits_and_bound(z, pool, t, sigma)
+    _, _, bound = logits_and_bound(z, pool, t, sigma)
     assert torch.equal(in_kernel, on_host)
     assert in_kernel[:8].any() and not in_kernel[8:].any()
     assert (bound[8:] > shared_pool.REFINE_NATS).any()  # one-hot rows the bound alone would have refined
