@@ -1,6 +1,6 @@
 """The trainer's CUDA path end to end, unattended, in at most 3 minutes: the recipe's launch, shrunk.
 
-    python bench/gpu_train_check.py --out DIR [--deadline-s 150] [--dry-run]
+    python bench/gpu_train_check.py --out DIR [--deadline-s 150] [--dry-run] [--set KEY=VALUE ...]
 
 Rows go to DIR/gpu_check.jsonl in bench/gpu_check.py's format (device, versions, date, item), one per stage and each
 written as the stage finishes, so a stage that fails leaves the others' rows; every process's output is kept in
@@ -25,6 +25,8 @@ DIR/train_check/*.log. Stages:
                     its wheel to a bare machine)
 
 --dry-run: the same stages on the CPU with a tiny model in fp32 and 8x8 latents (tests/test_gpu_train_check.py).
+--set: extra trainer overrides for both runs (train.activation_checkpointing=true puts activation checkpointing
+under the block compile and FSDP2, as the SiT-XL/2 recipe has it); the train_run row lists the whole command.
 """
 from __future__ import annotations
 
@@ -44,17 +46,17 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # this checkout's pafm, and gpu
 from gpu_check import ROWS_FILE, _emit, _now  # noqa: E402
 
 RECIPE = ROOT / "configs" / "imagenet_sit_b2.yaml"
-# The compile logs dynamo writes under TORCH_LOGS=recompiles,graph_breaks, and the line saying a function hit the
-# recompile limit (dynamo then runs it eager for the rest of the run).
-RECOMPILE_MARK, GRAPH_BREAK_MARK = "Recompiling function", "Graph break"
-LIMIT_MARKS = ("recompile_limit", "cache_size_limit")
+# One line per event in what dynamo writes under TORCH_LOGS=recompiles,graph_breaks, and its warning that a function
+# hit the recompile limit (dynamo then runs it eager for the rest of the run; cache_size_limit: the older name).
+RECOMPILE_MARK, GRAPH_BREAK_MARK = "[__recompiles] Recompiling function", "[__graph_breaks] Graph break"
+LIMIT_MARKS = ("hit config.recompile_limit", "hit config.cache_size_limit")
 
 
 class Setup:
     """The shrunk recipe: sizes on a GPU, and tiny ones for the CPU dry run."""
 
-    def __init__(self, dry_run: bool):
-        self.dry_run = dry_run
+    def __init__(self, dry_run: bool, extra: list[str] = ()):
+        self.dry_run, self.extra = dry_run, list(extra)
         if dry_run:
             self.items, self.classes, self.size, self.channels = 64, 10, 8, 3
             self.batch, self.steps, self.every, self.bank_per_class = 8, 6, 2, 4
@@ -71,9 +73,9 @@ class Setup:
         return [f"run.dir={run_dir}", f"data.spec={data}", f"data.batch_size={self.batch}", "data.num_workers=2",
                 f"objective.bank_per_class={self.bank_per_class}", f"train.steps={steps}", "train.resume=auto",
                 f"train.device={self.device}", f"train.precision={self.precision}", "train.compile=true",
-                f"checkpoint.every={self.every}", "checkpoint.keep=0", "checkpoint.async_save=true",
+                f"checkpoint.every={self.every}", "checkpoint.keep=2", "checkpoint.async_save=true",
                 "log.every=1", "log.sample_every=0", f"log.sample_steps={self.sample_steps}", "log.tensorboard=false",
-                "log.progress=false", *self.model]
+                "log.progress=false", *self.model, *self.extra]
 
 
 class Check:
@@ -229,7 +231,11 @@ def write_shards(setup: Setup, folder: Path) -> dict:
 def run_pair(check: Check, data: Path) -> dict:
     """Runs A to its end and B until a checkpoint of it is complete; kills B and starts its resume at once (beside
     A: the resume overlaps A's remaining steps). Keeps what the later stages need on `check`."""
-    from pafm.checkpoint import latest_checkpoint
+    from pafm.checkpoint import complete_checkpoints
+
+    def newest_complete():  # a manifest written last: cheap to poll, and the trainer verifies it when it resumes
+        found = complete_checkpoints(check.run_b / "checkpoints")
+        return found[-1][1] if found else None
 
     setup = check.setup
     check.run_a, check.run_b = check.logs / "run_a", check.logs / "run_b"
@@ -240,7 +246,7 @@ def run_pair(check: Check, data: Path) -> dict:
     proc_b = start(train_command(setup, data, check.run_b, 100 * setup.steps), log_b)
     killed_at = None
     while proc_b.poll() is None and check.left() > 0:
-        if latest_checkpoint(check.run_b / "checkpoints") is not None:
+        if newest_complete() is not None:
             kill(proc_b)
             killed_at = round(time.time() - start_time, 1)
             break
@@ -248,7 +254,7 @@ def run_pair(check: Check, data: Path) -> dict:
     b_code = "killed" if killed_at is not None else proc_b.poll()
     kill(proc_b)
     b_logged = max(step_records(check.run_b), default=None)
-    check.resumed_from = latest_checkpoint(check.run_b / "checkpoints")
+    check.resumed_from = newest_complete()
     if check.resumed_from is not None:
         check.resume_start = time.time()
         check.resume_proc = start(train_command(setup, data, check.run_b, setup.steps),
@@ -271,14 +277,22 @@ def run_pair(check: Check, data: Path) -> dict:
     return fields
 
 
+def count_compile_events(lines: list[str]) -> dict:
+    """Recompiles, graph breaks and recompile-limit hits in a process's output, with the first few of them (and the
+    lines after each, where dynamo gives the reason)."""
+    found = {"recompiles": [], "graph_breaks": [], "recompile_limit_hit": []}
+    for n, line in enumerate(lines):
+        for key, marks in (("recompiles", (RECOMPILE_MARK,)), ("graph_breaks", (GRAPH_BREAK_MARK,)),
+                           ("recompile_limit_hit", LIMIT_MARKS)):
+            if any(mark in line for mark in marks):
+                found[key].append(" | ".join(part.split("] ")[-1].strip() for part in lines[n:n + 3])[:400])
+    examples = found["recompile_limit_hit"][:2] + found["recompiles"][:2] + found["graph_breaks"][:2]
+    return {**{key: len(events) for key, events in found.items()}, "examples": examples}
+
+
 def compile_logs(check: Check) -> dict:
-    lines = (check.logs / "run_a.log").read_text(errors="replace").splitlines()
-    recompiles = [line for line in lines if RECOMPILE_MARK in line]
-    breaks = [line for line in lines if GRAPH_BREAK_MARK in line]
-    limit = [line for line in lines if any(mark in line for mark in LIMIT_MARKS)]
-    return {"torch_logs": "recompiles,graph_breaks", "recompiles": len(recompiles), "graph_breaks": len(breaks),
-            "recompile_limit_hit": len(limit), "examples": [s[:300] for s in (limit + recompiles + breaks)[:4]],
-            "ok": not limit}
+    counts = count_compile_events((check.logs / "run_a.log").read_text(errors="replace").splitlines())
+    return {"torch_logs": "recompiles,graph_breaks", **counts, "ok": counts["recompile_limit_hit"] == 0}
 
 
 def throughput(check: Check) -> dict:
@@ -400,12 +414,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for gpu_check.jsonl and train_check/")
     parser.add_argument("--deadline-s", type=float, default=150.0)
     parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, fp32, 8x8 latents")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra trainer override for both runs, e.g. train.activation_checkpointing=true")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    check = Check(out, time.time() + args.deadline_s, Setup(args.dry_run))
+    check = Check(out, time.time() + args.deadline_s, Setup(args.dry_run, args.set))
     check.a_code, check.resumed_from, check.eval_proc = None, None, None
     data = out / "train_check" / "shards"
     if check.stage("train_shards", write_shards, check.setup, data).get("ok"):

@@ -32,6 +32,31 @@ def test_kill_reaches_a_process_that_left_the_process_group(tmp_path):
     assert proc.returncode == -9 and not Path(f"/proc/{child}").exists()
 
 
+def test_compile_events_are_counted_from_dynamos_own_logs(tmp_path):
+    """A function recompiled past dynamo's limit and one graph break, logged by this torch under TORCH_LOGS."""
+    code = ("import torch\n"
+            "@torch.compile(backend='eager', dynamic=False)\n"
+            "def scaled(x, n):\n    return x * n\n"
+            "@torch.compile(backend='eager')\n"
+            "def broken(x):\n    return x * 2 if x.sum().item() > 0 else x\n"
+            "for n in range(1, 12):\n    scaled(torch.ones(2), n)\n"
+            "broken(torch.ones(2))\n")
+    env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = gpu_train_check.count_compile_events((proc.stdout + proc.stderr).splitlines())
+    limit = torch_recompile_limit()
+    assert counts["recompiles"] == limit and counts["recompile_limit_hit"] == 1 and counts["graph_breaks"] == 1
+    assert "scaled" in counts["examples"][0]
+
+
+def torch_recompile_limit() -> int:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    return getattr(config, "recompile_limit", None) or config.cache_size_limit
+
+
 @pytest.mark.slow
 def test_gpu_train_check_dry_run_writes_every_stage(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
