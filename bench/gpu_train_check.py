@@ -167,7 +167,7 @@ def kill(proc: subprocess.Popen):
 
 
 def finish(proc: subprocess.Popen, check: Check, reserve: float = 0.0):
-    """The exit code, or "timeout" (the process group killed) once only `reserve` seconds are left."""
+    """The exit code, or "timeout" (the process tree killed) once only `reserve` seconds are left."""
     try:
         return proc.wait(timeout=max(1.0, check.left() - reserve))
     except subprocess.TimeoutExpired:
@@ -271,7 +271,8 @@ def run_pair(check: Check, data: Path) -> dict:
               "run_a_checkpoints": checkpoints, "run_a_warnings": warnings[:5], "run_b_exit": b_code,
               "run_b_killed_after_s": killed_at, "run_b_last_logged_step": b_logged,
               "run_b_newest_complete": check.resumed_from.name if check.resumed_from else None,
-              "ok": a_code == 0 and bool(done) and "failed" not in done[-1] and killed_at is not None}
+              # no step skipped, no side work (grid, export) and no checkpoint failed
+              "ok": a_code == 0 and done[-1:] == [f"done: step {setup.steps} (0 skipped)"] and killed_at is not None}
     if a_code != 0:
         fields["run_a_tail"] = tail(log_a)
     return fields
@@ -386,8 +387,8 @@ def start_evaluation(check: Check) -> dict | None:
     weights = random_inception_file(check.logs / "inception_random.pth")
     check.eval_out = check.logs / "eval"
     cmd = [sys.executable, "-m", "pafm.eval", str(check.run_a), f"eval.num_samples={setup.samples}",
-           f"eval.batch_size={setup.eval_batch}", "eval.metrics=[fid]", f"eval.reference={check.logs / 'reference.npz'}",
-           f"eval.inception_weights={weights}", f"eval.out_dir={check.eval_out}", f"eval.device={setup.device}",
+           f"eval.batch_size={setup.eval_batch}", "eval.metrics=[fid]",
+           f"eval.reference={check.logs / 'reference.npz'}", f"eval.inception_weights={weights}", f"eval.out_dir={check.eval_out}", f"eval.device={setup.device}",
            "sampler.method=euler", f"sampler.steps={setup.sample_steps}"]
     check.eval_start = time.time()
     check.eval_proc = start(cmd, check.logs / "eval.log")
