@@ -18,8 +18,8 @@ DIR/gpu_check.jsonl with the device, torch/triton/CUDA versions and the date:
                pools of more than 2^31 elements (1024 rows: 8 waves of programs, one fixed configuration)
   op_time      bench/bench_posterior.py's providers (the op, the op unrefined, torch.compile of the dtype-native
                mm -> softmax -> mm, a StableVM-style chunked broadcast, the float64 reference) at its GPU shapes
-               ((256, 256, 4096), (256, 4096, 4096), the class bank as training reads it: 32 rows x 64 entries of
-               1000 classes x 4096), bf16 and fp32: GPU time (the profiler's kernel durations) beside host-inclusive
+               ((256, 4096, 4096), the class bank as training reads it: 32 rows x 64 entries of 1000 classes x 4096,
+               then (256, 256, 4096)), bf16 and fp32: GPU time (the profiler's kernel durations) beside host-inclusive
                time (do_bench), the floor from the measured roofline, each provider's error against float64 near
                sigma -> 0, kernels and host syncs per call; inputs drawn once per shape
   train_step   SiT-B/2 and SiT-XL/2 at the 8-GPU recipes' per-rank batch (32) with FM and PAFM (a filled class
@@ -52,7 +52,7 @@ ITEMS = ["environment", "roofline", "correctness", "op_time", "train_step"]
 # items in proportion, and each item is killed where the later items' shares begin: an item that overruns loses its
 # own last cases, never a later item's time.
 ESTIMATE = {"environment": 10, "roofline": 15, "correctness": 45, "op_time": 95, "train_step": 50}
-ESTIMATE_QUICK = {"environment": 10, "roofline": 15, "correctness": 30, "op_time": 50, "train_step": 25}
+ESTIMATE_QUICK = {"environment": 10, "roofline": 12, "correctness": 30, "op_time": 65, "train_step": 25}
 # On a shared 2-core CPU, where importing torch and triton alone can take 15 s.
 ESTIMATE_DRY = {"environment": 30, "roofline": 30, "correctness": 110, "op_time": 80, "train_step": 40}
 # Seconds an item needs at the least to be worth starting (start-up, imports and its first useful row).
@@ -512,7 +512,9 @@ def op_time(rows: Rows):
     if rows.dry_run:  # torch.compile builds C++ on a CPU: once, for the first shape
         shapes, dtypes = bench_posterior.QUICK_SHAPES, [torch.float32]
     else:
-        shapes = bench_posterior.GPU_SHAPES
+        # The small shared pool last: the large pool (the floor target) and the bank (training's shape) come first
+        # should the deadline cut the item.
+        shapes = sorted(bench_posterior.GPU_SHAPES, key=lambda shape: shape[0] == "shared" and shape[2] <= 256)
         dtypes = [torch.bfloat16] if rows.quick else [torch.bfloat16, torch.float32]
     roof = roofline_from_rows(rows)
     rows.emit(case="roofline_used", source="the roofline item" if roof else "measured here", **(
