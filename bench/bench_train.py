@@ -36,14 +36,17 @@ def device_name(device: torch.device) -> str:
 
 
 def make_step(model_name, *, size, channels, classes, batch, precision, kind, source, device, bank_per_class=64,
-              fill_bank=False, model_kwargs=None):
+              fill_bank=False, model_kwargs=None, model=None):
     """(step(i) -> None, model): one training step (draws, candidates, forward, target, backward, AdamW, bank
-    push) on a fixed synthetic batch.  `fill_bank` fills every class's FIFO first (a bank that has filled)."""
+    push) on a fixed synthetic batch.  `fill_bank` fills every class's FIFO first (a bank that has filled).
+    `model`: one built before (its weights carry on), so that timing several objectives builds it once."""
     torch.manual_seed(0)
     shape = (channels, size, size)
     info = {"kind": "class", "latent_shape": list(shape), "num_classes": classes}
-    model = build_model(model_name, input_size=size, in_channels=channels, num_classes=classes,
-                        **(model_kwargs or {})).to(device)
+    if model is None:
+        with torch.device(device):  # initialised where it runs: a large model's CPU initialisation takes seconds
+            model = build_model(model_name, input_size=size, in_channels=channels, num_classes=classes,
+                                **(model_kwargs or {})).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     objective = Objective(ObjectiveConfig(kind=kind, source=source, candidates=8, bank_per_class=bank_per_class),
                           info, device)

@@ -1,22 +1,32 @@
 """One unattended check of the posterior-velocity kernels and the training step on a GPU machine.
 
-    python bench/gpu_check.py --out DIR [--deadline-s 280] [--quick] [--dry-run]
+    python bench/gpu_check.py --out DIR [--deadline-s 240] [--quick] [--dry-run]
 
 For a bare machine: torch and triton preinstalled, no network, this package installed with
-`pip install --no-deps --no-build-isolation -e .`. The items run in order of value, each in its own subprocess (a
-CUDA fault poisons every later measurement of a process) and each only while the deadline leaves time; every row is
-printed as it comes and appended to DIR/gpu_check.jsonl with the device, torch/triton/CUDA versions and the date:
+`pip install --no-deps --no-build-isolation -e .`. The items run in order, each in its own subprocess (a CUDA fault
+poisons every later measurement of a process). The plan, the first row, gives each item its estimated seconds on an
+H100 (ESTIMATE; their sum fits the default deadline) and the time at which it is killed: where the later items'
+estimates begin, so an item that overruns loses its own cases, never a later item's. Inside an item, a case that
+would overrun its item's deadline is skipped with a row saying so. Every row is printed as it comes and appended to
+DIR/gpu_check.jsonl with the device, torch/triton/CUDA versions and the date:
 
   environment  device, versions, gcc and the Python headers (Triton's launcher and torch.compile build C code)
   roofline     measured copy GB/s and bf16 / tf32 GEMM TFLOP/s
   correctness  every kernel against float64 on the device: shared and per-row pools, fp32/fp16/bf16, a t grid
                down to sigma = 1e-5 with near-duplicates, labels/prior/temperature, grids under and over a wave;
-               and the fp32 expansion's measured logit error as a fraction of the bound that decides refinement
-  op_time      Triton / Triton without refinement / eager reference / torch.compile of it at (256, 256, 4096),
-               (256, 4096, 4096) and a bank's per-class part (256 rows x 64 entries x 4096 of 1000 classes), bf16
-               and fp32 (the training dtype): times, ratios, kernels and host
-               syncs per call (torch.profiler)
-  train_step   SiT-B/2 (batch 256) and SiT-XL/2 with FM and PAFM (a filled class bank) in bf16: images/s, MFU
+               the fp32 expansion's measured logit error as a fraction of the bound that decides refinement; per-row
+               pools of more than 2^31 elements (1024 rows: 8 waves of programs, one fixed configuration)
+  op_time      bench/bench_posterior.py's providers (the op, the op unrefined, torch.compile of the dtype-native
+               mm -> softmax -> mm, a StableVM-style chunked broadcast, the float64 reference) at its GPU shapes
+               ((256, 4096, 4096), the class bank as training reads it: 32 rows x 64 entries of 1000 classes x 4096,
+               then (256, 256, 4096)), bf16 and fp32: GPU time (the profiler's kernel durations) beside host-inclusive
+               time (do_bench), the floor from the measured roofline, each provider's error against float64 near
+               sigma -> 0, kernels and host syncs per call; inputs drawn once per shape
+  train_step   SiT-B/2 and SiT-XL/2 at the 8-GPU recipes' per-rank batch (32) with FM and PAFM (a filled class
+               bank) in bf16: ms/step, images/s, MFU, PAFM / FM
+
+The trainer's own CUDA path (torchrun, FSDP2, compile, checkpoints, resume, grid, evaluation) is checked by
+bench/gpu_train_check.py, which writes its rows to the same file.
 
 --quick: fewer shapes and steps. --dry-run: CPU tensors, tiny shapes, the Triton interpreter; what needs CUDA is
 skipped with a row saying so (tests/test_gpu_check.py runs it).
@@ -37,16 +47,46 @@ import time
 from pathlib import Path
 
 ITEMS = ["environment", "roofline", "correctness", "op_time", "train_step"]
+# Seconds each item is planned to take on one H100, its process's start-up and imports included (full run, --quick,
+# the CPU dry run); bench/README.md gives the arithmetic. The deadline's margin over their sum is spread over the
+# items in proportion, and each item is killed where the later items' shares begin: an item that overruns loses its
+# own last cases, never a later item's time.
+ESTIMATE = {"environment": 10, "roofline": 15, "correctness": 45, "op_time": 95, "train_step": 50}
+ESTIMATE_QUICK = {"environment": 10, "roofline": 12, "correctness": 30, "op_time": 65, "train_step": 25}
+# On a shared 2-core CPU, where importing torch and triton alone can take 15 s.
+ESTIMATE_DRY = {"environment": 30, "roofline": 30, "correctness": 110, "op_time": 80, "train_step": 40}
 # Seconds an item needs at the least to be worth starting (start-up, imports and its first useful row).
-MIN_SECONDS = {"environment": 5, "roofline": 15, "correctness": 30, "op_time": 30, "train_step": 45}
+MIN_SECONDS = {"environment": 5, "roofline": 8, "correctness": 20, "op_time": 25, "train_step": 20}
+# A measurement started before its item's deadline may end this much after it (at most a quarter of the item's
+# share) before the item is killed.
+GRACE_S = 10.0
+DEFAULT_DEADLINE_S = 240.0
 ROWS_FILE = "gpu_check.jsonl"
+
+
+def estimates(quick: bool, dry_run: bool) -> dict:
+    return ESTIMATE_DRY if dry_run else ESTIMATE_QUICK if quick else ESTIMATE
+
+
+def plan(items, deadline_s: float, quick: bool = False, dry_run: bool = False) -> list[dict]:
+    """Per item: its estimate, its share of the deadline (the estimate scaled by deadline / their sum), the seconds
+    from the start at which it is killed (the end of its share) and its own deadline, a grace period earlier."""
+    est = estimates(quick, dry_run)
+    scale = deadline_s / sum(est[item] for item in items)
+    schedule, end = [], 0.0
+    for item in items:
+        share = est[item] * scale
+        end += share
+        schedule.append({"item": item, "estimate_s": est[item], "share_s": round(share, 1), "end_s": round(end, 1),
+                         "grace_s": min(GRACE_S, share / 4)})
+    return schedule
 
 
 # --- the parent: runs each item in a subprocess under the deadline -------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.jsonl and each item's stderr log")
-    parser.add_argument("--deadline-s", type=float, default=280.0)
+    parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="CPU tensors, tiny shapes, the Triton interpreter")
     parser.add_argument("--items", nargs="+", default=ITEMS, choices=ITEMS)
@@ -58,19 +98,25 @@ def main(argv=None):
     if args.item:
         return run_item(args.item, out, args.deadline_at, args.quick, args.dry_run)
 
-    deadline = time.time() + args.deadline_s
+    started = time.time()
+    schedule = plan(args.items, args.deadline_s, args.quick, args.dry_run)
+    total = sum(p["estimate_s"] for p in schedule)
+    _emit(out, {"item": "plan", "date": _now(), "deadline_s": args.deadline_s, "estimated_s": total,
+                "items": schedule, **({"warning": "the items' estimates exceed the deadline: the last ones may be "
+                                                  "skipped"} if total > args.deadline_s else {})})
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.dry_run:
         env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     else:
         env.pop("TRITON_INTERPRET", None)
-    scale = 0.2 if args.dry_run else 1.0
-    for n, item in enumerate(args.items):
-        # Each item stops early enough to leave the later ones their minimum: the last items are not starved.
-        item_deadline = deadline - scale * sum(MIN_SECONDS[later] for later in args.items[n + 1:])
-        left = item_deadline - time.time()
+    item_seconds = {}  # what each item took: the measurement that replaces its estimate
+    for entry in schedule:
+        item = entry["item"]
+        end = started + entry["end_s"]
+        item_deadline = end - entry["grace_s"]
+        left = end - time.time()
         base = {"item": item, "date": _now()}
-        if left < MIN_SECONDS[item] * scale:
+        if left < MIN_SECONDS[item] * (0.2 if args.dry_run else 1.0):
             _emit(out, {**base, "skipped": f"deadline: {left:.0f} s left for this item"})
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--item", item, "--out", str(out),
@@ -79,15 +125,18 @@ def main(argv=None):
         start = time.time()
         with open(log, "w") as err:
             proc = subprocess.Popen(cmd, env=env, stderr=err, start_new_session=True)
-            try:  # a measurement started before the item's deadline may finish a little after it
-                code = proc.wait(timeout=max(1.0, min(left + 15.0, deadline - time.time())))
+            try:
+                code = proc.wait(timeout=max(1.0, end - time.time()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 code = "timeout"
+        item_seconds[item] = round(time.time() - start, 1)
         if code != 0:
             tail = log.read_text(errors="replace")[-1500:]
             _emit(out, {**base, "error": f"exit {code} after {time.time() - start:.0f} s", "stderr_tail": tail})
+    _emit(out, {"item": "done", "date": _now(), "seconds": round(time.time() - started, 1),
+                "item_seconds": item_seconds})
     print(f"rows in {out / ROWS_FILE}", flush=True)
     return 0
 
@@ -122,10 +171,12 @@ class Rows:
     def time_left(self):
         return self.deadline - time.time()
 
-    def guarded(self, label, fn, *args):
-        """Runs fn(*args) unless the deadline has passed; an exception becomes a row, and the item goes on."""
-        if self.time_left() <= 0:
-            self.emit(case=label, skipped="deadline")
+    def guarded(self, label, fn, *args, needs_s: float = 0.0):
+        """Runs fn(*args) unless it would overrun the deadline (`needs_s`: its estimate); an exception becomes a
+        row, and the item goes on."""
+        left = self.time_left()
+        if left <= needs_s:
+            self.emit(case=label, skipped=f"deadline: needs about {needs_s:.0f} s, {max(left, 0):.0f} s left")
             return None
         try:
             return fn(*args)
@@ -304,7 +355,7 @@ def correctness(rows: Rows):
         rows.guarded(f"logit_bound_{dtype}", logit_error_vs_bound, rows, dtype)
     rows.guarded("bank_pool_index", bank_case, rows, check, make_case, D)
     if not rows.dry_run:
-        rows.guarded("over_2_31_elements", large_case, rows)
+        rows.guarded("over_2_31_elements", large_case, rows, needs_s=LARGE_CASE_S)
 
 
 def bank_case(rows: Rows, check, make_case, D):
@@ -331,25 +382,65 @@ def bank_case(rows: Rows, check, make_case, D):
                   max_rel_err=err, ok=err <= 2e-4)
 
 
+# Per-row pools of more than 2^31 elements: 1024 rows (about 8 waves of programs on 132 SMs) of 520 candidates x 4096,
+# 4.4 GB in bf16, one read at about 3 TB/s. Its estimate: drawing the pool, one call at one fixed configuration and
+# the float64 reference, well under LARGE_CASE_S.
+LARGE_ROWS, LARGE_K, LARGE_D = 1024, 520, 4096
+LARGE_CASE_S = 15.0
+
+
+def one_per_row_config():
+    """Pins the per-row kernel's autotuner to its first configuration (benchmarking every configuration on 4 GB of
+    pools would take longer than the check); returns a function that restores it. A no-op where the kernel has no
+    such autotuner."""
+    from pafm_kernels import per_row_pool
+
+    tuned = getattr(per_row_pool, "_per_row_tuned", None)
+    configs = getattr(tuned, "configs", None)
+    if not configs:
+        return lambda: None, None
+    tuned.configs = configs[:1]
+
+    def restore():
+        tuned.configs = configs
+    return restore, str(configs[0])
+
+
 def large_case(rows: Rows):
-    """Per-row pools of more than 2^31 elements (64-bit offsets), bf16, against the float64-grade reference."""
+    """Per-row pools of more than 2^31 elements (64-bit offsets), bf16, against the float64-grade reference; the
+    own endpoint in each row's last slot, where the offsets are largest."""
     import torch
 
     from pafm_kernels import posterior_velocity
     from pafm_kernels.reference import posterior_velocity_reference
     from pafm_kernels.testing import rel_err
 
-    B, K, D = 64, 8200, 4096  # 2.15e9 elements, 4.3 GB in bf16
+    B, K, D = LARGE_ROWS, LARGE_K, LARGE_D
+    assert B * K * D > 2 ** 31
     g = torch.Generator(device=rows.device).manual_seed(0)
     pool = torch.randn(B, K, D, device=rows.device, dtype=torch.bfloat16, generator=g)
     t = torch.rand(B, device=rows.device, generator=g) * 0.9 + 0.05
-    x = pool[:, -1].float()  # the own endpoint in the last slot: its offsets are the largest
+    x = pool[:, -1].float()
     z = (t[:, None] * x + (1 - t)[:, None] * torch.randn(B, D, device=rows.device, generator=g)).bfloat16()
     coefs = (t, 1 - t, torch.ones_like(t), -torch.ones_like(t))
-    out = posterior_velocity(z, pool, *coefs, backend="triton")
+    restore, config = one_per_row_config()
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = posterior_velocity(z, pool, *coefs, backend="triton")  # includes the kernel's compilation
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        posterior_velocity(z, pool, *coefs, backend="triton")
+        torch.cuda.synchronize()
+        second = time.perf_counter() - start
+    finally:
+        restore()
     v64, lse64, ess64 = posterior_velocity_reference(z.double(), pool, *coefs, 1.0)
     err = max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64))
-    rows.emit(case="over_2_31_elements", B=B, K=K, D=D, elements=B * K * D, max_rel_err=err, ok=err <= 2e-4)
+    rows.emit(case="over_2_31_elements", B=B, K=K, D=D, elements=B * K * D, config=config,
+              first_call_s=first, call_s=second, gbps=pool.numel() * 2 / second / 1e9, max_rel_err=err,
+              ok=err <= 2e-4)
 
 
 def logit_error_vs_bound(rows: Rows, dtype):
@@ -373,33 +464,119 @@ def logit_error_vs_bound(rows: Rows, dtype):
                   (bound > shared_pool.REFINE_NATS).sum()), ok=ratio < 1.0)
 
 
+# Seconds one op_time case may take: a torch.compile (the first of the run also starts inductor's workers), and any
+# other provider (autotuning at a new shape, do_bench's 125 ms, five profiled calls, the small-sigma error).
+COMPILE_CASE_S, CASE_S = 20.0, 4.0
+LOW_PRECISION_INPUTS = ("z", "pool", "endpoint", "noise")
+
+
+def roofline_from_rows(rows: Rows):
+    """The roofline item's measurements of this run in bench_posterior's form, or None."""
+    found = {}
+    path = rows.out / ROWS_FILE
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        r = json.loads(line)
+        if r.get("item") == "roofline":
+            found[r.get("case")] = r
+    if not {"copy", "gemm_bf16", "gemm_tf32"} <= set(found) or not all("tflops" in found[c] or "gbps" in found[c]
+                                                                        for c in found):
+        return None
+    tf32 = found["gemm_tf32"]["tflops"] * 1e12
+    return {"gemm_bf16_flops": found["gemm_bf16"]["tflops"] * 1e12, "gemm_tf32_flops": tf32,
+            "gemm_tf32x3_flops": tf32 / 3, "copy_bytes_per_s": found["copy"]["gbps"] * 1e9}
+
+
+def small_sigma_error(bench_posterior, provider, layout, D, device, dtype):
+    """max over rows at sigma in [1e-5, 1e-2] of |v - v64| / |v64|. The compiled baseline's error is that of the
+    same function run eagerly: compiling it again for these shapes would cost more than the rest of its case, and
+    its error comes from the fp32 logits, which inductor computes alike."""
+    inputs, oracle = bench_posterior.small_sigma_inputs(layout, D, device, dtype)
+    if provider == "compiled_native":
+        velocity = bench_posterior.native_velocity(inputs)
+    else:
+        velocity = bench_posterior.make_fn(provider, inputs)()
+    velocity = velocity.double().cpu()
+    return ((velocity - oracle).norm(dim=1) / oracle.norm(dim=1)).max().item()
+
+
 def op_time(rows: Rows):
+    """Every provider of bench/bench_posterior.py at its GPU shapes: GPU time (the profiler's kernel durations) beside
+    host-inclusive time, the floor, and the error near sigma -> 0. Inputs are drawn once per shape (the bank's 1 GB
+    of normals too) and cast per dtype; each case is skipped with a row when it would overrun the deadline."""
     import torch
 
     import bench_posterior
 
+    dev = rows.device
+    providers = bench_posterior.PROVIDERS
     if rows.dry_run:  # torch.compile builds C++ on a CPU: once, for the first shape
-        shapes = [("shared", 8, 16, 64), ("shared", 4, 256, 64), ("per_row", 8, 4, 64), ("bank", 8, 4, 64)]
-        dtypes, providers = [torch.float32], ["triton", "triton_unrefined", "eager"]
+        shapes, dtypes = bench_posterior.QUICK_SHAPES, [torch.float32]
     else:
-        shapes = [("shared", 256, 256, 4096), ("shared", 256, 4096, 4096), ("bank", 256, 64, 4096)]
+        # The small shared pool last: the large pool (the floor target) and the bank (training's shape) come first
+        # should the deadline cut the item.
+        shapes = sorted(bench_posterior.GPU_SHAPES, key=lambda shape: shape[0] == "shared" and shape[2] <= 256)
         dtypes = [torch.bfloat16] if rows.quick else [torch.bfloat16, torch.float32]
-        providers = bench_posterior.PROVIDERS
+    roof = roofline_from_rows(rows)
+    rows.emit(case="roofline_used", source="the roofline item" if roof else "measured here", **(
+        roof or (roof := bench_posterior.measure_roofline(dev, quick=rows.dry_run))))
+    errors = {}  # (layout, dtype, provider): the small-sigma error does not depend on B or K
 
-    def emit(row):
-        rows.emit(**{k: v for k, v in row.items() if k not in rows.header and k != "date"})
+    def one(layout, B, K, D, dtype, provider, inputs, triton_times):
+        fn = bench_posterior.make_fn(provider, inputs)
+        host = bench_posterior.time_fn(fn, dev, cpu_seconds=0.0, cpu_calls=1 if rows.dry_run else 3)
+        gpu, kernels, syncs = bench_posterior.profile_calls(fn, dev)
+        key = (layout, dtype, provider)
+        if key not in errors:
+            errors[key] = small_sigma_error(bench_posterior, provider, layout, D, dev, dtype)
+        floor = bench_posterior.floor_seconds(layout, B, K, D, dtype, roof)
+        if provider == "triton":
+            triton_times.update(host=host, gpu=gpu)
+        rows.emit(case=f"{layout}_{B}x{K}x{D}", layout=layout, B=B, K=K, D=D, dtype=str(dtype).replace("torch.", ""),
+                  provider=provider, gpu_us=gpu and gpu * 1e6, host_us=host * 1e6, floor_us=floor * 1e6,
+                  gpu_over_floor=gpu and gpu / floor, host_over_floor=host / floor,
+                  gpu_ratio_to_triton=gpu / triton_times["gpu"] if gpu and triton_times.get("gpu") else None,
+                  host_ratio_to_triton=host / triton_times["host"] if triton_times.get("host") else None,
+                  err_small_sigma=errors[key], err_note="eager form of the same function" if
+                  provider == "compiled_native" else None, kernels_per_call=kernels, syncs_per_call=syncs,
+                  extra_mem_bytes=bench_posterior.peak_extra_bytes(fn, dev))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
-    if rows.dry_run:
-        quick_cpu = dict(cpu_seconds=0.0, cpu_calls=1)
-        bench_posterior.run(shapes[:1], dtypes, providers + ["compile"], rows.device, emit, rows.deadline, **quick_cpu)
-        bench_posterior.run(shapes[1:], dtypes, providers, rows.device, emit, rows.deadline, **quick_cpu)
-    else:
-        bench_posterior.run(shapes, dtypes, providers, rows.device, emit, rows.deadline)
+    saved_tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True
+    try:
+        for n, (layout, B, K, D) in enumerate(shapes):
+            base = rows.guarded(f"inputs_{layout}_{B}x{K}x{D}", bench_posterior.make_inputs, layout, B, K, D, dev,
+                                torch.float32, needs_s=CASE_S)
+            if base is None:
+                continue
+            for dtype in dtypes:
+                inputs = {k: v.to(dtype) if k in LOW_PRECISION_INPUTS else v for k, v in base.items()}
+                triton_times = {}
+                for provider in providers:
+                    if provider == "triton_unrefined" and layout != "shared":
+                        continue  # per-row pools have no refinement
+                    if rows.dry_run and provider == "compiled_native" and n > 0:
+                        continue
+                    rows.guarded(f"{layout}_{B}x{K}x{D} {str(dtype)[6:]} {provider}", one, layout, B, K, D, dtype,
+                                 provider, inputs, triton_times,
+                                 needs_s=COMPILE_CASE_S if provider == "compiled_native" else CASE_S)
+                del inputs
+            del base
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     if rows.dry_run:
         rows.emit(case="launches_and_syncs", skipped="needs CUDA (torch.profiler's kernel and sync events)")
 
 
+# The 8-GPU recipes' per-rank batch (data.batch_size 256 over 8 ranks): SiT-XL/2 at 256 rows on one GPU needs about
+# 105 GB of activations without activation checkpointing, at 32 about 13 GB.
+PER_RANK_BATCH = 32
+TRAIN_CASE_S = {"SiT-B/2": 6.0, "SiT-XL/2": 12.0, "SiT-T/2": 3.0}
+
+
 def train_step(rows: Rows):
+    """FM and PAFM (a filled class bank) steps of SiT-B/2 and SiT-XL/2 at the recipe's per-rank batch, bf16, eager
+    (no compile, no FSDP: bench_train's one-process step), each model built once for both objectives."""
     import torch
 
     try:
@@ -413,9 +590,9 @@ def train_step(rows: Rows):
         models = [("SiT-T/2", 8, 8, 1, 10, "fp32")]
         steps, warmup = 2, 1
     else:
-        models = [("SiT-B/2", 256, 32, 4, 1000, "bf16")] + ([] if rows.quick else [("SiT-XL/2", 256, 32, 4, 1000,
-                                                                                      "bf16")])
-        steps, warmup = (3, 2) if rows.quick else (5, 3)
+        models = [("SiT-B/2", PER_RANK_BATCH, 32, 4, 1000, "bf16")] + (
+            [] if rows.quick else [("SiT-XL/2", PER_RANK_BATCH, 32, 4, 1000, "bf16")])
+        steps, warmup = (5, 3) if rows.quick else (10, 5)
     peak_measured = None
     rows_file = rows.out / ROWS_FILE
     if rows_file.exists():  # the roofline item's GEMM, measured in the same run
@@ -423,34 +600,38 @@ def train_step(rows: Rows):
             r = json.loads(line)
             if r.get("item") == "roofline" and r.get("case") == "gemm_bf16" and "tflops" in r:
                 peak_measured = r["tflops"] * 1e12
-    name = rows.header["device"]
-    peak_nominal = dense_bf16_peak(name)
-    def one(label, model, batch, size, channels, classes, precision, kind, source, fm_seconds):
-        seconds, net = bench_train.time_step(model, size=size, channels=channels, classes=classes, batch=batch,
+    peak_nominal = dense_bf16_peak(rows.header["device"])
+    batch_note = None if rows.dry_run else (f"{PER_RANK_BATCH} rows: the 8-GPU recipes' per-rank batch (256 / 8); no "
+                                            "activation checkpointing, no compile")
+
+    def one(label, model_name, batch, size, channels, classes, precision, kind, source, fm_seconds, net):
+        seconds, net = bench_train.time_step(model_name, size=size, channels=channels, classes=classes, batch=batch,
                                              precision=precision, kind=kind, source=source, device=dev, steps=steps,
-                                             warmup=warmup, fill_bank=True)
+                                             warmup=warmup, fill_bank=True, model=net)
         flops = train_flops_per_image(net.config) * batch / seconds
-        rows.emit(case=label, model=model, batch=batch, latent=[channels, size, size], precision=precision,
-                  objective=kind, source=source if kind == "pafm" else None, ms_per_step=seconds * 1e3,
-                  images_per_s=batch / seconds, model_tflops=flops / 1e12,
+        rows.emit(case=label, model=model_name, batch=batch, batch_note=batch_note, latent=[channels, size, size],
+                  precision=precision, objective=kind, source=source if kind == "pafm" else None,
+                  ms_per_step=seconds * 1e3, images_per_s=batch / seconds, model_tflops=flops / 1e12,
                   mfu_nominal=flops / peak_nominal if peak_nominal else None,
                   mfu_of_measured_gemm=flops / peak_measured if peak_measured else None,
-                  ratio_to_fm=seconds / fm_seconds if fm_seconds else None)
+                  ratio_to_fm=seconds / fm_seconds if fm_seconds else None,
+                  peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None)
+        return seconds, net
+
+    for model_name, batch, size, channels, classes, precision in models:
+        fm_seconds, net = None, None
+        for kind, source in (("fm", "batch"), ("pafm", "bank")):
+            label = f"{model_name} {kind}{'/' + source if kind == 'pafm' else ''}"
+            result = rows.guarded(label, one, label, model_name, batch, size, channels, classes, precision, kind,
+                                  source, fm_seconds, net, needs_s=TRAIN_CASE_S[model_name] * (2 if net is None else 1))
+            if result is None:
+                break
+            seconds, net = result
+            fm_seconds = fm_seconds or seconds
         del net
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        return seconds
-
-    for model, batch, size, channels, classes, precision in models:
-        fm_seconds = None
-        for kind, source in (("fm", "batch"), ("pafm", "bank")):
-            label = f"{model} {kind}{'/' + source if kind == 'pafm' else ''}"
-            if rows.time_left() < (5 if rows.dry_run else 20):
-                rows.emit(case=label, skipped="deadline")
-                continue
-            seconds = rows.guarded(label, one, label, model, batch, size, channels, classes, precision, kind, source,
-                                   fm_seconds)
-            fm_seconds = fm_seconds or (seconds if kind == "fm" else None)
+            torch.cuda.reset_peak_memory_stats()
 
 
 if __name__ == "__main__":
