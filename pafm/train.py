@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
+from pafm.checkpoint import CheckpointConfig, Checkpointer, CheckpointError, TrainState, sharded_states
 from pafm.cli import error_text, launched_as_rank0
 from pafm.config import (Allowed, ConfigError, Relation, at_least, each, load_config, refusal, save_config, section,
                          setting, to_dict, within, words)
@@ -23,6 +23,7 @@ from pafm.distributed import (World, agree, all_reduce, cleanup, init_distribute
                               shard_model)
 from pafm.ema import EMA
 from pafm.eval_during_training import TrainingEval, TrainingEvalConfig
+from pafm.export import EXPORT_NAME, RunExport, export_staleness
 from pafm.logger import MetricsLogger, SideWork, WandbConfig
 from pafm.models.flops import device_peak_flops, train_flops_per_image
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
@@ -101,14 +102,6 @@ class TrainConfig:
     ema_decay: float = setting(0.9999, within(0, 1, "1 would keep the initial weights", open_hi=True))
     # this many non-finite steps in a row stop the run (after a checkpoint)
     max_bad_steps: int = setting(20, at_least(1))
-
-
-@section("checkpoint")
-class CheckpointConfig:
-    every: int = setting(allowed=at_least(1, "steps between checkpoints"))
-    keep: int = setting(2, at_least(0, "0 keeps all"))  # the newest N complete checkpoints are kept
-    async_save: bool = False  # write periodic checkpoints in the background; the loop waits only while a CPU copy
-    #                           of the state is made, which needs host memory for one more copy of each rank's shards
 
 
 @section("log")
@@ -345,9 +338,7 @@ class PreviewGrids:
         self.logger.image("samples", path, step)
 
     def __call__(self, step: int):
-        from pafm.export import gather_state_dict
-
-        weights = gather_state_dict(self.ema.state_dict())  # a collective: outside the side-work guard so no rank
+        weights = self.ema.full_state_dict(dst=0)  # a collective: outside the side-work guard so no rank
         if self.world.is_main:  # waits alone; the full weights exist on rank 0 only
             self.side.run(f"the preview grid of step {step}", self._draw, weights, step)
 
@@ -380,9 +371,13 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
     export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info}, "path": cfg.objective.path,
                    "objective": cfg.objective.kind, "config": to_dict(cfg)}
     run_meta["export"] = export_meta  # so that `pafm.export` can make the export from any checkpoint
-    checkpointer = Checkpointer(run_dir, world, model, optimizer, ema, objective, loader, run_meta, export_meta,
-                                cfg.checkpoint.keep, side, async_save=cfg.checkpoint.async_save)
+    checkpointer = Checkpointer(run_dir, world, cfg.checkpoint, run_meta, sharded=sharded_states(model, optimizer, ema),
+                                per_rank={"loader": loader, "objective": objective})
+    export = RunExport(run_dir, export_meta, side, world.is_main)
+    checkpointer.after_save.append(export.write)
     state = checkpointer.resume(cfg.train.resume)
+    if checkpointer.resumed_from is not None:
+        export.refresh(checkpointer.resumed_from, state.step)
     if world.is_main:  # only now: a refused launch must not overwrite the run's config
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, world, every=cfg.log.every, total_steps=cfg.train.steps, start_step=state.step,
@@ -437,8 +432,6 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
 
 
 def _report(result: dict):
-    from pafm.export import EXPORT_NAME, export_staleness
-
     run_dir = result["run_dir"]
     print(f"\ndone: step {result['step']} ({result['skipped']} skipped"
           + (f", {result['side_work_failures']} side-work failures" if result["side_work_failures"] else "")
