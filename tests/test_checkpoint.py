@@ -1,5 +1,6 @@
 """Checkpoints: exact round trip, integrity manifest, fallback of resume=auto, run identity, no code execution,
-background saves."""
+background saves, the Checkpointer's named parts and hooks, one rule for what counts as a checkpoint."""
+import ast
 import datetime
 import errno
 import hashlib
@@ -16,6 +17,7 @@ import textwrap
 import threading
 from collections import namedtuple
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,12 +25,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from pafm.checkpoint import (
     BackgroundSaver,
+    CheckpointConfig,
     CheckpointError,
+    Checkpointer,
     MetadataUnpickler,
+    TrainState,
     check_state_shapes,
     checkpoint_run_id,
     complete_checkpoints,
@@ -36,6 +42,7 @@ from pafm.checkpoint import (
     full_ema,
     latest_checkpoint,
     load_checkpoint,
+    newest_step,
     run_identity,
     safe_dcp_load,
     save_checkpoint,
@@ -44,6 +51,7 @@ from pafm.checkpoint import (
     write_manifest,
 )
 from pafm.ema import EMA
+from pafm.export import ExportError, export_staleness, resolve_export, save_export
 
 RUN_META = {"model": {"name": "tiny", "kwargs": {"hidden": 8, "num_heads": 2}},
             "objective": {"kind": "pafm", "source": "bank", "candidates": 4},
@@ -342,6 +350,97 @@ def test_world_size_mismatch_is_refused(tmp_path, mesh):
         _load(folder, mesh, expected=None)
 
 
+class _Position:
+    """A per-rank part whose state is JSON (like the loader's position)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def state_dict(self):
+        return {"index": self.index}
+
+    def load_state_dict(self, state):
+        self.index = state["index"]
+
+
+class _Bank:
+    """A per-rank part whose state is tensors (like the objective's bank)."""
+
+    def __init__(self, value):
+        self.count = torch.full((2,), value)
+
+    def state_dict(self):
+        return {"bank.count": self.count}
+
+    def load_state_dict(self, state):
+        self.count.copy_(state["bank.count"])
+
+
+def _checkpointer(run_dir, mesh, seed=0, index=0, bank=0.0):
+    model, optimizer, ema = _setup(mesh, seed)
+    world = SimpleNamespace(device=torch.device("cpu"), is_main=True)
+    parts = {"loader": _Position(index), "objective": _Bank(bank)}
+    checkpointer = Checkpointer(run_dir, world, CheckpointConfig(every=1, keep=2), RUN_META,
+                                sharded=sharded_states(model, optimizer, ema), per_rank=parts)
+    return checkpointer, (model, optimizer, ema), parts
+
+
+def test_the_checkpointer_saves_and_resumes_named_parts_and_calls_its_hooks(tmp_path, mesh, capsys):
+    checkpointer, (model, optimizer, ema), _ = _checkpointer(tmp_path, mesh, index=7, bank=3.0)
+    hooked = []
+    checkpointer.after_save.append(lambda folder, step: hooked.append((folder.name, step)))
+    assert checkpointer.resume("auto") == TrainState() and checkpointer.resumed_from is None  # a fresh start
+    _train(model, optimizer, ema)
+    saved = _snapshot(model, optimizer, ema)
+    folder = checkpointer.save(TrainState(step=4, skipped=1, bad_in_row=0), final=True)
+    assert hooked == [("step_0000004", 4)]
+    # The on-disk format: the counters and each JSON part under its name; the tensor parts under their own names.
+    assert json.loads((folder / "rank0.json").read_text()) == {"step": 4, "skipped": 1, "bad_in_row": 0,
+                                                               "loader": {"index": 7}}
+    assert set(load_file(folder / "rank0.safetensors")) == {"rng.cpu", "bank.count"}
+    assert json.loads((folder / "run.json").read_text()) == {**RUN_META, "run_id": checkpointer.run_id}
+    resumed, (model, optimizer, ema), parts = _checkpointer(tmp_path, mesh, seed=1)
+    assert resumed.resume("auto") == TrainState(4, 1, 0) and resumed.resumed_from == folder
+    _assert_equal(_snapshot(model, optimizer, ema), saved)
+    assert parts["loader"].index == 7 and torch.equal(parts["objective"].count, torch.full((2,), 3.0))
+    assert f"resumed from {folder} at step 4" in capsys.readouterr().out
+
+
+def test_a_fresh_start_beside_a_step_folder_without_manifest_is_refused(tmp_path, mesh):
+    (tmp_path / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_0000002" / ".metadata").write_bytes(b"")
+    checkpointer, _, _ = _checkpointer(tmp_path, mesh)
+    for policy in ("auto", "none"):
+        with pytest.raises(CheckpointError, match="holds step_0000002 without manifest.json"):
+            checkpointer.resume(policy)
+
+
+def test_one_rule_decides_what_counts_as_a_checkpoint(tmp_path):
+    run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    save_export(run / "ema.safetensors", {"w": torch.zeros(2)}, {"model": {"name": "tiny"}, "step": 5})
+    for name in ("step_0000003", "step_0000008", "step_0000009.tmp"):
+        (root / name).mkdir(parents=True)
+    (root / "step_0000003" / "manifest.json").write_text("{}")
+    (root / "step_0000008" / ".metadata").write_bytes(b"")  # DCP's files without the manifest: not a checkpoint
+    assert complete_checkpoints(root) == [(3, root / "step_0000003")] and newest_step(run) == 3
+    assert export_staleness(run) is None  # the export (step 5) is newer than the newest checkpoint
+    (root / "step_0000008" / "manifest.json").write_text("{}")
+    assert newest_step(run) == 8 and "is from step 5 but" in export_staleness(run)
+    for folder in (root / "step_0000008", root / "step_0000009.tmp", root):  # passed where an export is expected
+        with pytest.raises(ExportError, match=f"is a training checkpoint .*: pass the run folder {run} "):
+            resolve_export(folder)
+
+
+def test_the_checkpoint_package_imports_nothing_above_it():
+    allowed = ("pafm.checkpoint", "pafm.config", "pafm.distributed", "pafm.files")
+    for path in sorted((Path(__file__).parents[1] / "pafm" / "checkpoint").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in (n for n in names if n.startswith("pafm")):
+                assert any(name == a or name.startswith(f"{a}.") for a in allowed), f"{path.name} imports {name}"
+
+
 class _HeldWriter(torch.distributed.checkpoint.FileSystemWriter):
     """DCP's writer, whose file writes wait for `release` (or raise `error`): a save caught in the middle."""
 
@@ -422,6 +521,7 @@ _TWO_RANKS = textwrap.dedent("""
     import pafm.checkpoint.integrity as integrity
     from pafm.checkpoint.errors import from_rank0
     from pafm.ema import EMA
+from pafm.export import ExportError, export_staleness, resolve_export, save_export
 
     def main(rank, port, root):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
