@@ -521,7 +521,6 @@ _TWO_RANKS = textwrap.dedent("""
     import pafm.checkpoint.integrity as integrity
     from pafm.checkpoint.errors import from_rank0
     from pafm.ema import EMA
-from pafm.export import ExportError, export_staleness, resolve_export, save_export
 
     def main(rank, port, root):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
@@ -595,9 +594,12 @@ from pafm.export import ExportError, export_staleness, resolve_export, save_expo
 def test_two_ranks_split_the_hashing_gather_the_export_on_rank_0_and_save_in_the_background(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).parent.parent
+    # The script runs from tmp_path: the checkout's pafm first on the path, so that this checkout is what it tests.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path / "ckpt")],
-                            capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parent.parent)
+                            capture_output=True, text=True, env=env, timeout=120, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
     folder = tmp_path / "ckpt" / "step_0000001"
     for rank in (0, 1):  # both ranks reach the same verdict
