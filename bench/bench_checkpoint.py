@@ -58,11 +58,12 @@ def inner(argv: list[str]) -> None:
     import torch.distributed as dist
 
     import pafm.checkpoint as checkpoint
+    import pafm.checkpoint.checkpointer as checkpointer
     import pafm.train as train
 
     steps, saves, dcp_saves, background, staging = [], [], [], [], []
     train.train_step = timed(steps, train.train_step)
-    checkpoint.save_checkpoint = timed(dcp_saves, checkpoint.save_checkpoint)
+    checkpointer.save_checkpoint = timed(dcp_saves, checkpoint.save_checkpoint)  # the name the Checkpointer calls
     checkpoint.Checkpointer.save = timed(saves, checkpoint.Checkpointer.save)
     checkpoint.BackgroundSaver._finish = timed(background, checkpoint.BackgroundSaver._finish)
     checkpoint.BackgroundSaver.start = timed(staging, checkpoint.BackgroundSaver.start)

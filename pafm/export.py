@@ -11,7 +11,6 @@ the model (architecture, dataset spec and info, path, step).  Sampling, evaluati
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -19,58 +18,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pafm.checkpoint import (CHECKPOINTS, CheckpointError, checkpoint_run_id, full_ema, latest_checkpoint,
+                             newest_step, recorded_run_id, run_dir_of_checkpoint, verify_checkpoint)
+from pafm.checkpoint.layout import RUN, rank_files
+from pafm.cli import OneLineParser, parse_args, report_error
 from pafm.files import atomic_write
+from pafm.run_lock import RunDirInUse, RunLock
 
 EXPORT_NAME = "ema.safetensors"
 META_KEY = "pafm"  # the safetensors metadata key holding the JSON meta
-CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside a run folder
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_CHECKPOINT_MARKERS = ("manifest.json", ".metadata")  # a complete checkpoint holds one (.metadata: older ones)
 REFRESH = "python -m pafm.export"  # the command that rewrites a run's export from its newest checkpoint
 
 
 class ExportError(ValueError):
     """A missing, incomplete or inconsistent export file."""
-
-
-def gather_state_dict(state_dict: dict[str, torch.Tensor], dst: int = 0) -> dict[str, torch.Tensor] | None:
-    """Full CPU copies of a sharded state dict on rank `dst` only; None on the other ranks (a collective).
-
-    FSDP2 shards every tensor along dim 0; each tensor's shards are gathered onto `dst` alone, one tensor at a time,
-    so the full state exists once (SiT-XL/2's EMA: 2.7 GB) rather than on every rank.  Tensors that are not
-    sharded along dim 0 are all-gathered (the general DTensor path), and dropped away from `dst`."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    out = {} if rank == dst else None
-    for name, t in state_dict.items():
-        if not isinstance(t, DTensor):
-            full = t
-        elif len(t.placements) == 1 and t.placements[0] == Shard(0):
-            full = _gather_dim0(t, dst)
-        else:
-            full = t.full_tensor()
-        if out is not None:
-            out[name] = full.detach().cpu().contiguous()
-    return out
-
-
-def _gather_dim0(t, dst: int) -> torch.Tensor | None:
-    """The full tensor of a DTensor sharded along dim 0 (torch.chunk's split: equal rows, the last shards shorter
-    or empty) on `dst`, None elsewhere."""
-    import torch.distributed as dist
-
-    group = t.device_mesh.get_group()
-    world, rows = dist.get_world_size(group), t.shape[0]
-    per = -(-rows // world)
-    local = t.to_local()
-    padded = local.new_zeros((per, *t.shape[1:]))
-    padded[:local.shape[0]] = local
-    is_dst = dist.get_rank() == dst
-    parts = [torch.empty_like(padded) for _ in range(world)] if is_dst else None
-    dist.gather(padded, parts, dst=dst, group=group)
-    return torch.cat(parts)[:rows] if is_dst else None
 
 
 def save_export(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -102,17 +63,6 @@ def save_export(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: meta_json}))
 
 
-def _checkpoint_hint(path: Path) -> str | None:
-    """The run folder to pass instead, when `path` is a training checkpoint (or the folder holding them)."""
-    if (path / EXPORT_NAME).is_file():
-        return None
-    if any((path / marker).is_file() for marker in _CHECKPOINT_MARKERS) or re.match(r"^step_\d+(\.tmp)?$", path.name):
-        return str(path.parent.parent if path.parent.name == CHECKPOINTS else path.parent)
-    if path.name == CHECKPOINTS and any(_STEP_DIR.match(p.name) for p in path.iterdir()):
-        return str(path.parent)
-    return None
-
-
 def resolve_export(path_or_run_dir) -> Path:
     """A run folder -> RUN/ema.safetensors; a file is returned as is.  Raises ExportError with a hint otherwise."""
     path = Path(path_or_run_dir).expanduser()
@@ -120,7 +70,7 @@ def resolve_export(path_or_run_dir) -> Path:
         raise ExportError(f"{path} does not exist: pass a run folder holding {EXPORT_NAME} (written by the trainer) "
                           f"or the path of a .safetensors export")
     if path.is_dir():
-        run = _checkpoint_hint(path)
+        run = None if (path / EXPORT_NAME).is_file() else run_dir_of_checkpoint(path)
         if run is not None:
             raise ExportError(f"{path} is a training checkpoint (torch.distributed.checkpoint), not an EMA export: "
                               f"pass the run folder {run} or {Path(run) / EXPORT_NAME}")
@@ -221,22 +171,6 @@ def load_export(path_or_run_dir, device="cpu"):
     return load_weights(model, state, device, path), meta
 
 
-def newest_checkpoint_step(run_dir) -> int | None:
-    """Step of the newest complete checkpoint in RUN/checkpoints (step_NNNNNNN/ with manifest.json or .metadata)
-    of the run itself: another run's checkpoint copied there does not count."""
-    from pafm.checkpoint import checkpoint_run_id, recorded_run_id
-
-    run_dir = Path(run_dir).expanduser()
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    run_id = recorded_run_id(run_dir)
-    steps = [int(m.group(1)) for child in root.iterdir() if (m := _STEP_DIR.match(child.name))
-             and any((child / marker).is_file() for marker in _CHECKPOINT_MARKERS)
-             and checkpoint_run_id(child) in (None, run_id)]
-    return max(steps, default=None)
-
-
 def export_staleness(run_dir_or_export) -> str | None:
     """A one-line warning when the run's EMA export is older than its newest complete checkpoint, else None.
 
@@ -247,7 +181,7 @@ def export_staleness(run_dir_or_export) -> str | None:
     path = Path(run_dir_or_export).expanduser()
     export = path / EXPORT_NAME if path.is_dir() else path
     run_dir = export.parent
-    newest = newest_checkpoint_step(run_dir)
+    newest = newest_step(run_dir)
     if newest is None:
         return None
     holds = f"{run_dir / CHECKPOINTS} holds step {newest}"
@@ -264,12 +198,37 @@ def export_staleness(run_dir_or_export) -> str | None:
     return None
 
 
+class RunExport:
+    """The trainer's EMA export: RUN/ema.safetensors rewritten from a checkpoint's own files, on rank 0, as side work
+    (`side.run`: a failure is reported and counted, never fatal).  `write` is the checkpointer's after-save hook."""
+
+    def __init__(self, run_dir: Path, meta: dict, side, is_main: bool):
+        self.path, self.meta, self.side, self.is_main = Path(run_dir) / EXPORT_NAME, meta, side, is_main
+
+    def write(self, folder: Path, step: int):
+        if self.is_main:
+            self.side.run("writing the EMA export",
+                          lambda: save_export(self.path, full_ema(folder), {**self.meta, "step": step}))
+
+    def refresh(self, folder: Path, step: int):
+        """Write the export from the checkpoint a run resumed when it is missing, unreadable or older (its write
+        failed, or the run was killed between a checkpoint and its export): a finished run gets it on relaunch."""
+        if not self.is_main:
+            return
+        try:
+            exported = read_export_meta(self.path).get("step")
+        except ExportError:
+            exported = None
+        if not isinstance(exported, int) or exported < step:
+            self.write(folder, step)
+
+
 # --- the export command -------------------------------------------------------------------------------------------
 def checkpoint_export_meta(folder: Path, run_dir: Path) -> dict:
     """The export meta of a checkpoint: recorded in its run.json, or, for a checkpoint written before it was, the
     meta of the run's current export (the same run, so the same model and data)."""
     try:
-        meta = json.loads((folder / "run.json").read_text()).get("export")
+        meta = json.loads((folder / RUN).read_text()).get("export")
     except (OSError, ValueError, AttributeError) as err:
         raise ExportError(f"checkpoint {folder}: its run.json is unreadable ({err})") from None
     if isinstance(meta, dict):
@@ -286,10 +245,6 @@ def export_checkpoint(run_dir, checkpoint=None) -> tuple[Path, Path, int]:
     """Write RUN/ema.safetensors from the EMA weights of a verified checkpoint: `checkpoint`, or the run's newest
     that verifies.  Runs on the CPU in one process, reading the checkpoint's files; refused while a launch holds
     the run.  Returns (export path, checkpoint folder, step)."""
-    from pafm.checkpoint import (CheckpointError, checkpoint_run_id, full_ema, latest_checkpoint, recorded_run_id,
-                                 verify_checkpoint)
-    from pafm.run_lock import RunLock
-
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a run folder")
@@ -310,7 +265,7 @@ def export_checkpoint(run_dir, checkpoint=None) -> tuple[Path, Path, int]:
                                   f"{own}): its weights would not be this run's")
         meta = checkpoint_export_meta(folder, run_dir)
         try:
-            step = json.loads((folder / "rank0.json").read_text())["step"]
+            step = json.loads(rank_files(folder, 0)[0].read_text())["step"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"checkpoint {folder}: rank0.json has no step ({err})") from None
         path = save_export(run_dir / EXPORT_NAME, full_ema(folder), {**meta, "step": step})
@@ -321,10 +276,6 @@ def export_checkpoint(run_dir, checkpoint=None) -> tuple[Path, Path, int]:
 
 def main(argv=None) -> int:
     """Exit code: 0 when the export was written, 2 for a user error (one line on stderr)."""
-    from pafm.checkpoint import CheckpointError
-    from pafm.cli import OneLineParser, parse_args, report_error
-    from pafm.run_lock import RunDirInUse
-
     parser = OneLineParser(prog=REFRESH, description="(Re)write RUN/ema.safetensors from a checkpoint's EMA weights.")
     parser.add_argument("run_dir", help="the run folder (holding checkpoints/)")
     parser.add_argument("--checkpoint", help="the checkpoint folder to export (default: the run's newest that "

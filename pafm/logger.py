@@ -14,16 +14,16 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
-from pafm.config import section, setting, words
+from pafm.config import at_least, each, section, setting, within, words
 from pafm.distributed import World, all_reduce
 from pafm.files import atomic_write_text
 from pafm.objectives import T_BINS
+from pafm.sampling import GUIDANCE_SCALE
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -73,6 +73,20 @@ class WandbConfig:
     entity: Optional[str] = setting(None, words("the W&B user or team"))
     name: Optional[str] = setting(None, words("the W&B run's name"))
     mode: Literal["online", "offline"] = "online"
+
+
+@section("log")
+class LogConfig:
+    every: int = setting(50, at_least(1))
+    # a grid every N steps and at the end; 0: only at the end; -1: never
+    sample_every: int = setting(0, at_least(-1, "-1: never, 0: at the end"))
+    sample_steps: int = setting(32, within(1, 10000, "Heun steps of the sample grid"))
+    sample_cfg: float = setting(1.0, GUIDANCE_SCALE)
+    # text models: captions of the grid (default: held-out captions, else the first training captions)
+    sample_prompts: Optional[list[str]] = setting(None, each(words("a caption")))
+    tensorboard: bool = True
+    progress: bool = True
+    wandb: Optional[WandbConfig] = None  # {project, entity, name, mode}: also log to Weights & Biases (rank 0)
 
 
 class WandbRun:

@@ -10,24 +10,26 @@ import signal
 import sys
 from dataclasses import field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from pafm.checkpoint import Checkpointer, CheckpointError, TrainState
+from pafm.checkpoint import CheckpointConfig, Checkpointer, CheckpointError, TrainState, sharded_states
 from pafm.cli import error_text, launched_as_rank0
-from pafm.config import (Allowed, ConfigError, Relation, at_least, each, load_config, refusal, save_config, section,
-                         setting, to_dict, within, words)
+from pafm.config import (Allowed, ConfigError, at_least, load_config, refusal, save_config, section, setting, to_dict,
+                         within, words)
+from pafm.data.config import DataConfig
 from pafm.distributed import (World, agree, all_reduce, cleanup, init_distributed, one_line, peer_failure, print_once,
                               shard_model)
 from pafm.ema import EMA
 from pafm.eval_during_training import TrainingEval, TrainingEvalConfig
-from pafm.logger import MetricsLogger, SideWork, WandbConfig
+from pafm.export import EXPORT_NAME, RunExport, export_staleness
+from pafm.logger import LogConfig, MetricsLogger, SideWork
 from pafm.models.flops import device_peak_flops, train_flops_per_image
 from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
+from pafm.optim import OptimConfig, build_optimizer, learning_rate
 from pafm.run_lock import RunDirInUse, RunLock
-from pafm.sampling import GUIDANCE_SCALE
 
 USAGE = "usage: [torchrun --nproc_per_node=N] python -m pafm.train CONFIG.yaml [key.sub=value ...]"
 
@@ -43,22 +45,6 @@ class RunConfig:
     dir: str = setting(allowed=words("the run's folder"))
 
 
-@section("data")
-class DataConfig:
-    # a dataset folder written by `pafm.prep`, or builtin:digits / builtin:digits-captions
-    spec: str = setting("builtin:digits", words("a dataset folder or builtin:NAME"))
-    batch_size: int = setting(256, at_least(1))  # global batch per optimizer step (all ranks, all accumulation steps)
-    # rows per rank per forward; default batch_size / world size
-    micro_batch_size: Optional[int] = setting(None, at_least(1, "null: data.batch_size / world size"))
-    flip: bool = True  # pick the stored horizontally flipped copy with probability 1/2
-    num_workers: int = setting(2, within(0, 256, "loader processes per rank; 0 loads in the trainer"))
-    validate: bool = True  # check the shards (checksums, NaN/Inf) before the first step; a shard that passed
-    #                        before and is unchanged since is not read again
-
-    RELATIONS = (Relation("micro_batch_size", lambda d: d.micro_batch_size is None
-                          or d.batch_size % d.micro_batch_size == 0, "a divisor of data.batch_size={batch_size}"),)
-
-
 @section("model")
 class ModelConfig:
     name: str = setting("SiT-B/2", words("a model of pafm.models such as SiT-B/2"))
@@ -67,24 +53,6 @@ class ModelConfig:
         lambda kw: all(isinstance(k, str) for k in kw) and all(
             math.isfinite(v) for v in kw.values() if isinstance(v, float)),
         "a mapping of the model's arguments (names to finite values; checked when the model is built)"))
-
-
-@section("optim")
-class OptimConfig:
-    lr: float = setting(1e-4, within(0, 1, "AdamW moves each weight by about lr per step", open_lo=True))
-    betas: tuple[float, float] = setting((0.9, 0.999), each(within(0, 1, "AdamW's moment decays", open_hi=True)))
-    weight_decay: float = setting(0.0, at_least(0))
-    eps: float = setting(1e-8, within(0, 1, open_lo=True))
-    warmup_steps: int = setting(0, at_least(0))
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr: float = setting(0.0, at_least(0, "the cosine schedule's floor"))
-    grad_clip: float = setting(1.0, at_least(0, "0 disables clipping"))  # the norm is still computed and logged
-
-    RELATIONS = (
-        Relation("min_lr", lambda o: o.min_lr <= o.lr, "<= optim.lr={lr}"),
-        Relation("weight_decay", lambda o: o.lr * o.weight_decay < 1,
-                 "< 1 / optim.lr={lr} (AdamW multiplies each weight by 1 - lr * weight_decay per step)"),
-    )
 
 
 @section("train")
@@ -101,28 +69,6 @@ class TrainConfig:
     ema_decay: float = setting(0.9999, within(0, 1, "1 would keep the initial weights", open_hi=True))
     # this many non-finite steps in a row stop the run (after a checkpoint)
     max_bad_steps: int = setting(20, at_least(1))
-
-
-@section("checkpoint")
-class CheckpointConfig:
-    every: int = setting(allowed=at_least(1, "steps between checkpoints"))
-    keep: int = setting(2, at_least(0, "0 keeps all"))  # the newest N complete checkpoints are kept
-    async_save: bool = False  # write periodic checkpoints in the background; the loop waits only while a CPU copy
-    #                           of the state is made, which needs host memory for one more copy of each rank's shards
-
-
-@section("log")
-class LogConfig:
-    every: int = setting(50, at_least(1))
-    # a grid every N steps and at the end; 0: only at the end; -1: never
-    sample_every: int = setting(0, at_least(-1, "-1: never, 0: at the end"))
-    sample_steps: int = setting(32, within(1, 10000, "Heun steps of the sample grid"))
-    sample_cfg: float = setting(1.0, GUIDANCE_SCALE)
-    # text models: captions of the grid (default: held-out captions, else the first training captions)
-    sample_prompts: Optional[list[str]] = setting(None, each(words("a caption")))
-    tensorboard: bool = True
-    progress: bool = True
-    wandb: Optional[WandbConfig] = None  # {project, entity, name, mode}: also log to Weights & Biases (rank 0)
 
 
 @section("")
@@ -147,15 +93,6 @@ class TrainingStopped(RuntimeError):
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
-def learning_rate(cfg: OptimConfig, step: int, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def model_kwargs(cfg: ModelConfig, info: dict) -> dict:
     """The data decides input size, channels, classes and text dims unless the config sets them."""
     c, h, _ = info["latent_shape"]
@@ -269,8 +206,7 @@ def build_model_and_optimizer(cfg: Config, world: World, info: dict):
     model.to(world.device)
     shard_model(model, world, bf16=cfg.train.precision == "bf16",
                 activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    optimizer = build_optimizer(cfg.optim, model.parameters())
     return model, optimizer, EMA(model, cfg.train.ema_decay)
 
 
@@ -345,9 +281,7 @@ class PreviewGrids:
         self.logger.image("samples", path, step)
 
     def __call__(self, step: int):
-        from pafm.export import gather_state_dict
-
-        weights = gather_state_dict(self.ema.state_dict())  # a collective: outside the side-work guard so no rank
+        weights = self.ema.full_state_dict(dst=0)  # a collective: outside the side-work guard so no rank
         if self.world.is_main:  # waits alone; the full weights exist on rank 0 only
             self.side.run(f"the preview grid of step {step}", self._draw, weights, step)
 
@@ -380,9 +314,13 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
     export_meta = {"model": model.config, "data": {"spec": cfg.data.spec, "info": info}, "path": cfg.objective.path,
                    "objective": cfg.objective.kind, "config": to_dict(cfg)}
     run_meta["export"] = export_meta  # so that `pafm.export` can make the export from any checkpoint
-    checkpointer = Checkpointer(run_dir, world, model, optimizer, ema, objective, loader, run_meta, export_meta,
-                                cfg.checkpoint.keep, side, async_save=cfg.checkpoint.async_save)
+    checkpointer = Checkpointer(run_dir, world, cfg.checkpoint, run_meta, sharded=sharded_states(model, optimizer, ema),
+                                per_rank={"loader": loader, "objective": objective})
+    export = RunExport(run_dir, export_meta, side, world.is_main)
+    checkpointer.after_save.append(export.write)
     state = checkpointer.resume(cfg.train.resume)
+    if checkpointer.resumed_from is not None:
+        export.refresh(checkpointer.resumed_from, state.step)
     if world.is_main:  # only now: a refused launch must not overwrite the run's config
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, world, every=cfg.log.every, total_steps=cfg.train.steps, start_step=state.step,
@@ -437,8 +375,6 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
 
 
 def _report(result: dict):
-    from pafm.export import EXPORT_NAME, export_staleness
-
     run_dir = result["run_dir"]
     print(f"\ndone: step {result['step']} ({result['skipped']} skipped"
           + (f", {result['side_work_failures']} side-work failures" if result["side_work_failures"] else "")

@@ -251,7 +251,7 @@ def test_export_staleness(tmp_path):
     assert export_staleness(run) is None  # no checkpoints
     ckpts = run / "checkpoints"
     (ckpts / "step_0000005").mkdir(parents=True)
-    (ckpts / "step_0000005" / ".metadata").write_bytes(b"")  # an older checkpoint's marker
+    (ckpts / "step_0000005" / "manifest.json").write_text("{}")
     (ckpts / "step_0000010.tmp").mkdir()  # incomplete writes never count
     (ckpts / "step_0000020").mkdir()  # no manifest.json: incomplete
     assert export_staleness(run) is None and export_staleness(run / "ema.safetensors") is None
