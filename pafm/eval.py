@@ -434,7 +434,7 @@ def main(argv=None) -> int:
         return code
     try:
         report = evaluate(args.checkpoint, args.overrides, args.config)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - report_error raises what is no user error again
         return report_error(err)
     if report is not None:
         print(json.dumps(report["metrics"], indent=2))

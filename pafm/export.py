@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pafm.cli import OneLineParser, parse_args, report_error
 from pafm.files import atomic_write
 
 EXPORT_NAME = "ema.safetensors"
@@ -321,10 +322,6 @@ def export_checkpoint(run_dir, checkpoint=None) -> tuple[Path, Path, int]:
 
 def main(argv=None) -> int:
     """Exit code: 0 when the export was written, 2 for a user error (one line on stderr)."""
-    from pafm.checkpoint import CheckpointError
-    from pafm.cli import OneLineParser, parse_args, report_error
-    from pafm.run_lock import RunDirInUse
-
     parser = OneLineParser(prog=REFRESH, description="(Re)write RUN/ema.safetensors from a checkpoint's EMA weights.")
     parser.add_argument("run_dir", help="the run folder (holding checkpoints/)")
     parser.add_argument("--checkpoint", help="the checkpoint folder to export (default: the run's newest that "
@@ -334,7 +331,7 @@ def main(argv=None) -> int:
         return code
     try:
         path, folder, step = export_checkpoint(args.run_dir, args.checkpoint)
-    except (ExportError, CheckpointError, RunDirInUse, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - report_error raises what is no user error again
         return report_error(err)
     print(f"wrote {path} from {folder} (step {step})")
     return 0

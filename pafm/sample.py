@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from pafm.cli import USER_ERRORS, OneLineParser, checked, parse_args, positive_int, report_error
+from pafm.cli import OneLineParser, checked, parse_args, positive_int, report_error
 from pafm.config import within
 from pafm.export import dataset_info, export_staleness, load_export, model_skeleton, read_export_meta, resolve_export
 from pafm.generate import (Conditions, Decoder, check_guided_channels, generate, latent_shape, num_classes,
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         return code
     try:
         run_sample(args)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - report_error raises what is no user error again
         return report_error(err)
     return 0
 
