@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pafm.data.cache import cache_dir
-from pafm.data.mnist import WHEEL_SHA256, load_mnist_split
+from pafm.data import mnist
 from pafm.files import IMAGE_EXTENSIONS, atomic_write, image_files, is_image
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -357,10 +357,10 @@ def mnist_cnn(images: torch.Tensor, labels: torch.Tensor, cache: Path | None = N
 
 def default_mnist_cnn() -> MnistCNN:
     """The CNN trained once on builtin:mnist's 50,000 training images, cached beside the dataset."""
-    cache = cache_dir() / f"mnist-cnn-v{CNN_VERSION}-{WHEEL_SHA256[:12]}.safetensors"
+    cache = cache_dir() / f"mnist-cnn-v{CNN_VERSION}-{mnist.WHEEL_SHA256[:12]}.safetensors"
     if cache.is_file():
         return mnist_cnn(None, None, cache)
-    return mnist_cnn(*load_mnist_split("train"), cache=cache)
+    return mnist_cnn(*mnist.load_mnist_split("train"), cache=cache)
 
 
 def nearest_two(x: np.ndarray, pool: np.ndarray, chunk: int = 2048) -> np.ndarray:
