@@ -28,7 +28,7 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # the check runs at memory speed and releases the GIL (numpy), letting threads check shards side by side.
 _EXPONENT_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
                   "F64": (np.uint64, 0x7FF0000000000000)}
-MEMO_VERSION = 2  # 2: records hold the CRC-32 of the bytes checked
+MEMO_VERSION = 2  # records hold the CRC-32 of the bytes checked; a record of another version is not trusted
 MEMO_FOLDER = ".validated"  # per-shard records of passed checks, inside the dataset folder when it is writable
 _READ_BLOCK = 1 << 23  # bytes per read: 8 MiB, a multiple of every element size
 
