@@ -205,6 +205,29 @@ def test_the_values_found_bad_are_refused_in_one_line(override, line, in_process
     assert not (tmp_path / "run").exists()
 
 
+CAPTIONS = str(ROOT / "configs" / "digits_mmdit.yaml")
+
+
+@pytest.mark.parametrize("config, overrides, words", [
+    (DIGITS, ["model.name=SiT-B2"], ["unknown model 'SiT-B2'", "did you mean 'SiT-B/2'"]),
+    (DIGITS, ["model.kwargs={depth: 1, hidden_size: 66, num_heads: 4}"], ["hidden_size 66", "num_heads 4"]),
+    (CAPTIONS, ["objective.source=bank"], ["objective", "class labels"]),
+    (CAPTIONS, ["objective.source=batch", "objective.text_prior=self"], ["text_prior=self", "FM's"]),
+    (DIGITS, ["checkpoint.every=0"], ["checkpoint.every=0: must be >= 1"]),
+    (DIGITS, ["train.steps=-5"], ["train.steps=-5: must be >= 1"]),
+    (DIGITS, ["train.resume=/nowhere/step_0000004"], ["train.resume=/nowhere/step_0000004", "no such checkpoint"]),
+])
+def test_settings_wrong_for_this_model_or_data_are_refused_in_one_line(config, overrides, words, in_process, capsys,
+                                                                        tmp_path):
+    """Settings valid one by one but not with this model, dataset or run folder: refused before the first step."""
+    capsys.readouterr()
+    assert in_process([config, f"run.dir={tmp_path / 'run'}", *TINY, "train.steps=2", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(("config error: ", "error: ")), err
+    assert all(word in err[0] for word in words), (words, err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_cuda_without_a_device_is_refused_in_one_line(in_process, capsys, tmp_path, monkeypatch):
     import torch
 
@@ -216,8 +239,8 @@ def test_cuda_without_a_device_is_refused_in_one_line(in_process, capsys, tmp_pa
 
 def test_a_huge_batch_is_refused_against_the_dataset(in_process, capsys, tmp_path):
     code, err = run(in_process, capsys, tmp_path / "run", "data.batch_size=100000")
-    assert code == 2 and err == [f"error: data.batch_size=100000: must be <= 1437, the training items of "
-                                 f"builtin:digits"], err
+    assert code == 2 and err == ["error: data.batch_size=100000: must be <= 1437, the training items of "
+                                 "builtin:digits"], err
 
 
 def test_objective_config_built_in_code_is_checked_too():

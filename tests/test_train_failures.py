@@ -34,23 +34,6 @@ def one_line_error(proc, *words):
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("overrides,config,words", [
-    (["model.name=SiT-B2"], None, ["unknown model 'SiT-B2'", "did you mean 'SiT-B/2'"]),
-    (["model.kwargs={depth: 1, hidden_size: 66, num_heads: 4}"], None, ["hidden_size 66", "num_heads 4"]),
-    (["objective.source=bank"], CAPTIONS, ["objective", "class labels"]),
-    (["objective.source=batch", "objective.text_prior=self"], CAPTIONS, ["text_prior=self", "FM's"]),
-    (["checkpoint.every=0"], None, ["checkpoint.every=0: must be >= 1"]),
-    (["train.steps=-5"], None, ["train.steps=-5: must be >= 1"]),
-    (["log.every=0"], None, ["log.every=0: must be >= 1"]),
-    (["train.resume=/nowhere/step_0000004"], None, ["train.resume=/nowhere/step_0000004", "no such checkpoint"]),
-])
-def test_bad_settings_are_one_line_errors(env, tmp_path, overrides, config, words):
-    proc = train(env, tmp_path / "run", "train.steps=2", "checkpoint.every=100", *overrides,
-                 config=config or "configs/digits_sit.yaml", check=False)
-    one_line_error(proc, *words)
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
 def test_unwritable_run_dir_is_a_one_line_error(env, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -295,15 +278,21 @@ exit_process(trainer._main(sys.argv[1:], trainer.StopSignal()))  # as `python -m
 """
 
 
+LAUNCHES = 6  # the late rank's delay fixes which rank fails first; repeats catch what the delay leaves to chance
+
+
 def test_under_torchrun_the_first_error_line_is_the_ranks_own(env, tmp_path):
-    """Rank 1 fails first and exits; torchrun then stops rank 0, which used to be the only rank to print.  Twenty
-    launches, two at a time (which also varies how far apart the ranks reach the error)."""
+    """One rank fails first and exits, and torchrun then stops the other, which may never reach its own error line:
+    the line printed is still the first rank's.  Each rank is the late one in turn, and launches run two at a time
+    (which also varies how far apart the ranks reach the error)."""
     script = tmp_path / "delayed_rank.py"
     script.write_text(DELAYED_RANK)
 
     def launch(attempt):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "0",
-               CAPTIONS, f"run.dir={tmp_path / f'run{attempt}'}", *TINY, "objective.source=bank", "train.steps=2"]
+        slow_rank = str(attempt % 2)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               slow_rank, CAPTIONS, f"run.dir={tmp_path / f'run{attempt}'}", *TINY, "objective.source=bank",
+               "train.steps=2"]
         proc = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                               timeout=180)
         lines = proc.stderr.splitlines()
@@ -313,8 +302,8 @@ def test_under_torchrun_the_first_error_line_is_the_ranks_own(env, tmp_path):
         return None if ok else f"launch {attempt}: exit {proc.returncode}\n{proc.stderr}"
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        failures = [f for f in pool.map(launch, range(20)) if f]
-    assert not failures, f"{len(failures)} of 20 launches:\n" + "\n".join(failures)
+        failures = [f for f in pool.map(launch, range(LAUNCHES)) if f]
+    assert not failures, f"{len(failures)} of {LAUNCHES} launches:\n" + "\n".join(failures)
 
 
 def _rank_of(pid: int) -> int:
