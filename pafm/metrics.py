@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pafm.data.cache import cache_dir
 from pafm.data import mnist
+from pafm.data.cache import cache_dir
 from pafm.files import IMAGE_EXTENSIONS, atomic_write, image_files, is_image
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
