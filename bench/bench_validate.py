@@ -5,18 +5,16 @@
 Writes (once; reused while it exists) a synthetic dataset with the project's own ShardWriter: `--items` items of
 4x32x32 fp16 posterior mean and std with a flipped view (40,960 items: 1.25 GiB in shards of 1,024 items, the
 `pafm.prep` default), then times, each in this process:
-- `full`: `LatentDataset.validate()` (checksums, NaN/Inf, std sign, labels), page cache warm;
+- `full`: `validate_dataset` (checksums, NaN/Inf, std sign, labels), page cache warm;
 - `full_cold`: the same after evicting the shards from the page cache (posix_fadvise DONTNEED on each file);
 - `restart`: open the dataset and validate with the per-shard memo filled by a previous check (what a resumed run
   pays at start-up); `restart_one_changed`: the same after one shard was rewritten (it alone is checked again).
-The last two need a `validate(remember=...)`; on code without it only the full rows are written. Each row: device,
-versions, date, load average, GiB, wall seconds and GiB/s, CPU seconds (all threads) and GiB per CPU-second.
+Each row: device, versions, date, load average, GiB, wall seconds and GiB/s, CPU seconds (all threads) and GiB per CPU-second.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -29,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pafm.data import LatentDataset, ShardWriter
+from pafm.data import LatentDataset, ShardWriter, validate_dataset
 from pafm.data.shards import write_shard
 
 
@@ -108,27 +106,26 @@ def main():
 
     if write_s is not None:
         row("write", write_s)
-    remembers = "remember" in inspect.signature(LatentDataset.validate).parameters
-    full = (lambda: LatentDataset(folder).validate(remember=False)) if remembers else \
-        (lambda: LatentDataset(folder).validate())
+    def full():
+        return validate_dataset(LatentDataset(folder))
+
     full()  # warms the page cache
     for _ in range(args.repeats):
         row("full", timed(full))
     evict(folder)
     row("full_cold", timed(full))
-    if remembers:
-        LatentDataset(folder).validate(remember=True)  # fills the memo
-        for _ in range(args.repeats):
-            checked = []
-            row("restart", timed(lambda: checked.extend(LatentDataset(folder).validate(remember=True))),
-                shards_checked=len(checked))
-        ds = LatentDataset(folder)
-        shard = ds.shards[3]
-        tensors = {name: ds.shards[3].array(name) for name in ds.shards[3].header}
-        write_shard(shard.path, {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+    validate_dataset(LatentDataset(folder), remember=True)  # fills the memo
+    for _ in range(args.repeats):
         checked = []
-        row("restart_one_changed", timed(lambda: checked.extend(LatentDataset(folder).validate(remember=True))),
+        row("restart", timed(lambda: checked.extend(validate_dataset(LatentDataset(folder), remember=True))),
             shards_checked=len(checked))
+    ds = LatentDataset(folder)
+    shard = ds.shards[3]
+    tensors = {name: ds.shards[3].array(name) for name in ds.shards[3].header}
+    write_shard(shard.path, {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+    checked = []
+    row("restart_one_changed", timed(lambda: checked.extend(validate_dataset(LatentDataset(folder), remember=True))),
+        shards_checked=len(checked))
     if args.out:
         with open(args.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -1,13 +1,13 @@
-"""The error handling shared by the command-line tools (`pafm.sample`, `pafm.eval`, `pafm.prep`): every user error
-is one line on stderr and exit code 2, printed once under torchrun, and an error seen by one rank stops them all."""
+"""The command-line tools' one error path (`pafm.train`, `pafm.eval`, `pafm.sample`, `pafm.prep`, `pafm.export`,
+`pafm.models.interop`): every user error is one line on stderr and exit code 2, printed once under torchrun, and an
+error seen by one rank stops them all (`all_ranks_agree`)."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
-from pafm.distributed import SharedError, agree, one_line  # noqa: F401 - the tools import them from here
+from pafm.distributed import SharedError, agree, launched, one_line, peer_failure, print_once
 
 # ConfigError, DataError, ExportError and MetricError are ValueErrors; OSError covers missing or unwritable files.
 USER_ERRORS = (ValueError, OSError)
@@ -58,16 +58,44 @@ def error_text(err) -> str:
     return _CONTROL.sub("", one_line(err))
 
 
-def launched_as_rank0() -> bool:
-    """Whether this process is rank 0 (or alone) by the launcher's environment, before any process group exists."""
-    return int(os.environ.get("RANK", "0")) == 0
+def exit_code(err: BaseException) -> int | None:
+    """The exit code of a tool stopped by `err`: the code its class declares (`exit_code = 3`), 2 for a user error
+    (USER_ERRORS), 1 for a collective failed because a peer rank went away; None for anything else (a bug, whose
+    traceback is its report)."""
+    declared = getattr(type(err), "exit_code", None)
+    if declared is not None:
+        return declared
+    if isinstance(err, USER_ERRORS):
+        return 2
+    if peer_failure(err):
+        return 1
+    return None
 
 
-def report_error(err) -> int:
-    """Print `err` as one line on stderr (a SharedError on rank 0 only); returns the exit code 2."""
-    if not isinstance(err, SharedError) or launched_as_rank0():
-        print(f"error: {error_text(err)}", file=sys.stderr, flush=True)
-    return 2
+def report_error(err: BaseException, rank: int | None = None, label: str = "error", after_os_error: str = "") -> int:
+    """Print `err` as one line on stderr and return its exit code (`exit_code`); an error that is no user's is
+    raised again, its traceback being its report.  Every tool's `main` ends in `except Exception as err: return
+    report_error(err)`.
+
+    Who prints: a SharedError (every rank raised it together) on rank 0 alone; an OSError or a peer's failure on
+    every rank that met it (each its own file, disk or collective), naming the rank where `rank` is given and
+    followed by `after_os_error`; anything else once per launch (`print_once`), by the first rank to report it."""
+    code = exit_code(err)
+    if code is None:
+        raise err
+    where = "" if rank is None else f" (rank {rank})"
+    if isinstance(err, SharedError):
+        if launched()[0] == 0:
+            print(f"{label}: {error_text(err)}", file=sys.stderr, flush=True)
+    elif isinstance(err, OSError):
+        print(f"{label}{where}: {error_text(err)}{after_os_error}", file=sys.stderr, flush=True)
+    elif code == 1:
+        first = error_text(str(err).splitlines()[0]) if str(err) else type(err).__name__
+        print(f"{label}{where}: a collective failed, most likely because another rank stopped: {first}",
+              file=sys.stderr, flush=True)
+    else:
+        print_once(f"{label}: {error_text(err)}")
+    return code
 
 
 def all_ranks_agree(fn, *args):

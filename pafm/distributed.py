@@ -27,16 +27,40 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-@dataclass
+@dataclass(frozen=True)
 class World:
-    rank: int
-    size: int
-    local_rank: int
-    device: torch.device
+    """This process's place in the launch: its rank, the number of ranks and its device."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def launched() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as the launcher's environment names them (torchrun sets RANK, WORLD_SIZE and
+    LOCAL_RANK); (0, 1, 0) for a plain process.  Valid before any process group exists."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto (CUDA when visible, else the CPU), cpu, cuda (this rank's GPU, cuda:LOCAL_RANK) or cuda:N; ValueError
+    for a device that does not exist here."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but no CUDA device is visible")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def _free_port() -> int:
@@ -59,30 +83,30 @@ def die_with_launcher():
 
 
 def init_distributed(device: str = "auto", backend: str | None = None,
-                     timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> World:
-    """Initialise the default process group and pick this rank's device (auto, cpu, or cuda: cuda:LOCAL_RANK).
+                     timeout: datetime.timedelta = COLLECTIVE_TIMEOUT, group_when_alone: bool = True) -> World:
+    """This process's World, with the default process group initialised (`pick_device` names the device).
 
     backend: nccl on GPUs, gloo on the CPU, unless given (dataset preparation asks for gloo: it only waits at a
     barrier, while its encoders use the GPU). timeout: how long a collective may wait before the group fails; a
-    tool whose ranks wait at a barrier for each other's share of long work passes a longer one."""
+    tool whose ranks wait at a barrier for each other's share of long work passes a longer one.  Under torchrun
+    every rank uses its own GPU (cuda:LOCAL_RANK).  group_when_alone=False: a process launched alone joins no group
+    (the tools that need collectives only to agree with other ranks)."""
     die_with_launcher()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    rank, size, local_rank = launched()
+    if size > 1 and device.startswith("cuda"):
+        device = "cuda"
+    dev = pick_device(device, local_rank)
+    if size == 1 and not group_when_alone:
+        return World(0, 1, dev)
     if "RANK" not in os.environ:  # plain `python -m`: a one-rank group on this host
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=dev if backend == "nccl" else None, timeout=timeout)
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    return World(dist.get_rank(), dist.get_world_size(), dev)
 
 
 def shard_model(model: torch.nn.Module, world: World, bf16: bool, activation_checkpointing: bool, compile: bool):

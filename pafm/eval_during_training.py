@@ -16,11 +16,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch.distributed as dist
 
 from pafm.config import ConfigError, at_least, section, setting, within, words
-from pafm.eval import METRIC_LIST
+from pafm.evaluation import (INCEPTION_METRICS, METRIC_LIST, EvalConfig, EvalSection, check_eval_config,
+                             resolve_eval_defaults, score)
+from pafm.export import dataset_info, load_weights, model_from_meta
+from pafm.generate import Conditions, Decoder, generate, latent_shape
 from pafm.logger import MetricsLogger, SideWork, read_metrics
+from pafm.metrics import InceptionFeatures, to_uint8
+from pafm.paths import build_path
 from pafm.sampling import MAX_STEPS, SamplerConfig
 
 PLOT_NAME = "eval_scores.png"
@@ -53,8 +59,6 @@ class TrainingEvalConfig:
     def as_eval_config(self, meta: dict):
         """These settings as `pafm.eval`'s config, defaults resolved and checked against the data `meta` describes
         ({"data": {"spec", "info"}}); ConfigError for settings that cannot work with it."""
-        from pafm.eval import EvalConfig, EvalSection, check_eval_config, resolve_eval_defaults
-
         section = EvalSection(num_samples=self.during_training_samples, batch_size=self.batch_size, seed=self.seed,
                               metrics=None if self.metrics is None else list(self.metrics), reference=self.reference,
                               inception_weights=self.inception_weights,
@@ -90,11 +94,6 @@ class TrainingEval:
 
     def _sample(self, weights: dict) -> list[tuple[int, dict]]:
         """This rank's chunks: [(chunk, {"images": uint8 NHWC, "labels"})]."""
-        from pafm.export import dataset_info, load_weights, model_from_meta
-        from pafm.generate import Conditions, Decoder, generate, latent_shape
-        from pafm.metrics import to_uint8
-        from pafm.paths import build_path
-
         e, device = self.eval_cfg.eval, self.world.device
         if self.model is None:  # the model last: a failed build is tried again at the next evaluation
             model = model_from_meta(self.meta, "the evaluation during training").eval().requires_grad_(False)
@@ -117,11 +116,6 @@ class TrainingEval:
         return out
 
     def _score(self, step: int, parts: list, start: float):
-        import numpy as np
-
-        from pafm.eval import INCEPTION_METRICS, score
-        from pafm.metrics import InceptionFeatures
-
         failed = [rank for rank, part in enumerate(parts) if part is None]
         if failed:
             raise RuntimeError(f"the sampling failed on rank(s) {failed} (see their warnings)")

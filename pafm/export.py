@@ -23,7 +23,7 @@ from pafm.checkpoint import (CHECKPOINTS, CheckpointError, checkpoint_run_id, fu
 from pafm.checkpoint.layout import RUN, rank_files
 from pafm.cli import OneLineParser, parse_args, report_error
 from pafm.files import atomic_write
-from pafm.run_lock import RunDirInUse, RunLock
+from pafm.run_lock import RunLock
 
 EXPORT_NAME = "ema.safetensors"
 META_KEY = "pafm"  # the safetensors metadata key holding the JSON meta
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
         return code
     try:
         path, folder, step = export_checkpoint(args.run_dir, args.checkpoint)
-    except (ExportError, CheckpointError, RunDirInUse, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - report_error raises what is no user error again
         return report_error(err)
     print(f"wrote {path} from {folder} (step {step})")
     return 0

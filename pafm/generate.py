@@ -17,24 +17,13 @@ import numpy as np
 import torch
 
 from pafm.data import DataError, LatentNormalization, has_split, open_dataset, text_embedder_from_info
+from pafm.distributed import pick_device
 from pafm.export import dataset_info, load_weights, model_from_meta
 from pafm.metrics import to_uint8
 from pafm.paths import build_path
 from pafm.sampling import SamplerConfig, guided_velocity, sample
 
 NOISE_STREAM, SDE_STREAM, CONDITION_STREAM = 0, 1, 2  # the random streams of a chunk of samples
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but no CUDA device is visible")
-    return device
 
 
 def latent_shape(model, meta: dict) -> tuple[int, int, int]:
@@ -291,9 +280,3 @@ class PreviewGrid:
             self.model.to("cpu")  # training never holds a second full model on the GPU
         images = self.decoder(x)
         return save_grid(images, names, out, cols=min(self.num, 10 if self.num <= 20 else 8))
-
-
-def save_training_grid(state_dict: dict, meta: dict, out, steps: int = 32, cfg_scale: float = 1.0, seed: int = 0,
-                       prompts: list[str] | None = None, num: int | None = None, device=None) -> Path:
-    """One preview grid (see `PreviewGrid`; the trainer keeps one for the whole run)."""
-    return PreviewGrid(meta, steps, cfg_scale, seed, prompts, num, device).save(state_dict, out)

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from pafm.files import IMAGE_EXTENSIONS, image_files, is_image
+from pafm.data import mnist
+from pafm.data.cache import cache_dir
+from pafm.files import IMAGE_EXTENSIONS, atomic_write, image_files, is_image
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -340,10 +343,6 @@ def train_mnist_cnn(images: torch.Tensor, labels: torch.Tensor, epochs: int = CN
 
 def mnist_cnn(images: torch.Tensor, labels: torch.Tensor, cache: Path | None = None) -> MnistCNN:
     """The classifier trained on `images`, read from `cache` (safetensors) when there, else trained and saved."""
-    from safetensors.torch import load_file, save_file
-
-    from pafm.files import atomic_write
-
     if cache is not None and Path(cache).is_file():
         net = MnistCNN()
         net.load_state_dict(load_file(str(cache)))
@@ -358,12 +357,10 @@ def mnist_cnn(images: torch.Tensor, labels: torch.Tensor, cache: Path | None = N
 
 def default_mnist_cnn() -> MnistCNN:
     """The CNN trained once on builtin:mnist's 50,000 training images, cached beside the dataset."""
-    from pafm.data.mnist import WHEEL_SHA256, cache_dir, load_mnist_split
-
-    cache = cache_dir() / f"mnist-cnn-v{CNN_VERSION}-{WHEEL_SHA256[:12]}.safetensors"
+    cache = cache_dir() / f"mnist-cnn-v{CNN_VERSION}-{mnist.WHEEL_SHA256[:12]}.safetensors"
     if cache.is_file():
         return mnist_cnn(None, None, cache)
-    return mnist_cnn(*load_mnist_split("train"), cache=cache)
+    return mnist_cnn(*mnist.load_mnist_split("train"), cache=cache)
 
 
 def nearest_two(x: np.ndarray, pool: np.ndarray, chunk: int = 2048) -> np.ndarray:

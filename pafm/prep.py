@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import tarfile
 import time
@@ -29,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pafm.cli import USER_ERRORS, OneLineParser, all_ranks_agree, parse_args, positive_int, report_error
-from pafm.data import DataError, TransformersTextEmbedder, open_dataset
+from pafm.cli import OneLineParser, all_ranks_agree, parse_args, positive_int, report_error
+from pafm.data import DataError, TransformersTextEmbedder, open_dataset, validate_dataset
 from pafm.data.neighbors import EXACT_MAX, add_neighbors
 from pafm.data.shards import CAPTION_TENSORS, read_header, write_index, write_shard
 from pafm.data.text import check_text_len
-from pafm.distributed import cleanup, init_distributed
+from pafm.distributed import World, cleanup, init_distributed, launched, pick_device
 from pafm.files import IMAGE_EXTENSIONS, atomic_write_text, image_files
 
 
@@ -184,20 +183,15 @@ def read_tar(path: Path):
 SHARD_POLL_SECONDS = 2.0  # how often rank 0 looks for the other ranks' finished shards
 
 
-def _rank_world_device(args):
-    """(rank, world size, device). Under torchrun, joins a gloo process group, so that an error seen by one rank
-    stops them all; explicit --rank/--world-size run independent jobs (e.g. a job array) with no group."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if args.rank is not None or args.world_size is not None:
-        rank, world = args.rank or 0, args.world_size or 1
-        if not 0 <= rank < world:
-            raise ValueError(f"--rank {rank} must lie in [0, --world-size {world})")
-    else:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if world > 1:
-            init_distributed(backend="gloo")
-    device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    return rank, world, device
+def _world(args) -> World:
+    """Under torchrun, joins a gloo process group, so that an error seen by one rank stops them all; explicit
+    --rank/--world-size run independent jobs (e.g. a job array) with no group."""
+    if args.rank is None and args.world_size is None:
+        return init_distributed(args.device or "auto", backend="gloo", group_when_alone=False)
+    rank, size = args.rank or 0, args.world_size or 1
+    if not 0 <= rank < size:
+        raise ValueError(f"--rank {rank} must lie in [0, --world-size {size})")
+    return World(rank, size, pick_device(args.device or "auto", launched()[2]))
 
 
 def _sidecar(out: Path, unit: int) -> Path:
@@ -415,9 +409,8 @@ def prep_captions(args) -> dict | None:
 
 def run_neighbors(args) -> dict:
     dataset = open_dataset(args.dataset, args.split)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    entry = add_neighbors(dataset.folder, k=args.k, chunk=args.chunk, device=device, exact_max=args.exact_max,
-                          recall_sample=args.recall_sample)
+    entry = add_neighbors(dataset.folder, k=args.k, chunk=args.chunk, device=pick_device(args.device or "auto"),
+                          exact_max=args.exact_max, recall_sample=args.recall_sample)
     print(f"wrote {args.k} neighbours per item of {dataset.folder} ({len(dataset)} items; {describe_search(entry)})")
     return entry
 
@@ -461,7 +454,7 @@ def run_inspect(args) -> int:
                 print(f"  caption: {caption!r}")
         for name, spec in dataset.index["tensors"].items():
             print(f"tensor   {name:8s} {spec['dtype']:5s} per item {spec['shape']}")
-        dataset.validate(checksums=not args.no_checksums)
+        validate_dataset(dataset, checksums=not args.no_checksums)
     except DataError as err:
         print(f"INVALID: {err}", file=sys.stderr)
         return 1
@@ -523,7 +516,8 @@ def run(args) -> int:
     if args.command == "neighbors":
         run_neighbors(args)
         return 0
-    args.rank, args.world_size, args.device = _rank_world_device(args)
+    world = _world(args)
+    args.rank, args.world_size, args.device = world.rank, world.size, world.device
     index = prep_imagenet(args) if args.command == "imagenet" else prep_captions(args)
     if index is not None:
         print(f"wrote {index['num_items']} items in {len(index['shards'])} shards to {args.out}")
@@ -537,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     try:
         return run(args)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - report_error raises what is no user error again
         return report_error(err)
     finally:
         cleanup()

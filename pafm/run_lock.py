@@ -20,6 +20,8 @@ from pathlib import Path
 class RunDirInUse(RuntimeError):
     """Another live process holds the run directory."""
 
+    exit_code = 2  # a user error (pafm.cli.exit_code)
+
 
 _HELD: set[int] = set()  # the descriptors of the locks this process holds
 

@@ -12,11 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from pafm.cli import USER_ERRORS, OneLineParser, checked, parse_args, positive_int, report_error
+from pafm.cli import OneLineParser, checked, parse_args, positive_int, report_error
 from pafm.config import within
+from pafm.distributed import pick_device
 from pafm.export import dataset_info, export_staleness, load_export, model_skeleton, read_export_meta, resolve_export
-from pafm.generate import (Conditions, Decoder, check_guided_channels, generate, latent_shape, num_classes,
-                           pick_device, save_grid)
+from pafm.generate import Conditions, Decoder, check_guided_channels, generate, latent_shape, num_classes, save_grid
 from pafm.models.interop import is_torch_checkpoint
 from pafm.paths import build_path
 from pafm.sampling import GUIDANCE_SCALE, MAX_STEPS, SamplerConfig
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         return code
     try:
         run_sample(args)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - report_error raises what is no user error again
         return report_error(err)
     return 0
 

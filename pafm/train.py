@@ -15,13 +15,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from pafm.checkpoint import CheckpointConfig, Checkpointer, CheckpointError, TrainState, sharded_states
-from pafm.cli import error_text, launched_as_rank0
+from pafm.checkpoint import CheckpointConfig, Checkpointer, TrainState, sharded_states
+from pafm.cli import SharedError, report_error
 from pafm.config import (Allowed, ConfigError, at_least, load_config, refusal, save_config, section, setting, to_dict,
                          within, words)
 from pafm.data.config import DataConfig
-from pafm.distributed import (World, agree, all_reduce, cleanup, init_distributed, one_line, peer_failure, print_once,
-                              shard_model)
+from pafm.data.validate import validate_dataset
+from pafm.distributed import World, agree, all_reduce, cleanup, init_distributed, one_line, shard_model
 from pafm.ema import EMA
 from pafm.eval_during_training import TrainingEval, TrainingEvalConfig
 from pafm.export import EXPORT_NAME, RunExport, export_staleness
@@ -87,9 +87,13 @@ class Config:
 class SetupError(RuntimeError):
     """A problem with the run's inputs that the user must fix (reported in one line, exit code 2)."""
 
+    exit_code = 2
+
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself (too many non-finite steps); a checkpoint was written first (exit code 3)."""
+
+    exit_code = 3
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -138,8 +142,8 @@ def validate_split(world: World, dataset):
     """Every rank checks its share of the shards (shard s on rank s % world size; rank 0 also the neighbours), skipping
     those whose check passed before and that are unchanged since; a problem found by any rank stops every rank."""
     try:
-        agree(lambda: dataset.validate(remember=True, shards=range(world.rank, len(dataset.shards), world.size),
-                                       neighbors=world.is_main))
+        agree(lambda: validate_dataset(dataset, remember=True, neighbors=world.is_main,
+                                       shards=range(world.rank, len(dataset.shards), world.size)))
     except (ValueError, OSError) as err:  # a SharedError is a ValueError
         raise SetupError(str(err)) from None
 
@@ -403,40 +407,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str], stop: StopSignal) -> int:
-    from pafm.data import DataError
-
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)  # asked for, or a usage error
         return 0 if argv else 2
     try:
         cfg = load_config(Config, argv[0], argv[1:])
     except ConfigError as err:  # every rank reads the same config: rank 0 speaks for all
-        if launched_as_rank0():
-            print(f"config error: {error_text(err)}", file=sys.stderr, flush=True)
-        return 2
+        return report_error(SharedError(one_line(err)), label="config error")
     # Writing past the file-size limit must raise an OSError (reported below), not kill the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     world = init_distributed(cfg.train.device)
-    where = "" if world.size == 1 else f" (rank {world.rank})"
     try:
         result = train(cfg, world, stop)
-    except (SetupError, DataError, ConfigError, CheckpointError) as err:  # every rank reaches it, maybe not together
-        print_once(f"error: {error_text(err)}")
-        return 2
-    except OSError as err:  # a read-only folder, a full disk, a file-size limit: the newest checkpoint is intact
-        print(f"error{where}: {error_text(err)}; the newest complete checkpoint is intact", file=sys.stderr,
-              flush=True)
-        return 2
-    except TrainingStopped as err:
-        print_once(f"error: {error_text(err)}")
-        return 3
-    except RuntimeError as err:  # a peer rank failed or was killed: its own message is the one that matters
-        if not peer_failure(err):
-            raise
-        print(f"error{where}: a collective failed, most likely because another rank stopped: "
-              f"{error_text(str(err).splitlines()[0]) if str(err) else type(err).__name__}", file=sys.stderr,
-              flush=True)
-        return 1
+    except Exception as err:  # noqa: BLE001 - report_error raises what is no user error again
+        # An OSError (a read-only folder, a full disk, a file-size limit) leaves the last checkpoint as it was.
+        return report_error(err, rank=None if world.size == 1 else world.rank,
+                            after_os_error="; the newest complete checkpoint is intact")
     finally:
         cleanup()
     if world.is_main:

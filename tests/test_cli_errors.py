@@ -190,3 +190,33 @@ def test_eval_error_under_torchrun_is_reported_once_before_anything_else(files, 
     first = next(line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("W"))
     assert first == ours[0], proc.stderr[-3000:]
     assert not (tmp_path / "eval").exists()
+
+
+def test_one_error_path_maps_each_exception_to_a_code_and_a_line(capsys, monkeypatch):
+    """`cli.report_error`, the path of every command line and of the trainer's `_main`: the exit code by exception
+    type, who prints, and a bug raised again with its traceback."""
+    from pafm.cli import SharedError, exit_code, report_error
+    from pafm.run_lock import RunDirInUse
+    from pafm.train import SetupError, TrainingStopped
+
+    peer = RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5\nmore")
+    assert [exit_code(e) for e in (TrainingStopped("x"), SetupError("x"), RunDirInUse("x"), ValueError("x"),
+                                   FileNotFoundError("x"), peer, KeyError("x"), RuntimeError("x"))] == \
+        [3, 2, 2, 2, 2, 1, None, None]
+    with pytest.raises(KeyError, match="a bug"):
+        report_error(KeyError("a bug"))
+    assert capsys.readouterr().err == ""
+    assert report_error(OSError(28, "No space left on device"), rank=1, after_os_error="; kept") == 2
+    assert capsys.readouterr().err == "error (rank 1): [Errno 28] No space left on device; kept\n"
+    assert report_error(peer, rank=0) == 1
+    assert capsys.readouterr().err == ("error (rank 0): a collective failed, most likely because another rank "
+                                       "stopped: [../third_party/gloo/transport/tcp/pair.cc:534] Connection closed "
+                                       "by peer [127.0.0.1]:5\n")
+    assert report_error(TrainingStopped("3 non-finite steps in a row")) == 3
+    assert capsys.readouterr().err == "error: 3 non-finite steps in a row\n"
+    monkeypatch.setenv("RANK", "0")
+    assert report_error(SharedError("data.spec: no such folder"), label="config error") == 2
+    assert capsys.readouterr().err == "config error: data.spec: no such folder\n"
+    monkeypatch.setenv("RANK", "1")  # every rank raised it: rank 0 alone prints
+    assert report_error(SharedError("data.spec: no such folder")) == 2
+    assert capsys.readouterr().err == ""

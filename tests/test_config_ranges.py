@@ -17,7 +17,7 @@ from typing import Literal, get_origin
 import pytest
 
 from pafm.config import ConfigError, load_config, non_null, schema, section, setting, within
-from pafm.eval import EvalConfig
+from pafm.evaluation import EvalConfig
 from pafm.objectives import ObjectiveConfig
 from pafm.train import Config, main
 from test_train import ROOT, TINY

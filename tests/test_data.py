@@ -1,4 +1,4 @@
-"""Shard format, validation, the built-in digits datasets, exact kNN, the built-in text embedder."""
+"""Shard format, validation (`pafm.data.validate`), the built-in digits datasets, exact kNN, the text embedder."""
 import threading
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pafm.data import (BuiltinTextEmbedder, DataError, LatentDataset, ShardWriter, has_split, load_digits_split,
-                       open_dataset, text_embedder_from_info)
+                       open_dataset, text_embedder_from_info, validate_dataset)
 from pafm.data.neighbors import knn
 from pafm.data.shards import write_shard
 
@@ -41,7 +41,7 @@ def test_roundtrip_and_info(tmp_path):
     assert torch.equal(ds.gather("mean", ids), mean[ids])
     assert torch.equal(ds.gather("std", ids, views), std[ids, views])
     assert torch.equal(ds.gather("label", ids), labels[ids])
-    ds.validate()
+    validate_dataset(ds)
 
 
 def _flip_byte(path, offset_from_end):
@@ -66,7 +66,7 @@ def test_validate_names_file_and_item(tmp_path, fault):
     elif fault == "checksum":
         _flip_byte(shard, 3)
     with pytest.raises(DataError) as err:
-        LatentDataset(folder).validate()
+        validate_dataset(LatentDataset(folder))
     msg = str(err.value)
     assert "shard-00001.safetensors" in msg
     if fault == "nan":
@@ -92,7 +92,7 @@ def test_bit_level_check_finds_every_non_finite_and_negative_value(tmp_path):
             writer.close({"kind": "class", "latent_shape": [3, 5, 1], "num_classes": 1, "class_names": None,
                           "normalization": {"shift": [0.0] * 3, "scale": [1.0] * 3}, "encoder": {"kind": "test"}})
             with pytest.raises(DataError) as err:
-                LatentDataset(folder).validate()
+                validate_dataset(LatentDataset(folder))
             want = "negative 'std'" if bad == -1e-3 else "'latent' holding NaN or Inf"
             assert want in str(err.value) and f"item {row} " in str(err.value), (dtype, bad, str(err.value))
 
@@ -102,27 +102,27 @@ def test_remembered_checks_skip_unchanged_shards_only(tmp_path):
 
     folder = tmp_path / "d"
     write_moments_dataset(folder, n=13)  # shards of 4, 4, 4, 1 items
-    assert LatentDataset(folder).validate(remember=True) == [0, 1, 2, 3]
-    assert LatentDataset(folder).validate(remember=True) == []  # a restart reads no shard
-    assert LatentDataset(folder).validate() == [0, 1, 2, 3]  # the full check ignores what was remembered
-    assert LatentDataset(folder).validate(remember=True, shards=[1, 3]) == []
+    assert validate_dataset(LatentDataset(folder), remember=True) == [0, 1, 2, 3]
+    assert validate_dataset(LatentDataset(folder), remember=True) == []  # a restart reads no shard
+    assert validate_dataset(LatentDataset(folder)) == [0, 1, 2, 3]  # the full check ignores what was remembered
+    assert validate_dataset(LatentDataset(folder), remember=True, shards=[1, 3]) == []
     # A shard rewritten with the same bytes (new inode and mtime) is checked again, and only it.
     shard = folder / "shard-00002.safetensors"
     shard.write_bytes(shard.read_bytes())
-    assert LatentDataset(folder).validate(remember=True) == [2]
+    assert validate_dataset(LatentDataset(folder), remember=True) == [2]
     # A byte flipped near the end with size and mtime restored: the fingerprint differs, the check runs and fails.
     stat = shard.stat()
     _flip_byte(shard, 3)
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(DataError, match="shard-00002.safetensors: checksum mismatch"):
-        LatentDataset(folder).validate(remember=True)
+        validate_dataset(LatentDataset(folder), remember=True)
     # A remembered check without checksums does not stand in for one with them.
     folder2 = tmp_path / "e"
     write_moments_dataset(folder2, n=8)
-    assert LatentDataset(folder2).validate(checksums=False, remember=True) == [0, 1]
-    assert LatentDataset(folder2).validate(checksums=False, remember=True) == []
-    assert LatentDataset(folder2).validate(checksums=True, remember=True) == [0, 1]
-    assert LatentDataset(folder2).validate(checksums=False, remember=True) == []
+    assert validate_dataset(LatentDataset(folder2), checksums=False, remember=True) == [0, 1]
+    assert validate_dataset(LatentDataset(folder2), checksums=False, remember=True) == []
+    assert validate_dataset(LatentDataset(folder2), checksums=True, remember=True) == [0, 1]
+    assert validate_dataset(LatentDataset(folder2), checksums=False, remember=True) == []
 
 
 def test_a_remembered_check_rereads_the_shard_and_catches_bit_rot_that_keeps_its_metadata(tmp_path):
@@ -133,7 +133,7 @@ def test_a_remembered_check_rereads_the_shard_and_catches_bit_rot_that_keeps_its
 
     folder = tmp_path / "d"
     write_moments_dataset(folder, n=8, shape=(4, 64, 64))  # 512 KiB shards: the middle is far from the probed tail
-    assert LatentDataset(folder).validate(remember=True) == [0, 1]
+    assert validate_dataset(LatentDataset(folder), remember=True) == [0, 1]
     shard = folder / "shard-00001.safetensors"
     header, data_start = read_header(shard)
     stat = shard.stat()
@@ -145,19 +145,19 @@ def test_a_remembered_check_rereads_the_shard_and_catches_bit_rot_that_keeps_its
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
     assert data_start + header["mean"]["data_offsets"][0] + 2000 < stat.st_size - (1 << 16)
     with pytest.raises(DataError, match="shard-00001.safetensors: checksum mismatch"):
-        LatentDataset(folder).validate(remember=True)
+        validate_dataset(LatentDataset(folder), remember=True)
 
 
 def test_remembered_checks_of_a_read_only_folder_go_to_the_cache(tmp_path, monkeypatch):
-    import pafm.data.shards as shards
+    import pafm.data.validate as validate
 
     monkeypatch.setenv("PAFM_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "d"
     write_moments_dataset(folder, n=8)
     # The tests may run as root, who can write into any folder: the folder's writability is what is replaced here.
-    monkeypatch.setattr(shards.os, "access", lambda path, mode: Path(path) != folder.resolve())
-    assert LatentDataset(folder).validate(remember=True) == [0, 1]
-    assert LatentDataset(folder).validate(remember=True) == []
+    monkeypatch.setattr(validate.os, "access", lambda path, mode: Path(path) != folder.resolve())
+    assert validate_dataset(LatentDataset(folder), remember=True) == [0, 1]
+    assert validate_dataset(LatentDataset(folder), remember=True) == []
     assert len(list((tmp_path / "cache" / "validated").rglob("*.json"))) == 2
     assert not (folder / ".validated").exists()
 
@@ -215,8 +215,8 @@ def test_digits_splits_values_and_flip(digits_cache):
 
     raw = load_digits()
     train, held = open_dataset("builtin:digits"), open_dataset("builtin:digits", "heldout")
-    train.validate()
-    held.validate()
+    validate_dataset(train)
+    validate_dataset(held)
     assert len(train) == 1437 and len(held) == 360  # ceil(20%) held out, as train_test_split counts
     info = train.info
     assert info["kind"] == "class" and info["latent_shape"] == [1, 8, 8] and info["num_classes"] == 10
@@ -263,7 +263,7 @@ def test_digits_neighbors_are_exact_same_class(digits_cache):
 
 def test_digits_captions(digits_cache):
     ds = open_dataset("builtin:digits-captions")
-    ds.validate()
+    validate_dataset(ds)
     info = ds.info
     assert info["kind"] == "text" and info["text_dim"] == 32 and info["max_text_len"] == 16 and info["pooled_dim"] == 32
     ids = list(range(0, len(ds), 97))
@@ -298,7 +298,7 @@ def test_builtin_build_is_race_safe(tmp_path):
         t.join()
     assert not errors and out[0] == out[1]
     assert [p.name for p in tmp_path.iterdir()] == [f"digits-v{BUILD_VERSION}"]  # the loser's temporary folder is gone
-    LatentDataset(out[0] / "train").validate()
+    validate_dataset(LatentDataset(out[0] / "train"))
 
 
 def test_unknown_builtin():
@@ -389,7 +389,7 @@ def test_large_groups_use_faiss_small_ones_exact(tmp_path, capsys, monkeypatch):
     assert search["exact_groups"] == 1 and search["faiss_groups"] == 1 and search["faiss_items"] == 900
     assert search["index"].startswith("PCA8,IVF120,SQfp16") and search["recall_queries"] == 200
     ds = LatentDataset(tmp_path / "d")
-    ds.validate()
+    validate_dataset(ds)
     ids = torch.from_numpy(np.array(ds.neighbor_ids)).long()
     assert torch.all(y[ids] == y[:, None]) and not torch.any(ids == torch.arange(len(y))[:, None])
     d = torch.cdist(x, x)

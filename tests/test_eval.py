@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import pafm.eval as pafm_eval
+import pafm.evaluation as pafm_evaluation
 from pafm.config import ConfigError
 from pafm.data.digits import load_digits_split
-from pafm.eval import evaluate
+from pafm.evaluation import evaluate
 from pafm.export import ExportError, load_export, read_export_meta, save_export
 from pafm.metrics import inception_metrics
 from pafm.models import build_model
@@ -99,7 +99,7 @@ def test_digits_eval_resumes_after_a_stop_and_matches_two_ranks(tmp_path, monkey
     assert json.loads((tmp_path / "full" / "eval.json").read_text()) == full
 
     # Stop during the second chunk, then resume: the first chunk is kept, the report is the uninterrupted one.
-    real_generate, calls = pafm_eval.generate, []
+    real_generate, calls = pafm_evaluation.generate, []
 
     def stopping_generate(*a, **k):
         calls.append(a[3][0])
@@ -107,13 +107,13 @@ def test_digits_eval_resumes_after_a_stop_and_matches_two_ranks(tmp_path, monkey
             raise KeyboardInterrupt
         return real_generate(*a, **k)
 
-    monkeypatch.setattr(pafm_eval, "generate", stopping_generate)
+    monkeypatch.setattr(pafm_evaluation, "generate", stopping_generate)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         evaluate(run, args + [f"eval.out_dir={out}"])
     assert sorted(p.name for p in (out / "chunks").glob("chunk_*.npz")) == ["chunk_000000.npz"]
     first_chunk_mtime = (out / "chunks" / "chunk_000000.npz").stat().st_mtime_ns
-    monkeypatch.setattr(pafm_eval, "generate", real_generate)
+    monkeypatch.setattr(pafm_evaluation, "generate", real_generate)
     resumed = evaluate(run, args + [f"eval.out_dir={out}"])
     assert (out / "chunks" / "chunk_000000.npz").stat().st_mtime_ns == first_chunk_mtime  # skipped, not redrawn
     assert without_run_specific(resumed) == without_run_specific(full)
@@ -198,11 +198,11 @@ def test_training_grid_from_a_state_dict(tmp_path):
     from PIL import Image
 
     from pafm.export import load_export
-    from pafm.generate import save_training_grid
+    from pafm.generate import PreviewGrid
 
     model, meta = load_export(write_run(tmp_path / "run"))
-    out = save_training_grid(model.state_dict(), meta, tmp_path / "samples" / "step_0000007.png", steps=2,
-                             cfg_scale=1.5, seed=0)
+    grid = PreviewGrid(meta, steps=2, cfg_scale=1.5, seed=0)
+    out = grid.save(model.state_dict(), tmp_path / "samples" / "step_0000007.png")
     img = np.asarray(Image.open(out))
     assert img.shape[1] == 10 * (96 + 4) and img.shape[0] > 96  # one row: one sample per digit class
 
@@ -309,7 +309,7 @@ def test_text_grid_and_sampling_without_a_heldout_split(tmp_path):
     from PIL import Image
 
     from pafm.data import open_dataset
-    from pafm.generate import Conditions, save_training_grid
+    from pafm.generate import Conditions, PreviewGrid
 
     data = tmp_path / "captions"
     captions = write_train_only_captions(data)
@@ -319,9 +319,9 @@ def test_text_grid_and_sampling_without_a_heldout_split(tmp_path):
     meta = {"model": model.config, "data": {"spec": str(data), "info": open_dataset(str(data)).info},
             "path": "linear", "step": 3}
     state = model.state_dict()
-    out = save_training_grid(state, meta, tmp_path / "grid.png", steps=1)  # the trainer's call: no prompts
+    out = PreviewGrid(meta, steps=1).save(state, tmp_path / "grid.png")  # the trainer's call: no prompts
     assert np.asarray(Image.open(out)).shape[1] == 10 * (96 + 4)  # 16 train captions, 10 columns
-    out = save_training_grid(state, meta, tmp_path / "prompts.png", 1, 1.0, 0, prompts=["a", "b", "c"])
+    out = PreviewGrid(meta, 1, 1.0, 0, prompts=["a", "b", "c"]).save(state, tmp_path / "prompts.png")
     assert np.asarray(Image.open(out)).shape[1] == 3 * (96 + 4)  # the caller's prompts win: one tile each
     conditions = Conditions(model, meta)
     assert conditions.caption_split == "train" and conditions(range(3), "cpu")[1] == captions[:3]
@@ -364,7 +364,7 @@ def test_eval_of_an_exact_model_finds_memorised_correct_digits(tmp_path, monkeyp
     # class, so the judge must report high accuracy, memorisation near 1 and a Frechet distance near the real floor.
     run = write_run(tmp_path / "run")
     meta = read_export_meta(run)
-    monkeypatch.setattr(pafm_eval, "load_export", lambda path, device="cpu": (EmpiricalOracle(), meta))
+    monkeypatch.setattr(pafm_evaluation, "load_export", lambda path, device="cpu": (EmpiricalOracle(), meta))
     report = evaluate(run, ["eval.num_samples=100", "eval.batch_size=50", "sampler.method=euler", "sampler.steps=30",
                             f"eval.out_dir={tmp_path / 'oracle'}"])
     m, ref = report["metrics"], report["reference_metrics"]

@@ -28,7 +28,7 @@ class FixedEMA:
 @pytest.fixture
 def one_rank(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
+    yield World(rank=0, size=1, device=torch.device("cpu"))
     dist.destroy_process_group()
 
 

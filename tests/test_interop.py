@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pafm.config import ConfigError
-from pafm.eval import evaluate
+from pafm.evaluation import evaluate
 from pafm.export import load_export, read_export_meta, save_export
 from pafm.models import build_model, list_models, model_from_config
 from pafm.models.interop import (InteropError, export_sit_checkpoint, import_state_dict, infer_sit_config,

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pafm.data import DataError, LatentLoader, ShardWriter, load_digits_split, open_dataset
+from pafm.data import BuiltinTextEmbedder, DataError, LatentLoader, ShardWriter, load_digits_split, open_dataset
+from pafm.data.digits import TEXT_EMBEDDER
 from pafm.data.loader import flip_views, posterior_noise
 from pafm.data.neighbors import add_neighbors
 
@@ -130,14 +131,14 @@ def test_neighbors_same_class_same_flip(moments_ds):
 def test_text_batch_fields(tmp_path, monkeypatch):
     monkeypatch.setenv("PAFM_CACHE", str(tmp_path))
     ds = open_dataset("builtin:digits-captions")
-    batch = next(LatentLoader(ds, 16, seed=0, flip=False, num_workers=0, neighbors=2, captions=True))
+    batch = next(LatentLoader(ds, 16, seed=0, flip=False, num_workers=0, neighbors=2))
     assert batch["x"].shape == (16, 1, 8, 8) and batch["x"].dtype == torch.float32
     assert batch["tokens"].shape == (16, 16, 32) and batch["tokens"].dtype == torch.float32
     assert batch["mask"].dtype == torch.bool and batch["pooled"].shape == (16, 32)
-    assert batch["caption"] == ds.captions(batch["index"].numpy())
-    # Training batches carry no captions (nothing in training reads them); their tensors are the same either way.
-    plain = next(LatentLoader(ds, 16, seed=0, flip=False, num_workers=0, neighbors=2))
-    assert set(batch) - set(plain) == {"caption"} and all(torch.equal(plain[k], batch[k]) for k in plain)
+    # The tokens are the embedding of each row's own caption.
+    tokens, mask, pooled = BuiltinTextEmbedder(**TEXT_EMBEDDER).embed(ds.captions(batch["index"].numpy()))
+    assert torch.equal(batch["tokens"], tokens.half().float()) and torch.equal(batch["mask"], mask)
+    assert torch.equal(batch["pooled"], pooled.half().float())
     assert batch["neighbors"].shape == (16, 2, 1, 8, 8)
     x, _ = load_digits_split("train")
     # digits carry a dequantisation posterior: the mean is the image, x a draw within one pixel level of it
@@ -159,6 +160,4 @@ def test_bad_setups(moments_ds, tmp_path):
     ds = open_dataset(str(tmp_path / "noflip"))
     with pytest.raises(DataError, match="flip"):
         LatentLoader(ds, 2)
-    with pytest.raises(DataError, match="no captions"):
-        LatentLoader(ds, 2, flip=False, captions=True)
     assert next(LatentLoader(ds, 2, flip=False))["x"].shape == (2, 1, 2, 2)

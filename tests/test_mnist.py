@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pafm.data import DataError, load_mnist_split, open_dataset
+from pafm.data import DataError, load_mnist_split, open_dataset, validate_dataset
 from pafm.data import mnist
 from pafm.data.shards import sha256_file
 
@@ -48,7 +48,7 @@ def test_builtin_mnist_from_a_stand_in_wheel(tmp_path, monkeypatch):
     splits = fake_splits()
     install_fake_wheel(tmp_path, monkeypatch, pickle.dumps(splits, protocol=2))
     train = open_dataset("builtin:mnist")
-    train.validate()
+    validate_dataset(train)
     assert len(train) == 100 and train.info["latent_shape"] == [1, 28, 28] and train.info["num_classes"] == 10
     assert not train.info["has_flip"] and not train.info["has_moments"]
     x, y = load_mnist_split("train")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pafm.data import LatentLoader, TransformersTextEmbedder, open_dataset, text_embedder_from_info
+from pafm.data import LatentLoader, TransformersTextEmbedder, open_dataset, text_embedder_from_info, validate_dataset
 from pafm.data.loader import flip_views
 from pafm.prep import center_crop, main
 
@@ -109,7 +109,7 @@ def test_imagenet_prep_resume_and_ranks(image_folder, vae_path, tmp_path, capsys
     assert not (out / "index.json").exists()
     assert main(base + ["--rank", "0", "--world-size", "2"]) == 0
     ds = open_dataset(str(out))
-    ds.validate()
+    validate_dataset(ds)
     assert len(ds) == 10 and len(ds.shards) == 3
     info = ds.info
     assert info["kind"] == "class" and info["class_names"] == ["n01", "n02", "n03"] and info["num_classes"] == 3
@@ -134,7 +134,7 @@ def test_imagenet_prep_resume_and_ranks(image_folder, vae_path, tmp_path, capsys
     assert after["shard-00000.safetensors"] == stamps["shard-00000.safetensors"]
     assert after["shard-00001.safetensors"] == stamps["shard-00001.safetensors"]
     assert after["shard-00002.safetensors"] != stamps["shard-00002.safetensors"]
-    open_dataset(str(out)).validate()
+    validate_dataset(open_dataset(str(out)))
     capsys.readouterr()
     # Resuming with other settings would mix shards: refused in one line, exit code 2.
     assert main(base[:-4] + ["--shard-size", "5", "--batch-size", "3"]) == 2
@@ -197,7 +197,7 @@ def test_imagenet_prep_process_group(image_folder, vae_path, tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert sorted(results.get(timeout=5) for _ in range(2)) == [(0, 0), (1, 0)]
     ds = open_dataset(str(out))
-    ds.validate()
+    validate_dataset(ds)
     assert len(ds) == 10 and len(ds.shards) == 5
 
 
@@ -236,7 +236,7 @@ def test_captions_prep(tmp_path, vae_path, clip_path, tar):
     assert main(["captions", str(tmp_path / "src"), str(out), "--vae", vae_path, "--text-encoder", clip_path,
                  "--resolution", "16", "--shard-size", "3", "--max-text-len", "10", "--text-dtype", "float32"]) == 0
     ds = open_dataset(str(out))
-    ds.validate()
+    validate_dataset(ds)
     info = ds.info
     assert info["kind"] == "text" and len(ds) == 5 and len(ds.shards) == 2
     assert info["text_dim"] == 16 and info["max_text_len"] == 10 and info["pooled_dim"] == 16
@@ -256,8 +256,9 @@ def test_captions_prep(tmp_path, vae_path, clip_path, tar):
     embedder = text_embedder_from_info(info)
     assert isinstance(embedder, TransformersTextEmbedder)
     assert torch.allclose(embedder.embed([captions[3]])[2][0], ref.pooler_output[0], atol=1e-5)
-    batch = next(LatentLoader(ds, 2, seed=0, captions=True))
-    assert batch["tokens"].shape == (2, 10, 16) and batch["caption"] == ds.captions(batch["index"].numpy())
+    batch = next(LatentLoader(ds, 2, seed=0))
+    assert batch["tokens"].shape == (2, 10, 16)
+    assert torch.equal(batch["tokens"], ds.gather("tokens", batch["index"].numpy()).float())
     assert json.loads((out / "index.json").read_text())["text_encoder"]["path"] == clip_path
 
 
@@ -279,7 +280,7 @@ def test_t5_tokens_with_clip_pooled(tmp_path, vae_path, clip_path):
                  "--pooled-encoder", clip_path, "--resolution", "16", "--max-text-len", "9", "--no-flip",
                  "--normalization", "stats"]) == 0
     ds = open_dataset(str(out))
-    ds.validate()
+    validate_dataset(ds)
     assert ds.info["text_dim"] == 12 and ds.info["pooled_dim"] == 16 and not ds.info["has_flip"]
     assert ds.index["tensors"]["tokens"]["dtype"] == "BF16"  # the default text storage dtype
     # --normalization stats: per-channel shift = mean and scale = 1 / std of the stored posterior means (float64).

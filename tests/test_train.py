@@ -263,5 +263,5 @@ def test_preview_grids_reuse_one_model_and_decoder(tmp_path, monkeypatch):
               for i, state in enumerate([first, other, first])]
     assert built == {"model": 1, "decoder": 1}
     assert not np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
-    one_off = generate.save_training_grid(first, meta, tmp_path / "one_off.png", steps=2, device="cpu")
+    one_off = generate.PreviewGrid(meta, steps=2, device="cpu").save(first, tmp_path / "one_off.png")
     assert np.array_equal(np.asarray(Image.open(one_off)), images[0])

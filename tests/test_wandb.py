@@ -16,7 +16,7 @@ from pafm.logger import MetricsLogger, SideWork, WandbConfig, read_metrics
 from pafm.objectives import T_BINS
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
+WORLD = World(rank=0, size=1, device=torch.device("cpu"))
 
 
 class FakeWandb(types.ModuleType):

@@ -1,7 +1,7 @@
 """Latent datasets: shard format, the loader, the built-in digits datasets, text embedders.
 
     dataset = open_dataset("builtin:mnist")             # or a prepared folder (see `python -m pafm.prep`)
-    dataset.validate()
+    validate_dataset(dataset)                            # checksums, NaN/Inf, ranges
     loader = LatentLoader(dataset, batch_size=64, rank=0, world_size=1, seed=0)
     batch = next(loader)                                 # dict of CPU tensors; loader.state_dict() to resume
 """
@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import digits, mnist
 from .digits import load_digits_split
 from .loader import LatentLoader
 from .mnist import load_mnist_split
 from .normalization import LatentNormalization
 from .shards import INDEX, DataError, LatentDataset, ShardWriter, prepare_hint
 from .text import BuiltinTextEmbedder, TransformersTextEmbedder, text_embedder_from_info
+from .validate import validate_dataset
 
 __all__ = ["open_dataset", "has_split", "LatentDataset", "LatentLoader", "LatentNormalization", "DataError",
            "ShardWriter", "load_digits_split", "load_mnist_split", "BuiltinTextEmbedder", "TransformersTextEmbedder",
-           "text_embedder_from_info"]
+           "text_embedder_from_info", "validate_dataset"]
 
 
 def _split_folder(spec: str, split: str = "train") -> Path:
@@ -31,8 +33,6 @@ def _split_folder(spec: str, split: str = "train") -> Path:
     """
     spec = str(spec)
     if spec.startswith("builtin:"):
-        from . import digits, mnist
-
         name = spec[len("builtin:"):]
         module = mnist if name == "mnist" else digits
         if split not in module.SPLITS:

@@ -7,16 +7,14 @@ folder that is renamed into place, so concurrent ranks can race safely: one rena
 """
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .cache import build_in_cache, cache_dir
 from .neighbors import add_neighbors
-from .shards import INDEX, DataError, ShardWriter
+from .shards import DataError, ShardWriter
 from .text import DIGIT_WORDS, BuiltinTextEmbedder, digit_caption
 
 SPLITS = ("train", "heldout")
@@ -26,10 +24,6 @@ NEIGHBORS_K = 8
 BUILD_VERSION = 3  # bump whenever the built content changes: caches are keyed by it
 DEQUANT_STD = (2.0 / 16.0) / 12**0.5  # std of a uniform distribution over one pixel level
 TEXT_EMBEDDER = {"dim": 32, "max_len": 16, "vocab_size": 4096, "seed": 0}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PAFM_CACHE") or Path.home() / ".cache" / "pafm")
 
 
 def _all_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -118,22 +112,3 @@ def builtin_folder(name: str, root: Path | None = None) -> Path:
     captions = name == "digits-captions"
     return build_in_cache(root / f"{name}-v{BUILD_VERSION}", SPLITS,
                           lambda tmp: [_write_split(tmp, split, captions=captions) for split in SPLITS])
-
-
-def build_in_cache(folder: Path, splits, write) -> Path:
-    """`folder` with every split's index, built first if needed by `write(tmp)` into a temporary sibling that is
-    renamed into place: concurrent ranks can race safely, one rename wins and the others discard theirs."""
-    if all((folder / s / INDEX).is_file() for s in splits):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}-build-{uuid.uuid4().hex}"
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first: keep its folder
-            if not all((folder / s / INDEX).is_file() for s in splits):
-                raise DataError(f"{folder} exists but is incomplete: delete it and it will be rebuilt") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

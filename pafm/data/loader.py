@@ -55,9 +55,9 @@ class BatchMaker(torch.utils.data.Dataset):
     """Batch number `step` of one rank -> the batch dict. Map-style, so background workers can build any batch."""
 
     def __init__(self, dataset: LatentDataset, batch_size: int, rank: int, world_size: int, seed: int, flip: bool,
-                 neighbors: int, captions: bool = False):
+                 neighbors: int):
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.seed, self.flip, self.neighbors, self.captions = seed, flip, neighbors, captions
+        self.seed, self.flip, self.neighbors = seed, flip, neighbors
         self.batches_per_epoch = len(dataset) // (batch_size * world_size)
         self.latent_shape = tuple(dataset.info["latent_shape"])
         self.normalization = LatentNormalization(dataset.info)
@@ -98,8 +98,6 @@ class BatchMaker(torch.utils.data.Dataset):
             batch["tokens"] = ds.gather("tokens", ids).float()
             batch["mask"] = ds.gather("mask", ids).bool()
             batch["pooled"] = ds.gather("pooled", ids).float()
-        if self.captions:
-            batch["caption"] = ds.captions(ids)
         if self.neighbors:
             k = self.neighbors
             nbr = np.asarray(ds.neighbor_ids[ids, :k], dtype=np.int64)
@@ -127,15 +125,13 @@ class LatentLoader:
     """Infinite iterator of batches for one rank; `batch_size` is per rank. See `BatchMaker` for the batch dict.
 
     `next(loader)` (or `next(iter(loader))`) always returns a batch; `state_dict()` / `load_state_dict()` resume
-    exactly at the next batch. `len(loader)` is the number of batches per epoch.  `captions=True` adds the
-    batch's captions (text datasets) as a list of strings under "caption"; training has no use for them.
+    exactly at the next batch. `len(loader)` is the number of batches per epoch.
     `pin_memory=True` (a CUDA device) hands out batches in page-locked memory, so that `.to(device,
     non_blocking=True)` is a real asynchronous copy that overlaps the step (from pageable memory it is synchronous).
     """
 
     def __init__(self, dataset: LatentDataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 flip: bool = True, num_workers: int = 0, neighbors: int = 0, captions: bool = False,
-                 pin_memory: bool = False):
+                 flip: bool = True, num_workers: int = 0, neighbors: int = 0, pin_memory: bool = False):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or neighbors < 0:
             raise ValueError(f"LatentLoader: need batch_size >= 1, 0 <= rank < world_size, num_workers >= 0, "
                              f"neighbors >= 0; got batch_size={batch_size} rank={rank} world_size={world_size} "
@@ -150,9 +146,7 @@ class LatentLoader:
             raise DataError(f"{where}: {neighbors} neighbours requested, the dataset stores {info['neighbors_k']}"
                             + ("" if info["neighbors_k"] else f" (run `python -m pafm.prep neighbors {where}`)"))
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
-        if captions and not dataset.index.get("captions"):
-            raise DataError(f"{where} stores no captions")
-        self.maker = BatchMaker(dataset, batch_size, rank, world_size, seed, flip, neighbors, captions)
+        self.maker = BatchMaker(dataset, batch_size, rank, world_size, seed, flip, neighbors)
         self.step = 0
         self._it = None
 

