@@ -8,12 +8,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pafm"
 # Function-local project imports kept without a comment beside them, each with its reason.
 ALLOWED = {
     ("pafm.export", "pafm.models"): "timm, only when an export's model is built",
-    ("pafm.export", "pafm.checkpoint"): "export and checkpoint import each other until the checkpoint package",
-    ("pafm.export", "pafm.run_lock"): "in export's checkpoint code, which the checkpoint package takes over",
-    ("pafm.checkpoint", "pafm.export"): "export and checkpoint import each other until the checkpoint package",
     ("pafm.train", "pafm.models"): "timm, after the config was read: a config error is reported at once",
     ("pafm.train", "pafm.data"): "the datasets, after the config was read: a config error is reported at once",
-    ("pafm.train", "pafm.export"): "the export, after the config was read: a config error is reported at once",
     ("pafm.train", "pafm.generate"): "diffusers and the decoder, only when a preview grid is drawn",
 }
 
