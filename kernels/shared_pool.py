@@ -57,8 +57,8 @@ from .launch import INTERPRET, KernelInputs, load_row_coefficients, size_bucket,
 @triton.jit
 def _finish_logits(logit, base, offs, cols, valid, row_lab, POOL_LAB, LOG_PRIOR, K,
                    HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr, HAS_PRIOR: tl.constexpr):
-    """Adds the log prior and applies the label mask. (B, K) inputs are read at `base + offs` (an int64 row base
-    and int32 tile offsets: int64 tiles would cost two registers per element), (K,) labels at `cols`."""
+    """Adds the log prior and applies the label mask. (B, K) inputs are read at `base + offs`, (K,) labels at
+    `cols`."""
     if HAS_PRIOR:
         logit += tl.load(LOG_PRIOR + base + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_LABELS:
@@ -71,11 +71,17 @@ def _finish_logits(logit, base, offs, cols, valid, row_lab, POOL_LAB, LOG_PRIOR,
 
 
 @triton.jit
-def _active_rows(ACTIVE, rows, mask, HAS_ACTIVE: tl.constexpr):
-    """`mask` less the rows the gate leaves out: the kernels load, compute and store nothing for those."""
+def _gated_rows(ORDER, N_ACTIVE, slots, B, HAS_ACTIVE: tl.constexpr):
+    """(rows, mask) of a program's slots: int64 indices of the input rows it computes. Under the gate ORDER lists the
+    active rows first and N_ACTIVE counts them, so the slots past the count are masked and a block of them is empty:
+    its program walks no chunk of D or K. Every buffer is indexed by input row; only the programs' rows move."""
     if HAS_ACTIVE:
-        mask = mask & (tl.load(ACTIVE + rows, mask=mask, other=0) != 0)
-    return mask
+        mask = slots < tl.load(N_ACTIVE)
+        rows = tl.load(ORDER + slots, mask=mask, other=0).to(tl.int64)
+    else:
+        mask = slots < B
+        rows = slots.to(tl.int64)
+    return rows, mask
 
 
 @triton.jit
@@ -98,7 +104,7 @@ def _key_is_finite(key):
 
 
 @triton.jit
-def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PRIOR, ACTIVE,
+def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PRIOR, ORDER, N_ACTIVE,
                    LOGITS, PART, XMAX, ZSQ, DOTS, XSQ,
                    B, K, D, NT, stride_z, stride_x, split_d, b_bucket, k_bucket,
                    ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
@@ -110,21 +116,16 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
     lm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
-    rm = pid_m * BLOCK_M + lm
-    mask_m = _active_rows(ACTIVE, rm, rm < B, HAS_ACTIVE)
+    rm, mask_m = _gated_rows(ORDER, N_ACTIVE, pid_m * BLOCK_M + lm, B, HAS_ACTIVE)
     mask_n = rn < K
-    rm64 = rm.to(tl.int64)
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
     # This program's share of D: whole BLOCK_D chunks, one share unless the grid is under a wave. A row block the
     # gate leaves empty walks none of it.
     d_share = tl.cdiv(tl.cdiv(D, BLOCK_D), split_d) * BLOCK_D
     d_lo = pid_s * d_share
     live = tl.max(mask_m.to(tl.int32), axis=0) > 0
-    d_all = tl.minimum(D, d_lo + d_share)
-    d_hi = tl.where(live, d_all, d_lo)
+    d_hi = tl.where(live, tl.minimum(D, d_lo + d_share), d_lo)
 
-    # Tile offsets stay int32 around an int64 base; int64 pointer tiles would cost two registers per element.
-    z_ptrs = Z + row0 * stride_z + (lm[:, None] * stride_z + (d_lo + rd)[None, :])
+    z_ptrs = Z + (rm * stride_z)[:, None] + (d_lo + rd)[None, :]
     x_ptrs = X + (pid_n * BLOCK_N).to(tl.int64) * stride_x + (tl.arange(0, BLOCK_N)[:, None] * stride_x
                                                                + (d_lo + rd)[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -144,26 +145,19 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
             acc += tl.dot(z, tl.trans(x), input_precision=PRECISION)
         z_ptrs += BLOCK_D
         x_ptrs += BLOCK_D
-    if HAS_ACTIVE:
-        # The column tile's ||x||^2 (XMAX, XSQ) comes from row block 0, which sums it alone when gated out.
-        for d0 in range(d_hi, tl.where(pid_m == 0, d_all, d_hi), BLOCK_D):
-            mask_d = d0 + rd < d_all
-            xf = tl.load(x_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            xsq += tl.sum(xf * xf, axis=1)
-            x_ptrs += BLOCK_D
     if pid_n == 0:
         # ||z||^2 in float64 (it shifts the logits back to the reported lse, ~1e11 nats at sigma = 1e-5): one
         # column of programs re-reads its z rows.
         zsq = tl.zeros((BLOCK_M,), dtype=tl.float64)
         for d0 in range(d_lo, d_hi, BLOCK_D):
             mask_d = d0 + rd < d_hi
-            zf = tl.load(Z + row0 * stride_z + (lm[:, None] * stride_z + (d0 + rd)[None, :]),
+            zf = tl.load(Z + (rm * stride_z)[:, None] + (d0 + rd)[None, :],
                          mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float64)
             zsq += tl.sum(zf * zf, axis=1)
         tl.store(ZSQ + pid_s * B + rm, zsq, mask=mask_m)
 
     valid = mask_m[:, None] & mask_n[None, :]
-    tile = lm[:, None] * K + rn[None, :]
+    tile = (rm * K)[:, None] + rn[None, :]
     if split_d == 1:
         a, sg, tau, inv = load_row_coefficients(ALPHA, SIGMA, TAU, tau_value, rm, mask_m, ROW_TAU)
         if HAS_LABELS:
@@ -171,21 +165,21 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
         else:
             row_lab = 0
         logit = (2.0 * a * inv)[:, None] * acc - (a * a * inv)[:, None] * xsq[None, :]
-        logit = _finish_logits(logit, row0 * K, tile, rn[None, :], valid, row_lab, POOL_LAB, LOG_PRIOR, K,
+        logit = _finish_logits(logit, 0, tile, rn[None, :], valid, row_lab, POOL_LAB, LOG_PRIOR, K,
                                HAS_LABELS, LABELS_2D, HAS_PRIOR)
-        tl.store(LOGITS + row0 * K + tile, logit, mask=valid)
+        tl.store(LOGITS + tile, logit, mask=valid)
         # Softmax partials of this column tile; a fully masked tile contributes m = -inf, l = q = 0.
         m = tl.max(logit, axis=1)
         p = tl.exp(logit - tl.where(m == float("-inf"), 0.0, m)[:, None])
-        part = PART + rm64 * NT + pid_n
+        part = PART + rm * NT + pid_n
         tl.store(part, m, mask=mask_m)
         tl.store(part + B * NT, tl.sum(p, axis=1), mask=mask_m)
         tl.store(part + 2 * B * NT, tl.sum(p * p, axis=1), mask=mask_m)
-        if pid_m == 0:
+        if pid_m == 0:  # live whenever any row is (the gate's rows come first)
             tl.store(XMAX + pid_n, tl.max(tl.where(mask_n, xsq, 0.0), axis=0))
     else:
         # Split D: the row kernel sums the parts in a fixed order and finishes the logits.
-        tl.store(DOTS + (pid_s * B + row0) * K + tile, acc, mask=valid)
+        tl.store(DOTS + (pid_s * B).to(tl.int64) * K + tile, acc, mask=valid)
         if pid_m == 0:
             tl.store(XSQ + pid_s * K + rn, xsq, mask=mask_n)
 
@@ -237,14 +231,14 @@ def _own_endpoint_check(Z, X, LOG_PRIOR, OWN, D_ALPHA, D_SIGMA, part, row, B, K,
 
 @triton.jit
 def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-                OWN, ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, W,
+                OWN, ORDER, N_ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, W,
                 B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
                 ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr,
                 SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_N: tl.constexpr, TOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    if _active_rows(ACTIVE, row, row >= 0, HAS_ACTIVE):  # a row the gate leaves out costs one load
+    row, live = _gated_rows(ORDER, N_ACTIVE, tl.program_id(0), B, HAS_ACTIVE)
+    if live:  # programs past the gate's count stop after one load
         _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
              OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
              B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
@@ -479,11 +473,10 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
 
 
 @triton.jit
-def _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
+def _store_velocity(acc, rm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
                     VT, V, B, D, stride_z, RESIDUAL: tl.constexpr):
     """v = (refined rows: the picks' share) + the share of acc = sum_j w_j x_j over the other candidates, whose
-    weights sum to `rest` (1 for rows that were not refined). Rows row0 + lm (int64 base, int32 offsets)."""
-    rm = row0 + lm
+    weights sum to `rest` (1 for rows that were not refined). Rows rm (int64)."""
     a = tl.load(ALPHA + rm, mask=mask_m, other=0.0).to(tl.float32)
     sg = tl.load(SIGMA + rm, mask=mask_m, other=1.0).to(tl.float32)
     da = tl.load(D_ALPHA + rm, mask=mask_m, other=0.0).to(tl.float32)
@@ -491,22 +484,22 @@ def _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA
     rest = tl.load(STATS + 2 * B + rm, mask=mask_m, other=1.0)[:, None]
     refined = tl.load(STATS + 3 * B + rm, mask=mask_m, other=0.0) != 0.0
     mask = mask_m[:, None] & mask_d[None, :]
-    offs = lm[:, None] * stride_z + rd[None, :]
+    offs = (rm * stride_z)[:, None] + rd[None, :]
     if RESIDUAL:
         # u + (d_alpha - d_sigma alpha / sigma)(mu - x_own): stays accurate as sigma -> 0.
-        x_own = tl.load(ENDPOINT + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.load(NOISE + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
+        x_own = tl.load(ENDPOINT + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.load(NOISE + offs, mask=mask, other=0.0).to(tl.float32)
         v = rest * (da[:, None] * x_own + ds[:, None] * eps) + (da - ds * a / sg)[:, None] * (acc - rest * x_own)
     else:
-        zt = tl.load(Z + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
+        zt = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
         v = da[:, None] * acc + (ds / sg)[:, None] * (rest * zt - a[:, None] * acc)
-    out = lm[:, None] * D + rd[None, :]
-    v += tl.load(VT + row0 * D + out, mask=mask & refined[:, None], other=0.0)
-    tl.store(V + row0 * D + out, v, mask=mask)
+    out = (rm * D)[:, None] + rd[None, :]
+    v += tl.load(VT + out, mask=mask & refined[:, None], other=0.0)
+    tl.store(V + out, v, mask=mask)
 
 
 @triton.jit
-def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL, ACTIVE,
+def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL, ORDER, N_ACTIVE,
                 B, K, D, stride_z, stride_x, split_k, b_bucket, k_bucket,
                 RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr,
                 P_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -516,9 +509,8 @@ def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
     pid_k = tl.program_id(2)
     lm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    rm = pid_m * BLOCK_M + lm
+    rm, mask_m = _gated_rows(ORDER, N_ACTIVE, pid_m * BLOCK_M + lm, B, HAS_ACTIVE)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = _active_rows(ACTIVE, rm, rm < B, HAS_ACTIVE)
     mask_d = rd < D
     k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
     k_lo = pid_k * k_share
@@ -526,8 +518,7 @@ def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
     k_hi = tl.where(live, tl.minimum(K, k_lo + k_share), k_lo)
 
     # The weights the row kernel wrote (P_SCALE: see _write_weights); two planes hi + lo for 16-bit candidates.
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
-    w_ptrs = W + row0 * K + (lm[:, None] * K + (k_lo + rk)[None, :])
+    w_ptrs = W + (rm * K)[:, None] + (k_lo + rk)[None, :]
     x_ptrs = X + k_lo.to(tl.int64) * stride_x + (rk[:, None] * stride_x + rd[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -547,28 +538,26 @@ def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
         x_ptrs += BLOCK_K * stride_x
     acc = acc * (1.0 / P_SCALE)
     if split_k == 1:
-        _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
+        _store_velocity(acc, rm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
                         STATS, VT, V, B, D, stride_z, RESIDUAL)
     else:
-        tl.store(PARTIAL + (pid_k * B + row0) * D + (lm[:, None] * D + rd[None, :]), acc,
+        tl.store(PARTIAL + (pid_k * B).to(tl.int64) * D + (rm * D)[:, None] + rd[None, :], acc,
                  mask=mask_m[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, ACTIVE,
+def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, ORDER, N_ACTIVE,
                        B, D, stride_z, split_k,
                        RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-    lm = tl.arange(0, BLOCK_M)
-    row0 = (tl.program_id(0) * BLOCK_M).to(tl.int64)
+    rm, mask_m = _gated_rows(ORDER, N_ACTIVE, tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), B, HAS_ACTIVE)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = _active_rows(ACTIVE, row0 + lm, row0 + lm < B, HAS_ACTIVE)
     mask_d = rd < D
-    offs = lm[:, None] * D + rd[None, :]
+    offs = (rm * D)[:, None] + rd[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for s in range(0, split_k):  # a fixed order: the same sum on every run
-        acc += tl.load(PARTIAL + (s * B + row0) * D + offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
+        acc += tl.load(PARTIAL + (s * B).to(tl.int64) * D + offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    _store_velocity(acc, rm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
                     VT, V, B, D, stride_z, RESIDUAL)
 
 
@@ -630,6 +619,10 @@ def refined_rows(logits, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint_index
     return (bound > (REFINE_NATS if refine_nats is None else refine_nats)) & ~one_hot
 
 
+# The interpreter's row block of the two GEMMs (a test lowers it to get several blocks from few rows).
+INTERPRET_BLOCK_M = 32
+
+
 def _interpret_block(n: int, cap: int) -> int:
     # Few, large programs keep the interpreter fast; tl.dot needs every dimension >= 16.
     return max(16, min(cap, triton.next_power_of_2(n)))
@@ -654,7 +647,7 @@ def launch_logits(inp: KernelInputs) -> Logits:
     B, D = z.shape
     K = pool.shape[0]
     f32 = dict(device=z.device, dtype=torch.float32)
-    bm, bn = (_interpret_block(B, 32), _interpret_block(K, 64)) if INTERPRET else (LOGITS_BLOCK_M, LOGITS_BLOCK_N)
+    bm, bn = (_interpret_block(B, INTERPRET_BLOCK_M), _interpret_block(K, 64)) if INTERPRET else (LOGITS_BLOCK_M, LOGITS_BLOCK_N)
     bd = _interpret_block(D, 128) if INTERPRET else SPLIT_MIN_D
     nt = triton.cdiv(K, bn)
     split_d = split_factor(triton.cdiv(B, bm) * nt, triton.cdiv(D, bd), sm_count(z.device))
@@ -664,7 +657,7 @@ def launch_logits(inp: KernelInputs) -> Logits:
                  torch.empty(split_d, B, K, **f32) if split_d > 1 else logits,
                  torch.empty(split_d, K, **f32) if split_d > 1 else logits, bn, split_d)
     args = (z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.row_labels, inp.pool_labels, inp.log_prior,
-            inp.active, *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B), size_bucket(K))
+            inp.order, inp.n_active, *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B), size_bucket(K))
     flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d, HAS_PRIOR=inp.has_prior,
                  HAS_ACTIVE=inp.has_active, BLOCK_M=bm, BLOCK_N=bn)
     grid = (triton.cdiv(B, bm), nt, split_d)
@@ -690,7 +683,7 @@ def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None)
     g_dot, g_sum = logit_error_coefficients(D, z.dtype)
     _row_kernel[(B,)](z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma,
                       inp.row_labels, inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, inp.endpoint_index,
-                      inp.active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt, z.stride(0),
+                      inp.order, inp.n_active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt, z.stride(0),
                       pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
                       ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
                       HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual,
@@ -718,7 +711,7 @@ def launch_mix(inp: KernelInputs, weights, stats, vt):
     B, D = z.shape
     K = pool.shape[0]
     if INTERPRET:
-        bm, bk, bd = _interpret_block(B, 32), _interpret_block(K, 64), _interpret_block(D, 128)
+        bm, bk, bd = _interpret_block(B, INTERPRET_BLOCK_M), _interpret_block(K, 64), _interpret_block(D, 128)
     else:
         bm, bk, bd = MIX_BLOCK_M, None, MIX_BLOCK_D
     split_k = split_factor(triton.cdiv(B, bm) * triton.cdiv(D, bd), triton.cdiv(K, bk or SPLIT_MIN_K),
@@ -726,7 +719,7 @@ def launch_mix(inp: KernelInputs, weights, stats, vt):
     velocity = (torch.zeros if inp.has_active else torch.empty)(B, D, device=z.device, dtype=torch.float32)
     partial = torch.empty(split_k, B, D, device=z.device, dtype=torch.float32) if split_k > 1 else velocity
     tail = (z, inp.endpoint, inp.noise, inp.alpha, inp.sigma, inp.d_alpha, inp.d_sigma, vt, velocity)
-    args = (weights, pool, stats, *tail, partial, inp.active, B, K, D, z.stride(0), pool.stride(0), split_k,
+    args = (weights, pool, stats, *tail, partial, inp.order, inp.n_active, B, K, D, z.stride(0), pool.stride(0), split_k,
             size_bucket(B), size_bucket(K))
     flags = dict(RESIDUAL=inp.residual, HAS_ACTIVE=inp.has_active, SPLIT_P=_split_weights(z.dtype),
                  P_SCALE=_p_scale(z.dtype), BLOCK_M=bm, BLOCK_D=bd)
@@ -738,7 +731,7 @@ def launch_mix(inp: KernelInputs, weights, stats, vt):
     if split_k > 1:
         bm, bd = (bm, bd) if INTERPRET else (REDUCE_BLOCK_M, REDUCE_BLOCK_D)
         _mix_reduce_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bd))](
-            partial, stats, *tail, inp.active, B, D, z.stride(0), split_k, RESIDUAL=inp.residual,
+            partial, stats, *tail, inp.order, inp.n_active, B, D, z.stride(0), split_k, RESIDUAL=inp.residual,
             HAS_ACTIVE=inp.has_active, BLOCK_M=bm, BLOCK_D=bd, num_warps=REDUCE_WARPS)
     return velocity
 
