@@ -44,6 +44,7 @@ class KernelInputs(NamedTuple):
     active: torch.Tensor  # (B,) bool when has_active: the rows to compute
     order: torch.Tensor  # (B,) shared pools under the gate: the row indices, active rows first (else a stand-in)
     n_active: torch.Tensor  # (1,) int32 on the device: how many rows are active (else a stand-in)
+    pool_sq_norms: torch.Tensor | None  # (K,) fp32 ||x_j||^2 of a shared pool when the caller has them
     row_tau: bool
     has_labels: bool
     labels_2d: bool
@@ -56,7 +57,7 @@ class KernelInputs(NamedTuple):
 
 def prepare(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=None, pool_labels=None,
             log_prior=None, endpoint=None, noise=None, endpoint_index=None, pool_index=None,
-            active=None) -> KernelInputs:
+            active=None, pool_sq_norms=None) -> KernelInputs:
     """Inputs already validated by `posterior_velocity`; `temperature` is a float or a (B,) tensor."""
     def arg(t):
         return z if t is None else t.contiguous()  # contiguous() is free on the trainer's (contiguous) tensors
@@ -74,7 +75,7 @@ def prepare(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=
         z.contiguous(), pool if per_row_in_place else pool.contiguous(), arg(alpha), arg(sigma), arg(d_alpha),
         arg(d_sigma), arg(temperature if row_tau else None), 1.0 if row_tau else float(temperature),
         arg(row_labels), arg(pool_labels), arg(log_prior), arg(endpoint), arg(noise), arg(endpoint_index),
-        arg(pool_index), arg(active), order, n_active, row_tau, row_labels is not None,
+        arg(pool_index), arg(active), order, n_active, pool_sq_norms, row_tau, row_labels is not None,
         pool_labels is not None and pool_labels.dim() == 2, log_prior is not None, endpoint is not None,
         endpoint_index is not None, pool_index is not None, active is not None)
 

@@ -105,7 +105,7 @@ def _key_is_finite(key):
 
 @triton.jit
 def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PRIOR, ORDER, N_ACTIVE,
-                   LOGITS, PART, XMAX, ZSQ, DOTS, XSQ,
+                   LOGITS, PART, XMAX, ZSQ, DOTS, NORMS,
                    B, K, D, NT, stride_z, stride_x, split_d, b_bucket, k_bucket,
                    ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
                    HAS_PRIOR: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -128,17 +128,14 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
     z_ptrs = Z + (rm * stride_z)[:, None] + (d_lo + rd)[None, :]
     x_ptrs = X + (pid_n * BLOCK_N).to(tl.int64) * stride_x + (tl.arange(0, BLOCK_N)[:, None] * stride_x
                                                                + (d_lo + rd)[None, :])
+    # The main loop is the GEMM alone: the pool's squared norms come precomputed (NORMS, once per pool).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(d_lo, d_hi, BLOCK_D):
         mask_d = d0 + rd < d_hi
         z = tl.load(z_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        # ||x||^2 in fp32 from the tile already on chip: a bf16 GEMM column would round 4096 to +-16.
-        xf = x.to(tl.float32)
-        xsq += tl.sum(xf * xf, axis=1)
         if UPCAST:
-            acc = tl.dot(z.to(tl.float32), tl.trans(xf), acc, input_precision="ieee")
+            acc = tl.dot(z.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         else:
             # Each chunk's products are summed from zero and added with one round-to-nearest add: a truncating
             # tensor-core accumulator then errs per chunk, not along all of D (the bound's g_dot).
@@ -156,6 +153,9 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
             zsq += tl.sum(zf * zf, axis=1)
         tl.store(ZSQ + pid_s * B + rm, zsq, mask=mask_m)
 
+    xsq = tl.load(NORMS + rn, mask=mask_n, other=0.0)
+    if (pid_m == 0) & (pid_s == 0):
+        tl.store(XMAX + pid_n, tl.max(xsq, axis=0))  # the tile's largest ||x||^2, for the row kernel's bound
     valid = mask_m[:, None] & mask_n[None, :]
     tile = (rm * K)[:, None] + rn[None, :]
     if split_d == 1:
@@ -175,13 +175,9 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
         tl.store(part, m, mask=mask_m)
         tl.store(part + B * NT, tl.sum(p, axis=1), mask=mask_m)
         tl.store(part + 2 * B * NT, tl.sum(p * p, axis=1), mask=mask_m)
-        if pid_m == 0:  # live whenever any row is (the gate's rows come first)
-            tl.store(XMAX + pid_n, tl.max(tl.where(mask_n, xsq, 0.0), axis=0))
     else:
         # Split D: the row kernel sums the parts in a fixed order and finishes the logits.
         tl.store(DOTS + (pid_s * B).to(tl.int64) * K + tile, acc, mask=valid)
-        if pid_m == 0:
-            tl.store(XSQ + pid_s * K + rn, xsq, mask=mask_n)
 
 
 @triton.jit
@@ -231,7 +227,7 @@ def _own_endpoint_check(Z, X, LOG_PRIOR, OWN, D_ALPHA, D_SIGMA, part, row, B, K,
 
 @triton.jit
 def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-                OWN, ORDER, N_ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, W,
+                OWN, ORDER, N_ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, NORMS, STATS, VT, LSE, ESS, W,
                 B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
                 ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr,
@@ -240,7 +236,7 @@ def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, P
     row, live = _gated_rows(ORDER, N_ACTIVE, tl.program_id(0), B, HAS_ACTIVE)
     if live:  # programs past the gate's count stop after one load
         _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-             OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
+             OWN, LOGITS, PART, XMAX, ZSQ, DOTS, NORMS, STATS, VT, LSE, ESS, row,
              B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
              ROW_TAU, HAS_LABELS, LABELS_2D, HAS_PRIOR, HAS_OWN, RESIDUAL, BLOCK_S, BLOCK_N, TOP, BLOCK_T, BLOCK_D)
         # The row's normalised weights, once: the mix is then a plain GEMM (no exp per D tile).
@@ -272,7 +268,7 @@ def _write_weights(LOGITS, STATS, W, row, B, K, SPLIT_P: tl.constexpr, P_SCALE: 
 
 @triton.jit
 def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-         OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
+         OWN, LOGITS, PART, XMAX, ZSQ, DOTS, NORMS, STATS, VT, LSE, ESS, row,
          B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
          ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
          HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -292,13 +288,12 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
 
     if split_d > 1:
         # Finish this row's logits from the split dot products and write its tile partials.
-        xmax = tl.zeros((), dtype=tl.float32)
         for t in range(0, NT):
             cols = t * BLOCK_N + rn
             ok = cols < K
             both = (rs < split_d)[:, None] & ok[None, :]
             dot = tl.sum(tl.load(DOTS + (rs[:, None] * B + row) * K + cols[None, :], mask=both, other=0.0), axis=0)
-            xsq = tl.sum(tl.load(XSQ + rs[:, None] * K + cols[None, :], mask=both, other=0.0), axis=0)
+            xsq = tl.load(NORMS + cols, mask=ok, other=0.0)
             logit = _finish_logits((2.0 * a * inv) * dot - (a * a * inv) * xsq, row * K, cols, cols, ok, row_lab,
                                    POOL_LAB, LOG_PRIOR, K, HAS_LABELS, LABELS_2D, HAS_PRIOR)
             tl.store(LOGITS + row * K + cols, logit, mask=ok)
@@ -307,12 +302,10 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
             tl.store(part + t, m_t)
             tl.store(part + B * NT + t, tl.sum(p, axis=0))
             tl.store(part + 2 * B * NT + t, tl.sum(p * p, axis=0))
-            xmax = tl.maximum(xmax, tl.max(xsq, axis=0))
         tl.debug_barrier()  # the partials are read back below by other threads of this program
-    else:
-        xmax = tl.zeros((), dtype=tl.float32)
-        for t0 in range(0, NT, BLOCK_T):
-            xmax = tl.maximum(xmax, tl.max(tl.load(XMAX + t0 + rt, mask=t0 + rt < NT, other=0.0), axis=0))
+    xmax = tl.zeros((), dtype=tl.float32)
+    for t0 in range(0, NT, BLOCK_T):
+        xmax = tl.maximum(xmax, tl.max(tl.load(XMAX + t0 + rt, mask=t0 + rt < NT, other=0.0), axis=0))
 
     # The row's max, sum of exp and sum of squared exp over its tiles.
     m = tl.full((), float("-inf"), dtype=tl.float32)
@@ -561,9 +554,42 @@ def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA
                     VT, V, B, D, stride_z, RESIDUAL)
 
 
+@triton.jit
+def _squared_norms_kernel(X, OUT, K, D, stride_x, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT_j = ||x_j||^2 summed in float64 and rounded once to fp32 (the bound's g_sum)."""
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        x = tl.load(X + (rk.to(tl.int64) * stride_x)[:, None] + (d0 + rd)[None, :],
+                    mask=(rk < K)[:, None] & (d0 + rd < D)[None, :], other=0.0).to(tl.float64)
+        acc += tl.sum(x * x, axis=1)
+    tl.store(OUT + rk, acc.to(tl.float32), mask=rk < K)
+
+
+def squared_norms(pool: torch.Tensor) -> torch.Tensor:
+    """(K,) fp32 squared norms of a shared pool (K, D) for the logits kernel: one launch, one read of the pool."""
+    K, D = pool.shape
+    out = torch.empty(K, device=pool.device, dtype=torch.float32)
+    block_k, block_d = (16, _interpret_block(D, 1024)) if INTERPRET else (NORMS_BLOCK_K, NORMS_BLOCK_D)
+    _squared_norms_kernel[(triton.cdiv(K, block_k),)](pool, out, K, D, pool.stride(0), BLOCK_K=block_k,
+                                                      BLOCK_D=block_d, num_warps=NORMS_WARPS)
+    return out
+
+
+def logits_tiles(B: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the logits GEMM on a GPU. 16-bit inputs take 128-row and 128-column tiles where B and K
+    fill them: each halves the L2 re-reads of the other operand (z is read once per column tile, the pool once per
+    row block). fp32 (tf32x3, three operand splits in registers) and small sizes keep 64."""
+    wide = dtype != torch.float32
+    return (128 if wide and B > 64 else 64), (128 if wide and K >= LOGITS_WIDE_K else 64)
+
+
 # GPU configurations, chosen so that ptxas reports no spills (kernels/compile_check.py); not yet tuned on a GPU.
-# The output tiles are fixed (the host sizes buffers and splits from them); the rest is tuned per size bucket.
-LOGITS_BLOCK_M, LOGITS_BLOCK_N = 64, 64
+# The output tiles are chosen by `logits_tiles` (the host sizes buffers and splits from them); the rest is tuned
+# per size bucket.
+LOGITS_WIDE_K = 1024  # below this a pool is memory-bound and 128 columns would only leave SMs idle
+NORMS_BLOCK_K, NORMS_BLOCK_D, NORMS_WARPS = 4, 1024, 4
 LOGITS_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in [(64, 8, 3), (32, 8, 4)]]
 MIX_BLOCK_M, MIX_BLOCK_D = 64, 64
 MIX_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st) for bk, w, st in [(64, 4, 3), (32, 4, 4)]]
@@ -592,7 +618,8 @@ def logit_error_coefficients(D: int, dtype: torch.dtype) -> tuple[float, float]:
     fp32 = dtype == torch.float32
     steps = max(chunks) / (8 if fp32 else 16)  # MMA steps per chunk
     g_dot = 2 * u * (steps + 2) + u * (math.ceil(D / min(chunks)) + 1) + (3 * 2.0 ** -22 if fp32 else 0.0)
-    return g_dot, 2 * u * (D / 32 + 9)
+    # ||x||^2: a float64 sum rounded once to fp32 (u / 2, plus D 2^-53 from the float64 adds), doubled as a margin.
+    return g_dot, u
 
 
 def refined_rows(logits, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint_index, temperature=1.0,
@@ -636,7 +663,7 @@ class Logits(NamedTuple):
     xmax: torch.Tensor  # (NT,) per-tile max ||x||^2
     zsq: torch.Tensor  # (split_d, B) float64 parts of ||z||^2
     dots: torch.Tensor  # (split_d, B, K) parts of z.x when split, else a stand-in
-    xsq: torch.Tensor  # (split_d, K) parts of ||x||^2 when split, else a stand-in
+    norms: torch.Tensor  # (K,) fp32 ||x_j||^2
     block_n: int  # the column tile of the partials
     split_d: int
 
@@ -647,7 +674,10 @@ def launch_logits(inp: KernelInputs) -> Logits:
     B, D = z.shape
     K = pool.shape[0]
     f32 = dict(device=z.device, dtype=torch.float32)
-    bm, bn = (_interpret_block(B, INTERPRET_BLOCK_M), _interpret_block(K, 64)) if INTERPRET else (LOGITS_BLOCK_M, LOGITS_BLOCK_N)
+    if INTERPRET:
+        bm, bn = _interpret_block(B, INTERPRET_BLOCK_M), _interpret_block(K, 64)
+    else:
+        bm, bn = logits_tiles(B, K, z.dtype)
     bd = _interpret_block(D, 128) if INTERPRET else SPLIT_MIN_D
     nt = triton.cdiv(K, bn)
     split_d = split_factor(triton.cdiv(B, bm) * nt, triton.cdiv(D, bd), sm_count(z.device))
@@ -655,9 +685,10 @@ def launch_logits(inp: KernelInputs) -> Logits:
     out = Logits(logits, torch.empty(3, B, nt, **f32), torch.empty(nt, **f32),
                  torch.empty(split_d, B, device=z.device, dtype=torch.float64),
                  torch.empty(split_d, B, K, **f32) if split_d > 1 else logits,
-                 torch.empty(split_d, K, **f32) if split_d > 1 else logits, bn, split_d)
+                 squared_norms(pool) if inp.pool_sq_norms is None else inp.pool_sq_norms, bn, split_d)
     args = (z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.row_labels, inp.pool_labels, inp.log_prior,
-            inp.order, inp.n_active, *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B), size_bucket(K))
+            inp.order, inp.n_active, *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B),
+            size_bucket(K))
     flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d, HAS_PRIOR=inp.has_prior,
                  HAS_ACTIVE=inp.has_active, BLOCK_M=bm, BLOCK_N=bn)
     grid = (triton.cdiv(B, bm), nt, split_d)

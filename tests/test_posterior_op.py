@@ -249,6 +249,9 @@ BAD = [
     (dict(endpoint=torch.randn(3, 2, 4).bfloat16(), noise=torch.randn(3, 2, 4)), "endpoint must have dtype"),
     (dict(endpoint_index=torch.zeros(3)), "endpoint_index must be an integer"),
     (dict(endpoint_index=torch.zeros(4, dtype=torch.long)), "endpoint_index must have shape"),
+    (dict(pool_sq_norms=torch.ones(4)), "pool_sq_norms must have shape"),
+    (dict(pool_sq_norms=torch.ones(5).double()), "pool_sq_norms must have dtype"),
+    (dict(pool=torch.randn(3, 5, 2, 4), pool_sq_norms=torch.ones(5)), "pool_sq_norms belongs to a shared pool"),
     (dict(backend="cuda"), "backend must be one of"),
     (dict(z=torch.randn(3, 2, 4).double(), pool=torch.randn(5, 2, 4).double(), backend="triton"), "float64"),
 ]
