@@ -97,10 +97,11 @@ def sm_count(device: torch.device) -> int:
 
 
 def split_factor(programs: int, parts: int, sms: int) -> int:
-    """Ways (a power of two) to split a reduction of `parts` minimal chunks so that `programs` programs fill
-    `sms` SMs: a grid under one wave leaves SMs idle while each program walks the whole reduction."""
+    """Ways (a power of two) to split a reduction of `parts` minimal chunks so that `programs` programs fill at
+    least half of `sms` SMs: a smaller grid leaves SMs idle while each program walks the whole reduction; past half
+    a wave, another doubling gains at most the idle half and costs a pass over the partial sums."""
     split = 1
-    while programs * split < sms and parts >= 2 * split:
+    while 2 * programs * split <= sms and parts >= 2 * split:
         split *= 2
     return split
 

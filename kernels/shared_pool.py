@@ -1,9 +1,12 @@
-"""Fused Triton kernels for a pool of K candidates shared by all B rows: three launches, four when the mix is split.
+"""Fused Triton kernels for a pool of K candidates shared by all B rows: four launches (three when the caller gives
+the pool's squared norms), one more when the mix is split.
 
 The op is attention with one head of size D = 1k..16k, too wide for a single-pass FlashAttention kernel, and the B x K
 fp32 logits are small (2B/D of the input bytes), so it runs as two GEMMs (the Cut-Cross-Entropy pattern) with a
 per-row kernel between them:
 
+  `_squared_norms_kernel`: ||x_j||^2 summed in float64 and rounded once to fp32, one read of the pool (skipped when
+     the caller passes `pool_sq_norms`), so the logits GEMM's main loop is the GEMM alone.
   `_logits_kernel`: S = (2 a z.x - a^2 ||x||^2) / (2 sigma^2 tau) + log_prior with the label mask from integer ids,
      fp32 accumulation, and per-(row, column tile) softmax partials. The row-constant -||z||^2 / (2 sigma^2 tau)
      is left out (it cancels in the softmax and would cost precision) and added back to the reported lse. Under one
@@ -19,6 +22,10 @@ per-row kernel between them:
      loaded with one layout) whose epilogue writes the velocity; under one wave it splits K and
      `_mix_reduce_kernel` sums the parts in a fixed order.
 
+The gate (`active`): `launch.prepare` orders the rows on the device with the active ones first and counts them; the
+row-block programs of both GEMMs take consecutive rows of that order (`_gated_rows`), so only the first
+ceil(n_active / BLOCK_M) blocks walk D or K, and the row kernel's programs past the count stop after one load.
+
 Refinement bound: with u = 2^-24,
 |error of S_ij| <= (g_dot 2|a| ||z|| max||x|| + g_sum a^2 max||x||^2) / (2 sigma^2 tau).
 The logits kernel sums each BLOCK_D chunk's products from zero on tensor cores (16 products per MMA step for 16-bit
@@ -26,9 +33,9 @@ inputs; 8 for TF32, of which tf32x3 issues three dots) and adds the chunk to the
 round-to-nearest add. A truncating tensor-core adder may lose one unit in the last place (2u relative) of the chunk's
 partial sum at each MMA step, each chunk add half a unit of the running sum: g_dot = 2u (BLOCK_D / k + 2) +
 u (D / BLOCK_D + 1) (largest BLOCK_D for the first term, smallest for the second), plus 3 * 2^-22 per product for
-tf32x3's dropped low parts. ||x||^2 is an fp32 CUDA-core sum (a tree over BLOCK_D, then one add per chunk): g_sum =
-2u (D / 32 + 9). ||z||^2 is summed in float64 and adds nothing. The interpreter (fp32 round-to-nearest dots) shows at
-most 1/97 (fp32) and 1/64 (16-bit) of this bound at D = 4096 (tests/test_posterior_triton.py); bench/gpu_check.py
+tf32x3's dropped low parts. ||x||^2 is a float64 sum rounded once to fp32 (u / 2, doubled as a margin): g_sum = u.
+||z||^2 is summed in float64 and adds nothing. The interpreter (fp32 round-to-nearest dots) shows at most 1/53
+(fp32), 1/34 (fp16) and 1/24 (bf16) of this bound at D = 4096 (tests/test_posterior_triton.py); bench/gpu_check.py
 measures the ratio on a device.
 A row is refined only where that error can move its velocity: the bound exceeds REFINE_NATS and, in the residual
 form with the own endpoint's pool index, the candidates other than the own endpoint can hold weight. The own
@@ -578,17 +585,16 @@ def squared_norms(pool: torch.Tensor) -> torch.Tensor:
 
 
 def logits_tiles(B: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the logits GEMM on a GPU. 16-bit inputs take 128-row and 128-column tiles where B and K
-    fill them: each halves the L2 re-reads of the other operand (z is read once per column tile, the pool once per
-    row block). fp32 (tf32x3, three operand splits in registers) and small sizes keep 64."""
-    wide = dtype != torch.float32
-    return (128 if wide and B > 64 else 64), (128 if wide and K >= LOGITS_WIDE_K else 64)
+    """(BLOCK_M, BLOCK_N) of the logits GEMM on a GPU. 16-bit inputs take 128-row tiles when B fills them, which
+    halves the pool's re-reads from L2 (once per row block). Columns stay 64 wide: at (256, 4096) 128 x 128 tiles
+    would leave 64 programs, under half a wave, and the split over D they would need writes 8 MB of partial dot
+    products. fp32 (tf32x3 holds three operand splits in registers) keeps 64 x 64."""
+    return (128 if dtype != torch.float32 and B > 64 else 64), 64
 
 
 # GPU configurations, chosen so that ptxas reports no spills (kernels/compile_check.py); not yet tuned on a GPU.
 # The output tiles are chosen by `logits_tiles` (the host sizes buffers and splits from them); the rest is tuned
 # per size bucket.
-LOGITS_WIDE_K = 1024  # below this a pool is memory-bound and 128 columns would only leave SMs idle
 NORMS_BLOCK_K, NORMS_BLOCK_D, NORMS_WARPS = 4, 1024, 4
 LOGITS_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in [(64, 8, 3), (32, 8, 4)]]
 MIX_BLOCK_M, MIX_BLOCK_D = 64, 64
