@@ -76,8 +76,8 @@ CASES = [  # (layout, B, K, D, features)
 ]
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_SMS = 132  # an H100 SXM: sets the splits the launchers choose
-KERNEL_NAMES = {"_squared_norms_kernel": "shared_norms", "_logits_kernel": "shared_logits", "_row_kernel": "shared_row", "_mix_kernel": "shared_mix",
-                "_mix_reduce_kernel": "shared_mix_sum", "_per_row_kernel": "per_row",
+KERNEL_NAMES = {"_squared_norms_kernel": "shared_norms", "_logits_kernel": "shared_logits", "_row_kernel": "shared_row",
+                "_mix_kernel": "shared_mix", "_mix_reduce_kernel": "shared_mix_sum", "_per_row_kernel": "per_row",
                 "_per_row_merge_kernel": "per_row_merge"}
 
 

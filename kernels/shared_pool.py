@@ -19,7 +19,7 @@ per-row kernel between them:
      spread over more candidates than that is only as exact as the bound). No host sync, no data-dependent shapes.
      Last, it writes the row's normalised weights once (for 16-bit candidates as hi + lo parts in their dtype).
   `_mix_kernel`: mu = sum_j w_j x_j as a plain GEMM over those weights (no exp per D tile; both 16-bit parts are
-     loaded with one layout) whose epilogue writes the velocity; under one wave it splits K and
+     loaded with one layout) whose epilogue writes the velocity; under half a wave it splits K and
      `_mix_reduce_kernel` sums the parts in a fixed order.
 
 The gate (`active`): `launch.prepare` orders the rows on the device with the active ones first and counts them; the
@@ -125,7 +125,7 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
     rd = tl.arange(0, BLOCK_D)
     rm, mask_m = _gated_rows(ORDER, N_ACTIVE, pid_m * BLOCK_M + lm, B, HAS_ACTIVE)
     mask_n = rn < K
-    # This program's share of D: whole BLOCK_D chunks, one share unless the grid is under a wave. A row block the
+    # This program's share of D: whole BLOCK_D chunks, one share unless the grid is under half a wave. A row block the
     # gate leaves empty walks none of it.
     d_share = tl.cdiv(tl.cdiv(D, BLOCK_D), split_d) * BLOCK_D
     d_lo = pid_s * d_share
@@ -675,7 +675,7 @@ class Logits(NamedTuple):
 
 
 def launch_logits(inp: KernelInputs) -> Logits:
-    """The logits GEMM, split over D when its grid is under a wave."""
+    """The logits GEMM, split over D when its grid is under half a wave."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[0]
@@ -720,8 +720,8 @@ def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None)
     g_dot, g_sum = logit_error_coefficients(D, z.dtype)
     _row_kernel[(B,)](z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma,
                       inp.row_labels, inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, inp.endpoint_index,
-                      inp.order, inp.n_active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt, z.stride(0),
-                      pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
+                      inp.order, inp.n_active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt,
+                      z.stride(0), pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
                       ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
                       HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual,
                       HAS_ACTIVE=inp.has_active, SPLIT_P=split_p, P_SCALE=_p_scale(z.dtype),
@@ -743,7 +743,7 @@ def _p_scale(dtype) -> float:
 
 
 def launch_mix(inp: KernelInputs, weights, stats, vt):
-    """The mix (and, under one wave, its fixed-order sum): returns the velocity (B, D)."""
+    """The mix (and, under half a wave, its fixed-order sum): returns the velocity (B, D)."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[0]
@@ -756,8 +756,8 @@ def launch_mix(inp: KernelInputs, weights, stats, vt):
     velocity = (torch.zeros if inp.has_active else torch.empty)(B, D, device=z.device, dtype=torch.float32)
     partial = torch.empty(split_k, B, D, device=z.device, dtype=torch.float32) if split_k > 1 else velocity
     tail = (z, inp.endpoint, inp.noise, inp.alpha, inp.sigma, inp.d_alpha, inp.d_sigma, vt, velocity)
-    args = (weights, pool, stats, *tail, partial, inp.order, inp.n_active, B, K, D, z.stride(0), pool.stride(0), split_k,
-            size_bucket(B), size_bucket(K))
+    args = (weights, pool, stats, *tail, partial, inp.order, inp.n_active, B, K, D, z.stride(0), pool.stride(0),
+            split_k, size_bucket(B), size_bucket(K))
     flags = dict(RESIDUAL=inp.residual, HAS_ACTIVE=inp.has_active, SPLIT_P=_split_weights(z.dtype),
                  P_SCALE=_p_scale(z.dtype), BLOCK_M=bm, BLOCK_D=bd)
     grid = (triton.cdiv(B, bm), triton.cdiv(D, bd), split_k)
