@@ -608,6 +608,10 @@ ROW_BLOCK_W = 1024  # the row kernel's chunk of candidates when it writes the mi
 REDUCE_BLOCK_M, REDUCE_BLOCK_D, REDUCE_WARPS = 16, 128, 4
 # On a GPU, splitting stops at parts of this many elements of D (logits) or candidates (mix).
 SPLIT_MIN_D, SPLIT_MIN_K = 256, 256
+# The logits are split over D only for pools of at most this many column tiles (K <= 512 at 64 columns): the row
+# kernel's finish walks a row's tiles in turn, which at (32, 4096, 4096) would be 64 dependent steps in each of 32
+# programs; 64 unsplit programs walking D are shorter.
+SPLIT_D_MAX_TILES = 8
 
 # fp32 inputs: "tf32x3" keeps ~fp32 accuracy on the tensor cores (plain TF32 would put 1e-3 relative error into
 # logits that are divided by 2 sigma^2). 16-bit dots ignore it.
@@ -686,7 +690,10 @@ def launch_logits(inp: KernelInputs) -> Logits:
         bm, bn = logits_tiles(B, K, z.dtype)
     bd = _interpret_block(D, 128) if INTERPRET else SPLIT_MIN_D
     nt = triton.cdiv(K, bn)
-    split_d = split_factor(triton.cdiv(B, bm) * nt, triton.cdiv(D, bd), sm_count(z.device))
+    # The row kernel finishes split logits one column tile after another: only a few tiles keep that short.
+    split_d = 1
+    if nt <= SPLIT_D_MAX_TILES:
+        split_d = split_factor(triton.cdiv(B, bm) * nt, triton.cdiv(D, bd), sm_count(z.device))
     logits = torch.empty(B, K, **f32)
     out = Logits(logits, torch.empty(3, B, nt, **f32), torch.empty(nt, **f32),
                  torch.empty(split_d, B, device=z.device, dtype=torch.float64),
@@ -721,8 +728,8 @@ def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None)
     _row_kernel[(B,)](z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma,
                       inp.row_labels, inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, inp.endpoint_index,
                       inp.order, inp.n_active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt,
-                      z.stride(0), pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
-                      ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
+                      z.stride(0), pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats,
+                      g_dot, g_sum, ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
                       HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual,
                       HAS_ACTIVE=inp.has_active, SPLIT_P=split_p, P_SCALE=_p_scale(z.dtype),
                       BLOCK_W=_interpret_block(K, 1024) if INTERPRET else ROW_BLOCK_W,
