@@ -8,9 +8,9 @@ the repository root is on sys.path and this file would also answer `import kerne
 is installed under that name, or fails as not installed.
 """
 if __name__ == "pafm_kernels":
-    from .posterior_velocity import PosteriorTarget, combine_posteriors, posterior_velocity
+    from .posterior_velocity import PosteriorTarget, combine_posteriors, pool_squared_norms, posterior_velocity
 
-    __all__ = ["posterior_velocity", "combine_posteriors", "PosteriorTarget"]
+    __all__ = ["posterior_velocity", "combine_posteriors", "pool_squared_norms", "PosteriorTarget"]
 else:
     import importlib.machinery
     import importlib.util

@@ -76,8 +76,8 @@ CASES = [  # (layout, B, K, D, features)
 ]
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_SMS = 132  # an H100 SXM: sets the splits the launchers choose
-KERNEL_NAMES = {"_logits_kernel": "shared_logits", "_row_kernel": "shared_row", "_mix_kernel": "shared_mix",
-                "_mix_reduce_kernel": "shared_mix_sum", "_per_row_kernel": "per_row",
+KERNEL_NAMES = {"_squared_norms_kernel": "shared_norms", "_logits_kernel": "shared_logits", "_row_kernel": "shared_row",
+                "_mix_kernel": "shared_mix", "_mix_reduce_kernel": "shared_mix_sum", "_per_row_kernel": "per_row",
                 "_per_row_merge_kernel": "per_row_merge"}
 
 
@@ -126,7 +126,8 @@ def recorded_launches(layout, B, K, D, features, dtype):
 
     args, kw = _case_inputs(layout, B, K, D, features, TORCH_DTYPES[dtype])
     launches = []
-    handles = [(shared_pool, n) for n in ("_logits_tuned", "_row_kernel", "_mix_tuned", "_mix_reduce_kernel")]
+    handles = [(shared_pool, n) for n in ("_squared_norms_kernel", "_logits_tuned", "_row_kernel", "_mix_tuned",
+                                          "_mix_reduce_kernel")]
     handles += [(per_row_pool, "_per_row_tuned"), (per_row_pool, "_per_row_merge_kernel")]
     saved = [getattr(m, n) for m, n in handles] + [launch.SMS_WITHOUT_GPU]
     try:

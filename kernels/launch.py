@@ -42,6 +42,9 @@ class KernelInputs(NamedTuple):
     endpoint_index: torch.Tensor
     pool_index: torch.Tensor
     active: torch.Tensor  # (B,) bool when has_active: the rows to compute
+    order: torch.Tensor  # (B,) shared pools under the gate: the row indices, active rows first (else a stand-in)
+    n_active: torch.Tensor  # (1,) int32 on the device: how many rows are active (else a stand-in)
+    pool_sq_norms: torch.Tensor | None  # (K,) fp32 ||x_j||^2 of a shared pool when the caller has them
     row_tau: bool
     has_labels: bool
     labels_2d: bool
@@ -54,19 +57,25 @@ class KernelInputs(NamedTuple):
 
 def prepare(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, *, row_labels=None, pool_labels=None,
             log_prior=None, endpoint=None, noise=None, endpoint_index=None, pool_index=None,
-            active=None) -> KernelInputs:
+            active=None, pool_sq_norms=None) -> KernelInputs:
     """Inputs already validated by `posterior_velocity`; `temperature` is a float or a (B,) tensor."""
     def arg(t):
         return z if t is None else t.contiguous()  # contiguous() is free on the trainer's (contiguous) tensors
 
     row_tau = isinstance(temperature, torch.Tensor)
+    order = n_active = z
+    if active is not None and pool.dim() == 2:
+        # The shared-pool kernels give each row block consecutive entries of `order`, so under the gate only the
+        # first ceil(n_active / BLOCK_M) row blocks do any work; both stay on the device (no host sync).
+        order = torch.argsort((~active).to(torch.uint8), stable=True)
+        n_active = active.sum(dtype=torch.int32).reshape(1)
     # Per-row pools are read through their strides, so a bank's slice (N, K, D) is used in place.
     per_row_in_place = pool.dim() == 3 and pool.stride(-1) == 1
     return KernelInputs(
         z.contiguous(), pool if per_row_in_place else pool.contiguous(), arg(alpha), arg(sigma), arg(d_alpha),
         arg(d_sigma), arg(temperature if row_tau else None), 1.0 if row_tau else float(temperature),
         arg(row_labels), arg(pool_labels), arg(log_prior), arg(endpoint), arg(noise), arg(endpoint_index),
-        arg(pool_index), arg(active), row_tau, row_labels is not None,
+        arg(pool_index), arg(active), order, n_active, pool_sq_norms, row_tau, row_labels is not None,
         pool_labels is not None and pool_labels.dim() == 2, log_prior is not None, endpoint is not None,
         endpoint_index is not None, pool_index is not None, active is not None)
 
@@ -88,10 +97,11 @@ def sm_count(device: torch.device) -> int:
 
 
 def split_factor(programs: int, parts: int, sms: int) -> int:
-    """Ways (a power of two) to split a reduction of `parts` minimal chunks so that `programs` programs fill
-    `sms` SMs: a grid under one wave leaves SMs idle while each program walks the whole reduction."""
+    """Ways (a power of two) to split a reduction of `parts` minimal chunks so that `programs` programs fill at
+    least half of `sms` SMs: a smaller grid leaves SMs idle while each program walks the whole reduction; past half
+    a wave, another doubling gains at most the idle half and costs a pass over the partial sums."""
     split = 1
-    while programs * split < sms and parts >= 2 * split:
+    while 2 * programs * split <= sms and parts >= 2 * split:
         split *= 2
     return split
 

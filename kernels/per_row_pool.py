@@ -1,7 +1,7 @@
 """Fused Triton kernels for per-row candidate pools (B, K, D): neighbours, VAE re-samples and a class bank's entries.
 
 There is no reuse across rows, so this is a memory-bound batched GEMV: one program per row, or, when the rows do not
-fill a wave of SMs (training's 32 rows per rank), one program per row and part of its candidates.
+fill half a wave of SMs (training's 32 rows per rank), one program per row and part of its candidates.
 Pass 1 walks the program's candidates once, forms the direct fp32 distance ||z - a x_j||^2 over D chunks (as cheap
 as the expansion here and the most accurate), writes the B x K logits and keeps per-lane online-softmax statistics
 (max, sum exp, sum exp^2). Pass 2 forms mu = sum_j exp(l_j - lse) x_j one D chunk at a time and writes the velocity;
@@ -199,14 +199,14 @@ PER_ROW_CONFIGS = [
 ]
 _per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["k_bucket", "D", "split_k", "HAS_LABELS", "HAS_PRIOR",
                                                       "HAS_POOL_INDEX", "RESIDUAL", "HAS_ACTIVE"])(_per_row_kernel)
-# Under one wave of programs a row's candidates are split into parts of at least this many; the merge's D chunk.
+# Under half a wave of programs a row's candidates are split into parts of at least this many; the merge's D chunk.
 SPLIT_MIN_K = 16
 MERGE_BLOCK_D, MERGE_WARPS = 512, 4
 
 
 def per_row_posterior(inp: KernelInputs):
     """Triton posterior velocity for z (B, D) against per-row pools (B, K, D), or (N, K, D) read through
-    pool_index; returns fp32 (velocity, lse, ess). Under one wave of programs (training's 32 rows per rank) each
+    pool_index; returns fp32 (velocity, lse, ess). Under half a wave of programs (training's 32 rows per rank) each
     row's candidates are split over several programs and merged in a fixed order by a second launch."""
     z, pool = inp.z, inp.pool
     B, D = z.shape

@@ -53,7 +53,7 @@ def _check_tensor(name, t, shape, device, *, floating=None, integer=False):
 
 def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=None, pool_labels=None,
                        log_prior=None, temperature=1.0, endpoint=None, noise=None, endpoint_index=None,
-                       pool_index=None, active=None, backend="auto"):
+                       pool_index=None, active=None, pool_sq_norms=None, backend="auto"):
     """Self-normalised importance-sampling estimate of the posterior-mean flow-matching velocity.
 
     Logits l_ij = -||z_i - alpha_i x_j||^2 / (2 sigma_i^2 tau_i) + log_prior_ij over the candidates x_j admitted by
@@ -77,8 +77,13 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             sigma -> 0 it carries the weight). Per-row pools and the reference compute every logit exactly.
         pool_index: (B,) integers in [0, N), the per-row pool each row reads (not checked: no host sync).
         active: (B,) bool, the rows to compute (a gate on t): the others are not computed, their velocity, lse and ess
-            are 0. The Triton kernels skip them without a host sync (their programs load and compute nothing for
-            them); the reference solves only the active rows.
+            are 0. The Triton kernels skip them without a host sync: a shared pool's rows are ordered on the device
+            with the active ones first, so its GEMMs walk only the row blocks that hold them; the reference solves
+            only the active rows.
+        pool_sq_norms: (K,) float32 ||x_j||^2 of a shared pool, each a float64 sum rounded once to fp32 (what
+            `pool_squared_norms(pool)` returns): pass it for a pool that serves several calls; without it the
+            Triton path computes it (one more launch). The refinement bound assumes that accuracy. The reference
+            ignores it.
         backend: "torch" (memory-bounded float64-grade reference), "triton" (fused kernels; CUDA, or CPU tensors
             when TRITON_INTERPRET=1), or "auto" (Triton on CUDA tensors except float64, the reference elsewhere).
             The op has no autograd: it builds a stop-gradient target. The Triton path never waits for the device
@@ -155,6 +160,10 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             _check_tensor(name, t, z.shape, device, floating=(z.dtype,))
     if endpoint_index is not None:
         _check_tensor("endpoint_index", endpoint_index, (B,), device, integer=True)
+    if pool_sq_norms is not None:
+        if not shared:
+            raise ValueError("pool_sq_norms belongs to a shared pool (K, *S); per-row pools compute distances directly")
+        _check_tensor("pool_sq_norms", pool_sq_norms, (K,), device, floating=(torch.float32,))
     if active is not None:
         _check_tensor("active", active, (B,), device)
         if active.dtype != torch.bool:
@@ -178,7 +187,7 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
 
             inputs = prepare(z2, pool2, alpha, sigma, d_alpha, d_sigma, temperature, **optional,
                              endpoint_index=endpoint_index if shared else None, pool_index=pool_index,
-                             active=active)
+                             active=active, pool_sq_norms=pool_sq_norms)
             if shared:
                 from .shared_pool import shared_pool_posterior
 
@@ -196,6 +205,21 @@ def posterior_velocity(z, pool, alpha, sigma, d_alpha, d_sigma, *, row_labels=No
             else:
                 velocity, lse, ess = _active_rows_only(active, args, dict(optional, pool_index=pool_index))
     return PosteriorTarget(velocity.reshape(z.shape), lse, ess)
+
+
+def pool_squared_norms(pool: torch.Tensor) -> torch.Tensor:
+    """(K,) float32 ||x_j||^2 of a shared pool (K, *S), each a float64 sum rounded once to fp32: the op's
+    `pool_sq_norms`, computed once for a pool that serves several calls (the Triton kernel on CUDA or under
+    TRITON_INTERPRET=1, else torch in float64)."""
+    if not isinstance(pool, torch.Tensor) or pool.dim() < 2 or pool.dtype not in _KERNEL_DTYPES + (torch.float64,):
+        raise ValueError(f"pool must be a floating tensor of shape (K, *S), got "
+                         f"{tuple(pool.shape) if isinstance(pool, torch.Tensor) else type(pool).__name__}")
+    flat = pool.reshape(pool.shape[0], -1)
+    if pool.dtype != torch.float64 and (pool.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from .shared_pool import squared_norms
+
+        return squared_norms(flat.contiguous())
+    return flat.double().square().sum(1).float()
 
 
 def _active_rows_only(active, args, optional):

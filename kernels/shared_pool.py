@@ -1,9 +1,12 @@
-"""Fused Triton kernels for a pool of K candidates shared by all B rows: three launches, four when the mix is split.
+"""Fused Triton kernels for a pool of K candidates shared by all B rows: four launches (three when the caller gives
+the pool's squared norms), one more when the mix is split.
 
 The op is attention with one head of size D = 1k..16k, too wide for a single-pass FlashAttention kernel, and the B x K
 fp32 logits are small (2B/D of the input bytes), so it runs as two GEMMs (the Cut-Cross-Entropy pattern) with a
 per-row kernel between them:
 
+  `_squared_norms_kernel`: ||x_j||^2 summed in float64 and rounded once to fp32, one read of the pool (skipped when
+     the caller passes `pool_sq_norms`), so the logits GEMM's main loop is the GEMM alone.
   `_logits_kernel`: S = (2 a z.x - a^2 ||x||^2) / (2 sigma^2 tau) + log_prior with the label mask from integer ids,
      fp32 accumulation, and per-(row, column tile) softmax partials. The row-constant -||z||^2 / (2 sigma^2 tau)
      is left out (it cancels in the softmax and would cost precision) and added back to the reported lse. Under one
@@ -16,8 +19,12 @@ per-row kernel between them:
      spread over more candidates than that is only as exact as the bound). No host sync, no data-dependent shapes.
      Last, it writes the row's normalised weights once (for 16-bit candidates as hi + lo parts in their dtype).
   `_mix_kernel`: mu = sum_j w_j x_j as a plain GEMM over those weights (no exp per D tile; both 16-bit parts are
-     loaded with one layout) whose epilogue writes the velocity; under one wave it splits K and
+     loaded with one layout) whose epilogue writes the velocity; under half a wave it splits K and
      `_mix_reduce_kernel` sums the parts in a fixed order.
+
+The gate (`active`): `launch.prepare` orders the rows on the device with the active ones first and counts them; the
+row-block programs of both GEMMs take consecutive rows of that order (`_gated_rows`), so only the first
+ceil(n_active / BLOCK_M) blocks walk D or K, and the row kernel's programs past the count stop after one load.
 
 Refinement bound: with u = 2^-24,
 |error of S_ij| <= (g_dot 2|a| ||z|| max||x|| + g_sum a^2 max||x||^2) / (2 sigma^2 tau).
@@ -26,9 +33,9 @@ inputs; 8 for TF32, of which tf32x3 issues three dots) and adds the chunk to the
 round-to-nearest add. A truncating tensor-core adder may lose one unit in the last place (2u relative) of the chunk's
 partial sum at each MMA step, each chunk add half a unit of the running sum: g_dot = 2u (BLOCK_D / k + 2) +
 u (D / BLOCK_D + 1) (largest BLOCK_D for the first term, smallest for the second), plus 3 * 2^-22 per product for
-tf32x3's dropped low parts. ||x||^2 is an fp32 CUDA-core sum (a tree over BLOCK_D, then one add per chunk): g_sum =
-2u (D / 32 + 9). ||z||^2 is summed in float64 and adds nothing. The interpreter (fp32 round-to-nearest dots) shows at
-most 1/97 (fp32) and 1/64 (16-bit) of this bound at D = 4096 (tests/test_posterior_triton.py); bench/gpu_check.py
+tf32x3's dropped low parts. ||x||^2 is a float64 sum rounded once to fp32 (u / 2, doubled as a margin): g_sum = u.
+||z||^2 is summed in float64 and adds nothing. The interpreter (fp32 round-to-nearest dots) shows at most 1/53
+(fp32), 1/34 (fp16) and 1/24 (bf16) of this bound at D = 4096 (tests/test_posterior_triton.py); bench/gpu_check.py
 measures the ratio on a device.
 A row is refined only where that error can move its velocity: the bound exceeds REFINE_NATS and, in the residual
 form with the own endpoint's pool index, the candidates other than the own endpoint can hold weight. The own
@@ -57,8 +64,8 @@ from .launch import INTERPRET, KernelInputs, load_row_coefficients, size_bucket,
 @triton.jit
 def _finish_logits(logit, base, offs, cols, valid, row_lab, POOL_LAB, LOG_PRIOR, K,
                    HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr, HAS_PRIOR: tl.constexpr):
-    """Adds the log prior and applies the label mask. (B, K) inputs are read at `base + offs` (an int64 row base
-    and int32 tile offsets: int64 tiles would cost two registers per element), (K,) labels at `cols`."""
+    """Adds the log prior and applies the label mask. (B, K) inputs are read at `base + offs`, (K,) labels at
+    `cols`."""
     if HAS_PRIOR:
         logit += tl.load(LOG_PRIOR + base + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_LABELS:
@@ -71,11 +78,17 @@ def _finish_logits(logit, base, offs, cols, valid, row_lab, POOL_LAB, LOG_PRIOR,
 
 
 @triton.jit
-def _active_rows(ACTIVE, rows, mask, HAS_ACTIVE: tl.constexpr):
-    """`mask` less the rows the gate leaves out: the kernels load, compute and store nothing for those."""
+def _gated_rows(ORDER, N_ACTIVE, slots, B, HAS_ACTIVE: tl.constexpr):
+    """(rows, mask) of a program's slots: int64 indices of the input rows it computes. Under the gate ORDER lists the
+    active rows first and N_ACTIVE counts them, so the slots past the count are masked and a block of them is empty:
+    its program walks no chunk of D or K. Every buffer is indexed by input row; only the programs' rows move."""
     if HAS_ACTIVE:
-        mask = mask & (tl.load(ACTIVE + rows, mask=mask, other=0) != 0)
-    return mask
+        mask = slots < tl.load(N_ACTIVE)
+        rows = tl.load(ORDER + slots, mask=mask, other=0).to(tl.int64)
+    else:
+        mask = slots < B
+        rows = slots.to(tl.int64)
+    return rows, mask
 
 
 @triton.jit
@@ -98,8 +111,8 @@ def _key_is_finite(key):
 
 
 @triton.jit
-def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PRIOR, ACTIVE,
-                   LOGITS, PART, XMAX, ZSQ, DOTS, XSQ,
+def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PRIOR, ORDER, N_ACTIVE,
+                   LOGITS, PART, XMAX, ZSQ, DOTS, NORMS,
                    B, K, D, NT, stride_z, stride_x, split_d, b_bucket, k_bucket,
                    ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
                    HAS_PRIOR: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -110,60 +123,48 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
     lm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
-    rm = pid_m * BLOCK_M + lm
-    mask_m = _active_rows(ACTIVE, rm, rm < B, HAS_ACTIVE)
+    rm, mask_m = _gated_rows(ORDER, N_ACTIVE, pid_m * BLOCK_M + lm, B, HAS_ACTIVE)
     mask_n = rn < K
-    rm64 = rm.to(tl.int64)
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
-    # This program's share of D: whole BLOCK_D chunks, one share unless the grid is under a wave. A row block the
+    # This program's share of D: whole BLOCK_D chunks, one share unless the grid is under half a wave. A row block the
     # gate leaves empty walks none of it.
     d_share = tl.cdiv(tl.cdiv(D, BLOCK_D), split_d) * BLOCK_D
     d_lo = pid_s * d_share
     live = tl.max(mask_m.to(tl.int32), axis=0) > 0
-    d_all = tl.minimum(D, d_lo + d_share)
-    d_hi = tl.where(live, d_all, d_lo)
+    d_hi = tl.where(live, tl.minimum(D, d_lo + d_share), d_lo)
 
-    # Tile offsets stay int32 around an int64 base; int64 pointer tiles would cost two registers per element.
-    z_ptrs = Z + row0 * stride_z + (lm[:, None] * stride_z + (d_lo + rd)[None, :])
+    z_ptrs = Z + (rm * stride_z)[:, None] + (d_lo + rd)[None, :]
     x_ptrs = X + (pid_n * BLOCK_N).to(tl.int64) * stride_x + (tl.arange(0, BLOCK_N)[:, None] * stride_x
                                                                + (d_lo + rd)[None, :])
+    # The main loop is the GEMM alone: the pool's squared norms come precomputed (NORMS, once per pool).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(d_lo, d_hi, BLOCK_D):
         mask_d = d0 + rd < d_hi
         z = tl.load(z_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        # ||x||^2 in fp32 from the tile already on chip: a bf16 GEMM column would round 4096 to +-16.
-        xf = x.to(tl.float32)
-        xsq += tl.sum(xf * xf, axis=1)
         if UPCAST:
-            acc = tl.dot(z.to(tl.float32), tl.trans(xf), acc, input_precision="ieee")
+            acc = tl.dot(z.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         else:
             # Each chunk's products are summed from zero and added with one round-to-nearest add: a truncating
             # tensor-core accumulator then errs per chunk, not along all of D (the bound's g_dot).
             acc += tl.dot(z, tl.trans(x), input_precision=PRECISION)
         z_ptrs += BLOCK_D
         x_ptrs += BLOCK_D
-    if HAS_ACTIVE:
-        # The column tile's ||x||^2 (XMAX, XSQ) comes from row block 0, which sums it alone when gated out.
-        for d0 in range(d_hi, tl.where(pid_m == 0, d_all, d_hi), BLOCK_D):
-            mask_d = d0 + rd < d_all
-            xf = tl.load(x_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            xsq += tl.sum(xf * xf, axis=1)
-            x_ptrs += BLOCK_D
     if pid_n == 0:
         # ||z||^2 in float64 (it shifts the logits back to the reported lse, ~1e11 nats at sigma = 1e-5): one
         # column of programs re-reads its z rows.
         zsq = tl.zeros((BLOCK_M,), dtype=tl.float64)
         for d0 in range(d_lo, d_hi, BLOCK_D):
             mask_d = d0 + rd < d_hi
-            zf = tl.load(Z + row0 * stride_z + (lm[:, None] * stride_z + (d0 + rd)[None, :]),
+            zf = tl.load(Z + (rm * stride_z)[:, None] + (d0 + rd)[None, :],
                          mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float64)
             zsq += tl.sum(zf * zf, axis=1)
         tl.store(ZSQ + pid_s * B + rm, zsq, mask=mask_m)
 
+    xsq = tl.load(NORMS + rn, mask=mask_n, other=0.0)
+    if (pid_m == 0) & (pid_s == 0):
+        tl.store(XMAX + pid_n, tl.max(xsq, axis=0))  # the tile's largest ||x||^2, for the row kernel's bound
     valid = mask_m[:, None] & mask_n[None, :]
-    tile = lm[:, None] * K + rn[None, :]
+    tile = (rm * K)[:, None] + rn[None, :]
     if split_d == 1:
         a, sg, tau, inv = load_row_coefficients(ALPHA, SIGMA, TAU, tau_value, rm, mask_m, ROW_TAU)
         if HAS_LABELS:
@@ -171,23 +172,19 @@ def _logits_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, ROW_LAB, POOL_LAB, LOG_PR
         else:
             row_lab = 0
         logit = (2.0 * a * inv)[:, None] * acc - (a * a * inv)[:, None] * xsq[None, :]
-        logit = _finish_logits(logit, row0 * K, tile, rn[None, :], valid, row_lab, POOL_LAB, LOG_PRIOR, K,
+        logit = _finish_logits(logit, 0, tile, rn[None, :], valid, row_lab, POOL_LAB, LOG_PRIOR, K,
                                HAS_LABELS, LABELS_2D, HAS_PRIOR)
-        tl.store(LOGITS + row0 * K + tile, logit, mask=valid)
+        tl.store(LOGITS + tile, logit, mask=valid)
         # Softmax partials of this column tile; a fully masked tile contributes m = -inf, l = q = 0.
         m = tl.max(logit, axis=1)
         p = tl.exp(logit - tl.where(m == float("-inf"), 0.0, m)[:, None])
-        part = PART + rm64 * NT + pid_n
+        part = PART + rm * NT + pid_n
         tl.store(part, m, mask=mask_m)
         tl.store(part + B * NT, tl.sum(p, axis=1), mask=mask_m)
         tl.store(part + 2 * B * NT, tl.sum(p * p, axis=1), mask=mask_m)
-        if pid_m == 0:
-            tl.store(XMAX + pid_n, tl.max(tl.where(mask_n, xsq, 0.0), axis=0))
     else:
         # Split D: the row kernel sums the parts in a fixed order and finishes the logits.
-        tl.store(DOTS + (pid_s * B + row0) * K + tile, acc, mask=valid)
-        if pid_m == 0:
-            tl.store(XSQ + pid_s * K + rn, xsq, mask=mask_n)
+        tl.store(DOTS + (pid_s * B).to(tl.int64) * K + tile, acc, mask=valid)
 
 
 @triton.jit
@@ -237,16 +234,16 @@ def _own_endpoint_check(Z, X, LOG_PRIOR, OWN, D_ALPHA, D_SIGMA, part, row, B, K,
 
 @triton.jit
 def _row_kernel(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-                OWN, ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, W,
+                OWN, ORDER, N_ACTIVE, LOGITS, PART, XMAX, ZSQ, DOTS, NORMS, STATS, VT, LSE, ESS, W,
                 B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
                 ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr,
                 SPLIT_P: tl.constexpr, P_SCALE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_N: tl.constexpr, TOP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    if _active_rows(ACTIVE, row, row >= 0, HAS_ACTIVE):  # a row the gate leaves out costs one load
+    row, live = _gated_rows(ORDER, N_ACTIVE, tl.program_id(0), B, HAS_ACTIVE)
+    if live:  # programs past the gate's count stop after one load
         _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-             OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
+             OWN, LOGITS, PART, XMAX, ZSQ, DOTS, NORMS, STATS, VT, LSE, ESS, row,
              B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
              ROW_TAU, HAS_LABELS, LABELS_2D, HAS_PRIOR, HAS_OWN, RESIDUAL, BLOCK_S, BLOCK_N, TOP, BLOCK_T, BLOCK_D)
         # The row's normalised weights, once: the mix is then a plain GEMM (no exp per D tile).
@@ -278,7 +275,7 @@ def _write_weights(LOGITS, STATS, W, row, B, K, SPLIT_P: tl.constexpr, P_SCALE: 
 
 @triton.jit
 def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB, LOG_PRIOR, ENDPOINT, NOISE,
-         OWN, LOGITS, PART, XMAX, ZSQ, DOTS, XSQ, STATS, VT, LSE, ESS, row,
+         OWN, LOGITS, PART, XMAX, ZSQ, DOTS, NORMS, STATS, VT, LSE, ESS, row,
          B, K, D, NT, stride_z, stride_x, split_d, refine_nats, g_dot, g_sum, one_hot_mass,
          ROW_TAU: tl.constexpr, HAS_LABELS: tl.constexpr, LABELS_2D: tl.constexpr,
          HAS_PRIOR: tl.constexpr, HAS_OWN: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -298,13 +295,12 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
 
     if split_d > 1:
         # Finish this row's logits from the split dot products and write its tile partials.
-        xmax = tl.zeros((), dtype=tl.float32)
         for t in range(0, NT):
             cols = t * BLOCK_N + rn
             ok = cols < K
             both = (rs < split_d)[:, None] & ok[None, :]
             dot = tl.sum(tl.load(DOTS + (rs[:, None] * B + row) * K + cols[None, :], mask=both, other=0.0), axis=0)
-            xsq = tl.sum(tl.load(XSQ + rs[:, None] * K + cols[None, :], mask=both, other=0.0), axis=0)
+            xsq = tl.load(NORMS + cols, mask=ok, other=0.0)
             logit = _finish_logits((2.0 * a * inv) * dot - (a * a * inv) * xsq, row * K, cols, cols, ok, row_lab,
                                    POOL_LAB, LOG_PRIOR, K, HAS_LABELS, LABELS_2D, HAS_PRIOR)
             tl.store(LOGITS + row * K + cols, logit, mask=ok)
@@ -313,12 +309,10 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
             tl.store(part + t, m_t)
             tl.store(part + B * NT + t, tl.sum(p, axis=0))
             tl.store(part + 2 * B * NT + t, tl.sum(p * p, axis=0))
-            xmax = tl.maximum(xmax, tl.max(xsq, axis=0))
         tl.debug_barrier()  # the partials are read back below by other threads of this program
-    else:
-        xmax = tl.zeros((), dtype=tl.float32)
-        for t0 in range(0, NT, BLOCK_T):
-            xmax = tl.maximum(xmax, tl.max(tl.load(XMAX + t0 + rt, mask=t0 + rt < NT, other=0.0), axis=0))
+    xmax = tl.zeros((), dtype=tl.float32)
+    for t0 in range(0, NT, BLOCK_T):
+        xmax = tl.maximum(xmax, tl.max(tl.load(XMAX + t0 + rt, mask=t0 + rt < NT, other=0.0), axis=0))
 
     # The row's max, sum of exp and sum of squared exp over its tiles.
     m = tl.full((), float("-inf"), dtype=tl.float32)
@@ -479,11 +473,10 @@ def _row(Z, X, ALPHA, SIGMA, TAU, tau_value, D_ALPHA, D_SIGMA, ROW_LAB, POOL_LAB
 
 
 @triton.jit
-def _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
+def _store_velocity(acc, rm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
                     VT, V, B, D, stride_z, RESIDUAL: tl.constexpr):
     """v = (refined rows: the picks' share) + the share of acc = sum_j w_j x_j over the other candidates, whose
-    weights sum to `rest` (1 for rows that were not refined). Rows row0 + lm (int64 base, int32 offsets)."""
-    rm = row0 + lm
+    weights sum to `rest` (1 for rows that were not refined). Rows rm (int64)."""
     a = tl.load(ALPHA + rm, mask=mask_m, other=0.0).to(tl.float32)
     sg = tl.load(SIGMA + rm, mask=mask_m, other=1.0).to(tl.float32)
     da = tl.load(D_ALPHA + rm, mask=mask_m, other=0.0).to(tl.float32)
@@ -491,22 +484,22 @@ def _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA
     rest = tl.load(STATS + 2 * B + rm, mask=mask_m, other=1.0)[:, None]
     refined = tl.load(STATS + 3 * B + rm, mask=mask_m, other=0.0) != 0.0
     mask = mask_m[:, None] & mask_d[None, :]
-    offs = lm[:, None] * stride_z + rd[None, :]
+    offs = (rm * stride_z)[:, None] + rd[None, :]
     if RESIDUAL:
         # u + (d_alpha - d_sigma alpha / sigma)(mu - x_own): stays accurate as sigma -> 0.
-        x_own = tl.load(ENDPOINT + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.load(NOISE + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
+        x_own = tl.load(ENDPOINT + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.load(NOISE + offs, mask=mask, other=0.0).to(tl.float32)
         v = rest * (da[:, None] * x_own + ds[:, None] * eps) + (da - ds * a / sg)[:, None] * (acc - rest * x_own)
     else:
-        zt = tl.load(Z + row0 * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
+        zt = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
         v = da[:, None] * acc + (ds / sg)[:, None] * (rest * zt - a[:, None] * acc)
-    out = lm[:, None] * D + rd[None, :]
-    v += tl.load(VT + row0 * D + out, mask=mask & refined[:, None], other=0.0)
-    tl.store(V + row0 * D + out, v, mask=mask)
+    out = (rm * D)[:, None] + rd[None, :]
+    v += tl.load(VT + out, mask=mask & refined[:, None], other=0.0)
+    tl.store(V + out, v, mask=mask)
 
 
 @triton.jit
-def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL, ACTIVE,
+def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, PARTIAL, ORDER, N_ACTIVE,
                 B, K, D, stride_z, stride_x, split_k, b_bucket, k_bucket,
                 RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr,
                 P_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -516,9 +509,8 @@ def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
     pid_k = tl.program_id(2)
     lm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    rm = pid_m * BLOCK_M + lm
+    rm, mask_m = _gated_rows(ORDER, N_ACTIVE, pid_m * BLOCK_M + lm, B, HAS_ACTIVE)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = _active_rows(ACTIVE, rm, rm < B, HAS_ACTIVE)
     mask_d = rd < D
     k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
     k_lo = pid_k * k_share
@@ -526,8 +518,7 @@ def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
     k_hi = tl.where(live, tl.minimum(K, k_lo + k_share), k_lo)
 
     # The weights the row kernel wrote (P_SCALE: see _write_weights); two planes hi + lo for 16-bit candidates.
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
-    w_ptrs = W + row0 * K + (lm[:, None] * K + (k_lo + rk)[None, :])
+    w_ptrs = W + (rm * K)[:, None] + (k_lo + rk)[None, :]
     x_ptrs = X + k_lo.to(tl.int64) * stride_x + (rk[:, None] * stride_x + rd[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -547,34 +538,64 @@ def _mix_kernel(W, X, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
         x_ptrs += BLOCK_K * stride_x
     acc = acc * (1.0 / P_SCALE)
     if split_k == 1:
-        _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
+        _store_velocity(acc, rm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA,
                         STATS, VT, V, B, D, stride_z, RESIDUAL)
     else:
-        tl.store(PARTIAL + (pid_k * B + row0) * D + (lm[:, None] * D + rd[None, :]), acc,
+        tl.store(PARTIAL + (pid_k * B).to(tl.int64) * D + (rm * D)[:, None] + rd[None, :], acc,
                  mask=mask_m[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, ACTIVE,
+def _mix_reduce_kernel(PARTIAL, STATS, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, VT, V, ORDER, N_ACTIVE,
                        B, D, stride_z, split_k,
                        RESIDUAL: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-    lm = tl.arange(0, BLOCK_M)
-    row0 = (tl.program_id(0) * BLOCK_M).to(tl.int64)
+    rm, mask_m = _gated_rows(ORDER, N_ACTIVE, tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), B, HAS_ACTIVE)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = _active_rows(ACTIVE, row0 + lm, row0 + lm < B, HAS_ACTIVE)
     mask_d = rd < D
-    offs = lm[:, None] * D + rd[None, :]
+    offs = (rm * D)[:, None] + rd[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for s in range(0, split_k):  # a fixed order: the same sum on every run
-        acc += tl.load(PARTIAL + (s * B + row0) * D + offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    _store_velocity(acc, row0, lm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
+        acc += tl.load(PARTIAL + (s * B).to(tl.int64) * D + offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    _store_velocity(acc, rm, rd, mask_m, mask_d, Z, ENDPOINT, NOISE, ALPHA, SIGMA, D_ALPHA, D_SIGMA, STATS,
                     VT, V, B, D, stride_z, RESIDUAL)
 
 
+@triton.jit
+def _squared_norms_kernel(X, OUT, K, D, stride_x, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT_j = ||x_j||^2 summed in float64 and rounded once to fp32 (the bound's g_sum)."""
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        x = tl.load(X + (rk.to(tl.int64) * stride_x)[:, None] + (d0 + rd)[None, :],
+                    mask=(rk < K)[:, None] & (d0 + rd < D)[None, :], other=0.0).to(tl.float64)
+        acc += tl.sum(x * x, axis=1)
+    tl.store(OUT + rk, acc.to(tl.float32), mask=rk < K)
+
+
+def squared_norms(pool: torch.Tensor) -> torch.Tensor:
+    """(K,) fp32 squared norms of a shared pool (K, D) for the logits kernel: one launch, one read of the pool."""
+    K, D = pool.shape
+    out = torch.empty(K, device=pool.device, dtype=torch.float32)
+    block_k, block_d = (16, _interpret_block(D, 1024)) if INTERPRET else (NORMS_BLOCK_K, NORMS_BLOCK_D)
+    _squared_norms_kernel[(triton.cdiv(K, block_k),)](pool, out, K, D, pool.stride(0), BLOCK_K=block_k,
+                                                      BLOCK_D=block_d, num_warps=NORMS_WARPS)
+    return out
+
+
+def logits_tiles(B: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the logits GEMM on a GPU. 16-bit inputs take 128-row tiles when B fills them, which
+    halves the pool's re-reads from L2 (once per row block). Columns stay 64 wide: at (256, 4096) 128 x 128 tiles
+    would leave 64 programs, under half a wave, and the split over D they would need writes 8 MB of partial dot
+    products. fp32 (tf32x3 holds three operand splits in registers) keeps 64 x 64."""
+    return (128 if dtype != torch.float32 and B > 64 else 64), 64
+
+
 # GPU configurations, chosen so that ptxas reports no spills (kernels/compile_check.py); not yet tuned on a GPU.
-# The output tiles are fixed (the host sizes buffers and splits from them); the rest is tuned per size bucket.
-LOGITS_BLOCK_M, LOGITS_BLOCK_N = 64, 64
+# The output tiles are chosen by `logits_tiles` (the host sizes buffers and splits from them); the rest is tuned
+# per size bucket.
+NORMS_BLOCK_K, NORMS_BLOCK_D, NORMS_WARPS = 4, 1024, 4
 LOGITS_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in [(64, 8, 3), (32, 8, 4)]]
 MIX_BLOCK_M, MIX_BLOCK_D = 64, 64
 MIX_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st) for bk, w, st in [(64, 4, 3), (32, 4, 4)]]
@@ -587,6 +608,10 @@ ROW_BLOCK_W = 1024  # the row kernel's chunk of candidates when it writes the mi
 REDUCE_BLOCK_M, REDUCE_BLOCK_D, REDUCE_WARPS = 16, 128, 4
 # On a GPU, splitting stops at parts of this many elements of D (logits) or candidates (mix).
 SPLIT_MIN_D, SPLIT_MIN_K = 256, 256
+# The logits are split over D only for pools of at most this many column tiles (K <= 512 at 64 columns): the row
+# kernel's finish walks a row's tiles in turn, which at (32, 4096, 4096) would be 64 dependent steps in each of 32
+# programs; 64 unsplit programs walking D are shorter.
+SPLIT_D_MAX_TILES = 8
 
 # fp32 inputs: "tf32x3" keeps ~fp32 accuracy on the tensor cores (plain TF32 would put 1e-3 relative error into
 # logits that are divided by 2 sigma^2). 16-bit dots ignore it.
@@ -603,7 +628,8 @@ def logit_error_coefficients(D: int, dtype: torch.dtype) -> tuple[float, float]:
     fp32 = dtype == torch.float32
     steps = max(chunks) / (8 if fp32 else 16)  # MMA steps per chunk
     g_dot = 2 * u * (steps + 2) + u * (math.ceil(D / min(chunks)) + 1) + (3 * 2.0 ** -22 if fp32 else 0.0)
-    return g_dot, 2 * u * (D / 32 + 9)
+    # ||x||^2: a float64 sum rounded once to fp32 (u / 2, plus D 2^-53 from the float64 adds), doubled as a margin.
+    return g_dot, u
 
 
 def refined_rows(logits, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint_index, temperature=1.0,
@@ -630,6 +656,10 @@ def refined_rows(logits, z, pool, alpha, sigma, d_alpha, d_sigma, endpoint_index
     return (bound > (REFINE_NATS if refine_nats is None else refine_nats)) & ~one_hot
 
 
+# The interpreter's row block of the two GEMMs (a test lowers it to get several blocks from few rows).
+INTERPRET_BLOCK_M = 32
+
+
 def _interpret_block(n: int, cap: int) -> int:
     # Few, large programs keep the interpreter fast; tl.dot needs every dimension >= 16.
     return max(16, min(cap, triton.next_power_of_2(n)))
@@ -643,28 +673,35 @@ class Logits(NamedTuple):
     xmax: torch.Tensor  # (NT,) per-tile max ||x||^2
     zsq: torch.Tensor  # (split_d, B) float64 parts of ||z||^2
     dots: torch.Tensor  # (split_d, B, K) parts of z.x when split, else a stand-in
-    xsq: torch.Tensor  # (split_d, K) parts of ||x||^2 when split, else a stand-in
+    norms: torch.Tensor  # (K,) fp32 ||x_j||^2
     block_n: int  # the column tile of the partials
     split_d: int
 
 
 def launch_logits(inp: KernelInputs) -> Logits:
-    """The logits GEMM, split over D when its grid is under a wave."""
+    """The logits GEMM, split over D when its grid is under half a wave."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[0]
     f32 = dict(device=z.device, dtype=torch.float32)
-    bm, bn = (_interpret_block(B, 32), _interpret_block(K, 64)) if INTERPRET else (LOGITS_BLOCK_M, LOGITS_BLOCK_N)
+    if INTERPRET:
+        bm, bn = _interpret_block(B, INTERPRET_BLOCK_M), _interpret_block(K, 64)
+    else:
+        bm, bn = logits_tiles(B, K, z.dtype)
     bd = _interpret_block(D, 128) if INTERPRET else SPLIT_MIN_D
     nt = triton.cdiv(K, bn)
-    split_d = split_factor(triton.cdiv(B, bm) * nt, triton.cdiv(D, bd), sm_count(z.device))
+    # The row kernel finishes split logits one column tile after another: only a few tiles keep that short.
+    split_d = 1
+    if nt <= SPLIT_D_MAX_TILES:
+        split_d = split_factor(triton.cdiv(B, bm) * nt, triton.cdiv(D, bd), sm_count(z.device))
     logits = torch.empty(B, K, **f32)
     out = Logits(logits, torch.empty(3, B, nt, **f32), torch.empty(nt, **f32),
                  torch.empty(split_d, B, device=z.device, dtype=torch.float64),
                  torch.empty(split_d, B, K, **f32) if split_d > 1 else logits,
-                 torch.empty(split_d, K, **f32) if split_d > 1 else logits, bn, split_d)
+                 squared_norms(pool) if inp.pool_sq_norms is None else inp.pool_sq_norms, bn, split_d)
     args = (z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.row_labels, inp.pool_labels, inp.log_prior,
-            inp.active, *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B), size_bucket(K))
+            inp.order, inp.n_active, *out[:6], B, K, D, nt, z.stride(0), pool.stride(0), split_d, size_bucket(B),
+            size_bucket(K))
     flags = dict(ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d, HAS_PRIOR=inp.has_prior,
                  HAS_ACTIVE=inp.has_active, BLOCK_M=bm, BLOCK_N=bn)
     grid = (triton.cdiv(B, bm), nt, split_d)
@@ -690,9 +727,9 @@ def launch_rows(inp: KernelInputs, lg: Logits, refine_nats: float | None = None)
     g_dot, g_sum = logit_error_coefficients(D, z.dtype)
     _row_kernel[(B,)](z, pool, inp.alpha, inp.sigma, inp.tau, inp.tau_value, inp.d_alpha, inp.d_sigma,
                       inp.row_labels, inp.pool_labels, inp.log_prior, inp.endpoint, inp.noise, inp.endpoint_index,
-                      inp.active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt, z.stride(0),
-                      pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats, g_dot, g_sum,
-                      ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
+                      inp.order, inp.n_active, *lg[:6], stats, vt, lse_ess[0], lse_ess[1], weights, B, K, D, nt,
+                      z.stride(0), pool.stride(0), lg.split_d, REFINE_NATS if refine_nats is None else refine_nats,
+                      g_dot, g_sum, ONE_HOT_MASS, ROW_TAU=inp.row_tau, HAS_LABELS=inp.has_labels, LABELS_2D=inp.labels_2d,
                       HAS_PRIOR=inp.has_prior, HAS_OWN=inp.has_own, RESIDUAL=inp.residual,
                       HAS_ACTIVE=inp.has_active, SPLIT_P=split_p, P_SCALE=_p_scale(z.dtype),
                       BLOCK_W=_interpret_block(K, 1024) if INTERPRET else ROW_BLOCK_W,
@@ -713,12 +750,12 @@ def _p_scale(dtype) -> float:
 
 
 def launch_mix(inp: KernelInputs, weights, stats, vt):
-    """The mix (and, under one wave, its fixed-order sum): returns the velocity (B, D)."""
+    """The mix (and, under half a wave, its fixed-order sum): returns the velocity (B, D)."""
     z, pool = inp.z, inp.pool
     B, D = z.shape
     K = pool.shape[0]
     if INTERPRET:
-        bm, bk, bd = _interpret_block(B, 32), _interpret_block(K, 64), _interpret_block(D, 128)
+        bm, bk, bd = _interpret_block(B, INTERPRET_BLOCK_M), _interpret_block(K, 64), _interpret_block(D, 128)
     else:
         bm, bk, bd = MIX_BLOCK_M, None, MIX_BLOCK_D
     split_k = split_factor(triton.cdiv(B, bm) * triton.cdiv(D, bd), triton.cdiv(K, bk or SPLIT_MIN_K),
@@ -726,8 +763,8 @@ def launch_mix(inp: KernelInputs, weights, stats, vt):
     velocity = (torch.zeros if inp.has_active else torch.empty)(B, D, device=z.device, dtype=torch.float32)
     partial = torch.empty(split_k, B, D, device=z.device, dtype=torch.float32) if split_k > 1 else velocity
     tail = (z, inp.endpoint, inp.noise, inp.alpha, inp.sigma, inp.d_alpha, inp.d_sigma, vt, velocity)
-    args = (weights, pool, stats, *tail, partial, inp.active, B, K, D, z.stride(0), pool.stride(0), split_k,
-            size_bucket(B), size_bucket(K))
+    args = (weights, pool, stats, *tail, partial, inp.order, inp.n_active, B, K, D, z.stride(0), pool.stride(0),
+            split_k, size_bucket(B), size_bucket(K))
     flags = dict(RESIDUAL=inp.residual, HAS_ACTIVE=inp.has_active, SPLIT_P=_split_weights(z.dtype),
                  P_SCALE=_p_scale(z.dtype), BLOCK_M=bm, BLOCK_D=bd)
     grid = (triton.cdiv(B, bm), triton.cdiv(D, bd), split_k)
@@ -738,7 +775,7 @@ def launch_mix(inp: KernelInputs, weights, stats, vt):
     if split_k > 1:
         bm, bd = (bm, bd) if INTERPRET else (REDUCE_BLOCK_M, REDUCE_BLOCK_D)
         _mix_reduce_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bd))](
-            partial, stats, *tail, inp.active, B, D, z.stride(0), split_k, RESIDUAL=inp.residual,
+            partial, stats, *tail, inp.order, inp.n_active, B, D, z.stride(0), split_k, RESIDUAL=inp.residual,
             HAS_ACTIVE=inp.has_active, BLOCK_M=bm, BLOCK_D=bd, num_warps=REDUCE_WARPS)
     return velocity
 

@@ -1,6 +1,7 @@
 """The gate objective.t_range: rows outside it get u exactly and never enter the posterior op. Counted on the
 reference backend (the rows it solves) and, for the Triton path, by the mask the op receives (the kernels skip those
-rows without a host sync: tests/test_posterior_triton.py)."""
+rows without a host sync: tests/test_posterior_triton.py; their GEMM work scales with the active rows:
+tests/test_posterior_syncs.py)."""
 import sys
 
 import pytest

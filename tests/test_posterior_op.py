@@ -249,6 +249,9 @@ BAD = [
     (dict(endpoint=torch.randn(3, 2, 4).bfloat16(), noise=torch.randn(3, 2, 4)), "endpoint must have dtype"),
     (dict(endpoint_index=torch.zeros(3)), "endpoint_index must be an integer"),
     (dict(endpoint_index=torch.zeros(4, dtype=torch.long)), "endpoint_index must have shape"),
+    (dict(pool_sq_norms=torch.ones(4)), "pool_sq_norms must have shape"),
+    (dict(pool_sq_norms=torch.ones(5).double()), "pool_sq_norms must have dtype"),
+    (dict(pool=torch.randn(3, 5, 2, 4), pool_sq_norms=torch.ones(5)), "pool_sq_norms belongs to a shared pool"),
     (dict(backend="cuda"), "backend must be one of"),
     (dict(z=torch.randn(3, 2, 4).double(), pool=torch.randn(5, 2, 4).double(), backend="triton"), "float64"),
 ]
@@ -336,3 +339,19 @@ def test_reference_solves_only_the_active_rows(monkeypatch, layout):
     for got, want in zip(out, full):
         torch.testing.assert_close(got[active], want[active], rtol=0, atol=0)
         assert (got[~active] == 0).all()
+
+
+def test_pool_squared_norms_round_float64_sums_once():
+    # Both paths (the Triton kernel here under the interpreter, torch for float64 pools) give each ||x_j||^2 as the
+    # fp32 rounding of its float64 value, the accuracy the refinement bound's g_sum assumes.
+    from pafm_kernels import pool_squared_norms
+
+    pool = torch.randn(37, 3, 50, generator=torch.Generator().manual_seed(2)) * 10
+    exact = pool.double().square().flatten(1).sum(1)
+    for p in (pool, pool.double(), pool.bfloat16()):
+        norms = pool_squared_norms(p)
+        assert norms.dtype == torch.float32 and norms.shape == (37,)
+        assert torch.equal(norms, p.double().square().flatten(1).sum(1).float())
+    assert (pool_squared_norms(pool).double() - exact).abs().max() <= 2.0 ** -24 * exact.max()
+    with pytest.raises(ValueError, match="pool must be a floating tensor"):
+        pool_squared_norms(torch.ones(5, dtype=torch.long))
