@@ -210,8 +210,8 @@ def check_settings(cfg: Config, info: dict):
     """Settings that are valid one by one but not together with this dataset."""
     try:
         source_class(cfg.objective).check(cfg.objective, info)
-    except ValueError as err:
-        raise SetupError(f"objective: {err}") from None
+    except ValueError as err:  # the message names the settings
+        raise SetupError(str(err)) from None
     if cfg.log.sample_prompts and info["kind"] != "text":
         raise SetupError(f"log.sample_prompts is for text models; {cfg.data.spec} has class labels")
     if cfg.eval.every:  # before anything is built or resumed (ConfigError)
