@@ -44,6 +44,7 @@ class ObjectiveConfig:
     time_std: float = setting(1.0, within(0, 10, open_lo=True))
     # share of rows trained with the null condition (classifier-free guidance)
     cond_dropout: float = setting(0.1, within(0, 1, open_hi=True))
+    # one literal per Source class of pafm.candidates (SOURCES), which says what it needs and refuses
     source: Literal["batch", "global", "bank", "exact", "neighbors", "resample"] = "batch"
     # per-row sources: neighbours or re-samples per row (0: the row's own endpoint alone)
     candidates: int = setting(8, within(0, 1024))
