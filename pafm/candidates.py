@@ -111,9 +111,10 @@ class Source:
     state).  A subclass is registered under its config literal: `class MySource(Source, name="mine")`.
 
     What the trainer and the objective ask of a source, rather than naming it: `check_data` (datasets it cannot
-    serve) and `check` (settings it refuses with a dataset), `loader_neighbors` (precomputed neighbours per row the loader must add to each batch), `normals`
-    (standard normal draws per row it wants from the step's generator), `build` (an instance from the config).
-    The base class itself stands for FM, which has no pool: it needs and refuses nothing.
+    serve), `check` (settings it refuses with a dataset), `loader_neighbors` (precomputed neighbours per row the
+    loader must add to each batch), `normals` (standard normal draws per row it wants from the step's generator),
+    `build` (an instance from the config).  The base class stands for FM, which has no pool: it needs and refuses
+    nothing.
     """
 
     name: ClassVar[str] = ""

@@ -172,7 +172,8 @@ def test_one_host_read_per_step_and_the_log_reads_only_when_it_writes(tmp_path, 
     for _ in range(cfg.train.steps - 2):
         with watching(host) as in_step:
             result = step()
-        assert in_step.found == ["Tensor.tolist"], (state.step, in_step.found, in_step.where)  # kept and stop, read once
+        # kept and stop, read once
+        assert in_step.found == ["Tensor.tolist"], (state.step, in_step.found, in_step.where)
         assert result.kept and not result.stop
         with watching(host) as in_log:
             logger.step(state.step, 1e-3, result.loss, result.fm_loss, result.grad_norm, result.kept, result.bins, 0)
@@ -202,14 +203,24 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(tmp_path, one_rank):
     poisoned = dict(batch, x=batch["x"].clone())
     poisoned["x"][3] = float("nan")
     args = (cfg, world, model, optimizer, ema, objective)
-    train_step(*args, iter([batch]), state, accum, torch.autocast("cpu", enabled=False))  # AdamW's state exists
-    before = [{k: v.clone() for k, v in d.items()} for d in (model.state_dict(), ema.state_dict(),
-                                                                objective.state_dict(), optimizer.state_dict()["state"][0])]
-    result = train_step(*args, iter([poisoned]), state, accum, torch.autocast("cpu", enabled=False))
+    no_autocast = torch.autocast("cpu", enabled=False)
+
+    def snapshot():  # weights, EMA, bank and AdamW's state, as plain tensors
+        parts = [model.state_dict(), ema.state_dict(), objective.state_dict(),
+                 {f"adam.{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}]
+        return {f"{n}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+                for n, part in enumerate(parts) for k, v in part.items()}
+
+    train_step(*args, iter([batch]), state, accum, no_autocast)  # AdamW's state exists from here on
+    before = snapshot()
+    result = train_step(*args, iter([poisoned]), state, accum, no_autocast)
     assert not result.kept and (state.skipped, state.bad_in_row, state.step) == (1, 1, 2)
-    after = [model.state_dict(), ema.state_dict(), objective.state_dict(), optimizer.state_dict()["state"][0]]
-    for old, new in zip(before, after):
-        for key in old:
-            assert torch.equal(old[key].full_tensor() if hasattr(old[key], "full_tensor") else old[key],
-                               new[key].full_tensor() if hasattr(new[key], "full_tensor") else new[key]), key
+    after = snapshot()
+    assert before.keys() == after.keys() and any(k.startswith("2.source") for k in before)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
     assert all(p.grad is None for p in model.parameters())
+    assert train_step(*args, iter([batch]), state, accum, no_autocast).kept and state.bad_in_row == 0
+    moved = snapshot()  # a kept step does move the weights and fill the bank: the comparison above can fail
+    assert not torch.equal(moved["0.final_layer.linear.weight"], before["0.final_layer.linear.weight"])
+    assert not torch.equal(moved["2.source.count"], before["2.source.count"])
