@@ -5,7 +5,8 @@ On the CPU nothing waits, so a dispatch mode flags every op that would wait on a
 bincount, ...), comparisons answered on the host (equal) and device copies that are not `non_blocking`.  It runs the
 trainer's own `train_step` and the logger's per-step accounting, in process on one gloo rank, with the Triton op in
 the interpreter (the GPU's path; the CPU reference op reads group sizes back, the kernels do not).  Host tensors that
-stay on the host on a GPU too (AdamW's step counters) are not device reads.
+stay on the host on a GPU too (AdamW's step counters) are not device reads; tensors from the loader are the host side
+of the copies to the device.
 """
 import contextlib
 import traceback
@@ -29,10 +30,11 @@ SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_selec
 class Syncs(TorchDispatchMode):
     """Records, in `found`, each op that would make the host wait for a GPU."""
 
-    def __init__(self, host_tensors=()):
+    def __init__(self, loaded=(), counters=()):
         super().__init__()
         self.found, self.where = [], []
-        self.host = set(host_tensors)  # data pointers of tensors that live on the host on a GPU too
+        self.loaded = set(loaded)  # data pointers of the loader's tensors: host memory, copied to the device
+        self.counters = set(counters)  # data pointers of tensors that stay in host memory on a GPU too
         self.in_kernel = 0  # the Triton interpreter's own tensor traffic is not the program's
 
     def note(self, what):
@@ -44,7 +46,7 @@ class Syncs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        on_host = any(type(a) is torch.Tensor and a.data_ptr() in self.host for a in args)
+        on_host = any(type(a) is torch.Tensor and a.data_ptr() in self.counters for a in args)
         bool_index = name in ("index", "index_put", "index_put_") and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool
             for a in args if isinstance(a, (list, tuple)) for i in a)
@@ -60,9 +62,9 @@ def _moves_device(args, kwargs) -> bool:
 
 
 @contextlib.contextmanager
-def watching(host_tensors=()):
+def watching(loaded=(), counters=()):
     """The mode, plus the reads and copies that do not reach the dispatcher as aten ops on the CPU."""
-    mode = Syncs(host_tensors)
+    mode = Syncs(loaded, counters)
     run = InterpretedFunction.run
 
     def kernel_run(self, *args, **kwargs):
@@ -83,7 +85,7 @@ def watching(host_tensors=()):
     to = torch.Tensor.to
 
     def copying_to(self, *args, **kwargs):  # a host tensor copied to the device waits unless non_blocking
-        if self.data_ptr() in mode.host and _moves_device(args, kwargs) and not kwargs.get("non_blocking"):
+        if self.data_ptr() in mode.loaded and _moves_device(args, kwargs) and not kwargs.get("non_blocking"):
             mode.note("Tensor.to(device) without non_blocking")
         return to(self, *args, **kwargs)
 
@@ -113,11 +115,11 @@ def test_the_watch_sees_what_would_wait():
     for would_wait in (lambda: (x > 2).nonzero(), lambda: bool((x > 2).any()), lambda: x[x > 2], lambda: x.tolist(),
                        lambda: loaded.to("cpu"), lambda: torch.tensor([1.0], device="cpu"), lambda: x.sum().item(),
                        lambda: torch.bincount(x.long()), lambda: torch.equal(x, x), lambda: x.cpu()):
-        with watching({loaded.data_ptr()}) as seen:
+        with watching(loaded={loaded.data_ptr()}) as seen:
             would_wait()
         assert len(seen.found) == 1, seen.found
     counter = torch.tensor(3.0)  # stands for AdamW's step count, in host memory
-    with watching({loaded.data_ptr(), counter.data_ptr()}) as seen:
+    with watching(loaded={loaded.data_ptr()}, counters={counter.data_ptr()}) as seen:
         loaded.to("cpu", non_blocking=True)
         counter.item()
         x.to("cpu")  # already on the device
@@ -167,15 +169,15 @@ def test_one_host_read_per_step_and_the_log_reads_only_when_it_writes(tmp_path, 
 
     first = step()  # the first step builds AdamW's state (and would tune kernels on a GPU)
     logger.step(state.step, 1e-3, first.loss, first.fm_loss, first.grad_norm, first.kept, first.bins, 0)
-    host = loaded | {s["step"].data_ptr() for s in optimizer.state.values()}
+    counters = {s["step"].data_ptr() for s in optimizer.state.values()}
     bank_before = {k: v.clone() for k, v in objective.state_dict().items()}
     for _ in range(cfg.train.steps - 2):
-        with watching(host) as in_step:
+        with watching(loaded, counters) as in_step:
             result = step()
         # kept and stop, read once
         assert in_step.found == ["Tensor.tolist"], (state.step, in_step.found, in_step.where)
         assert result.kept and not result.stop
-        with watching(host) as in_log:
+        with watching(loaded, counters) as in_log:
             logger.step(state.step, 1e-3, result.loss, result.fm_loss, result.grad_norm, result.kept, result.bins, 0)
         if state.step % LOG_EVERY:
             assert in_log.found == [], (state.step, in_log.found, in_log.where)
@@ -184,7 +186,7 @@ def test_one_host_read_per_step_and_the_log_reads_only_when_it_writes(tmp_path, 
     if cfg.objective.kind == "pafm":  # the bank was updated by every kept step
         assert not torch.equal(bank_before["source.count"], objective.state_dict()["source.count"])
     # The stop request of this rank reaches every rank through the same read.
-    with watching(host) as in_step:
+    with watching(loaded, counters) as in_step:
         assert step(stop=True).stop
     assert in_step.found == ["Tensor.tolist"]
     logger.close()
