@@ -5,8 +5,8 @@ Throughput: images/s over all ranks, the model TFLOP/s per device (`pafm.models.
 products) and the MFU against the device's dense bf16 peak (omitted where the peak is unknown, as on the CPU).
 
 Logging is side work: a failed write (full disk, a removed folder) is reported as a warning, counted in the next
-record, and never stops training.  Only rank 0 writes; the window's sums live on the device so that a step costs no
-host sync beyond the loss shown on the progress bar.
+record, and never stops training.  Only rank 0 writes; the window's sums live on the device and are read back only
+when a record is written (every `log.every` steps and at the last), so the log costs the other steps no host sync.
 """
 from __future__ import annotations
 
@@ -167,7 +167,6 @@ class MetricsLogger:
         self.window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fm loss, grad norm, good steps
         self.bins = torch.zeros(3, T_BINS, dtype=torch.float64, device=device)  # rows, ESS, own weight per t-bin
         self.start, self.images = time.perf_counter(), 0
-        self.throughput = "-"  # the progress line's images/s and MFU of the last written window
         self.writer = self.bar = self.wandb = None
         if not world.is_main:
             return
@@ -193,19 +192,19 @@ class MetricsLogger:
         self.images += self.batch_size
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss.item():.4f}", speed=self.throughput)
         if step % self.every == 0 or step == self.total:
             self._flush(step, lr, skipped)
 
     def _flush(self, step: int, lr: float, skipped: int):
         all_reduce(self.bins)
         elapsed = time.perf_counter() - self.start
-        n = max(self.window[3].item(), 1.0)
+        loss, fm_loss, grad_norm, good = self.window.tolist()  # the window's one read
+        n = max(good, 1.0)
         images_per_s = self.images / elapsed
         flops_per_device = images_per_s * self.flops_per_image / self.world.size
         record = {
-            "step": step, "loss": self.window[0].item() / n, "fm_loss": self.window[1].item() / n,
-            "grad_norm": self.window[2].item() / n, "lr": lr, "images_per_s": images_per_s,
+            "step": step, "loss": loss / n, "fm_loss": fm_loss / n,
+            "grad_norm": grad_norm / n, "lr": lr, "images_per_s": images_per_s,
             "tflops_per_device": flops_per_device / 1e12,
             **({"mfu": flops_per_device / self.peak_flops} if self.peak_flops else {}),
             "sec_per_step": elapsed / max(1, self.images // self.batch_size),
@@ -214,14 +213,14 @@ class MetricsLogger:
         }
         if self.pafm:
             count = self.bins[0].clamp_min(1)
-            record["ess_by_t"] = (self.bins[1] / count).tolist()
-            record["own_weight_by_t"] = (self.bins[2] / count).tolist()
-            record["rows_by_t"] = self.bins[0].long().tolist()
+            rows, ess, own_weight = torch.stack([self.bins[0], self.bins[1] / count, self.bins[2] / count]).tolist()
+            record.update(ess_by_t=ess, own_weight_by_t=own_weight, rows_by_t=[int(r) for r in rows])
         if self.world.is_main:
             self._publish(record)
             if self.bar is not None:
-                self.throughput = f"{images_per_s:.0f} img/s" + (f" MFU {record['mfu']:.1%}" if "mfu" in record
-                                                                 else f" {record['tflops_per_device']:.3g} TFLOP/s")
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", speed=(
+                    f"{images_per_s:.0f} img/s" + (f" MFU {record['mfu']:.1%}" if "mfu" in record
+                                                   else f" {record['tflops_per_device']:.3g} TFLOP/s")))
         self.window.zero_()
         self.bins.zero_()
         self.start, self.images = time.perf_counter(), 0

@@ -23,7 +23,7 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from pafm.candidates import Candidates, build_source
+from pafm.candidates import SOURCES, Candidates, Part, Prior, Source
 from pafm.config import at_least, ordered_within, section, setting, within
 from pafm.paths import TimeSampler, build_path, expand_rows
 from pafm_kernels import combine_posteriors, posterior_velocity
@@ -44,6 +44,7 @@ class ObjectiveConfig:
     time_std: float = setting(1.0, within(0, 10, open_lo=True))
     # share of rows trained with the null condition (classifier-free guidance)
     cond_dropout: float = setting(0.1, within(0, 1, open_hi=True))
+    # one literal per Source class of pafm.candidates (SOURCES), which says what it needs and refuses
     source: Literal["batch", "global", "bank", "exact", "neighbors", "resample"] = "batch"
     # per-row sources: neighbours or re-samples per row (0: the row's own endpoint alone)
     candidates: int = setting(8, within(0, 1024))
@@ -82,7 +83,7 @@ class Draws:
     t: torch.Tensor  # (B,)
     noise: torch.Tensor  # (B, *S)
     drop: torch.Tensor  # (B,) bool: rows trained with the null condition
-    resample: torch.Tensor | None  # (B, R, *S) standard normal draws for the resample source
+    resample: torch.Tensor | None  # (B, R, *S) standard normal draws for a source that asks for R per row
 
 
 def ess_temperature(log_lik: torch.Tensor, log_prior: torch.Tensor, target: float, iters: int = 40):
@@ -115,12 +116,10 @@ class Loss:
     #                                    only if the optimizer step is kept
 
 
-@dataclass
-class Prior:
-    """What the condition prior compares: class labels or item ids (`ids`), or pooled text embeddings."""
-
-    ids: torch.Tensor | None
-    pooled: torch.Tensor | None
+def source_class(cfg: ObjectiveConfig) -> type[Source]:
+    """The class of the configured candidate source, which the trainer asks what it needs and refuses; FM (no pool)
+    gets the base class, which needs and refuses nothing."""
+    return SOURCES[cfg.source] if cfg.kind == "pafm" else Source
 
 
 class Objective:
@@ -136,14 +135,9 @@ class Objective:
         self.op_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.op_dtype]
         self.source = None
         if cfg.kind == "pafm":
-            if cfg.source in ("bank", "exact") and self.text:
-                raise ValueError(f"objective.source={cfg.source} needs class labels; use batch/global/resample for "
-                                 "captions")
-            self.source = build_source(
-                cfg.source, candidates=cfg.candidates, bank_per_class=cfg.bank_per_class,
-                num_classes=int(data_info.get("num_classes") or 0), shape=self.shape, device=device, loader=loader,
-                dtype=self.op_dtype,
-            )
+            kind = source_class(cfg)
+            kind.check_data(data_info)
+            self.source = kind.build(cfg, data_info, device, loader, self.op_dtype)
 
     # --- the one call per micro-batch --------------------------------------------------------------------------
     def loss(self, model, x: torch.Tensor, cond, batch: dict, gen: torch.Generator, autocast=nullcontext()) -> Loss:
@@ -178,21 +172,23 @@ class Objective:
         t = self.time_sampler.sample(total, gen, device)[mine]
         noise = torch.randn((total,) + self.shape, generator=gen, device=device)[mine]
         drop = (torch.rand(total, generator=gen, device=device) < self.cfg.cond_dropout)[mine]
+        normals = 0 if self.source is None else self.source.normals
         resample = None
-        if self.source is not None and self.cfg.source == "resample" and self.cfg.candidates > 0:
-            resample = torch.randn((total, self.cfg.candidates) + self.shape, generator=gen, device=device)[mine]
+        if normals:
+            resample = torch.randn((total, normals) + self.shape, generator=gen, device=device)[mine]
         return Draws(t, noise, drop, resample)
 
     # --- candidates and the condition prior --------------------------------------------------------------------
     def _prior(self, batch: dict, device) -> Prior:
+        """The rows' ids or pooled embeddings, copied from the loader's pinned memory without waiting."""
         if not self.text:
-            return Prior(batch["label"].to(device), None)
+            return Prior(batch["label"].to(device, non_blocking=True), None)
         if self.cfg.text_prior == "self":
-            return Prior(batch["index"].to(device), None)
-        return Prior(None, F.normalize(batch["pooled"].to(device).float(), dim=-1))
+            return Prior(batch["index"].to(device, non_blocking=True), None)
+        return Prior(None, F.normalize(batch["pooled"].to(device, non_blocking=True).float(), dim=-1))
 
     def _start_pool(self, x, batch: dict, draws: Draws):
-        """(prior, candidates or a handle on them); (None, None) for FM.  The prior's ids go to the device once."""
+        """(prior, candidates or a handle on them); (None, None) for FM."""
         if self.source is None:
             return None, None
         prior = self._prior(batch, x.device)
@@ -209,97 +205,90 @@ class Objective:
     # --- the posterior target ----------------------------------------------------------------------------------
     def _target(self, x, z, u, draws: Draws, prior: Prior, cand: Candidates):
         """(target, diagnostics): the posterior velocity inside t_range, u outside."""
-        alpha, sigma, d_alpha, d_sigma = self.path.coefficients(draws.t)
+        coefs = self.path.coefficients(draws.t)
         lo, hi = self.cfg.t_range
         inside = (draws.t >= lo) & (draws.t <= hi)
         active = None if (lo, hi) == (0.0, 1.0) else inside  # the op skips the other rows (no host sync)
-        dt = self.op_dtype  # no copies in float32, the trainer's dtype
-        x_op, z_op, noise_op, pool_op = x.to(dt), z.to(dt), draws.noise.to(dt), cand.pool.to(dt)
-        per_row = cand.pool.dim() == x.dim() + 1
-        row_labels = pool_labels = log_prior = None
-        if not per_row and cand.ids is not None:
-            row_labels = torch.where(draws.drop, torch.full_like(prior.ids, -1), prior.ids)  # dropped: unconditional
-            pool_labels = cand.ids
-        if not per_row and cand.pooled is not None:
-            log_prior = (prior.pooled @ cand.pooled.T) / self.cfg.text_temperature
-            log_prior = torch.where(draws.drop[:, None], torch.zeros_like(log_prior), log_prior)
+        parts = cand.parts(prior, draws.drop, self.cfg.text_temperature)
         if cand.spread:
-            # Each candidate is N(x_j, s^2 I), so z | j ~ N(alpha x_j, width^2 I) with width^2 = alpha^2 s^2 + sigma^2.
-            width = torch.sqrt(alpha.double() ** 2 * cand.spread ** 2 + sigma.double() ** 2).to(sigma.dtype)
+            velocity, out, own_logit = self._mixture_target(z, draws, cand, parts, coefs, active)
         else:
-            width = sigma
-        temperature = self.cfg.temperature
-        if self.cfg.target_ess is not None:
-            temperature = self._temperature_for_ess(z, cand, alpha, width, row_labels, pool_labels, log_prior, draws,
-                                                    prior)
-        weighting = dict(row_labels=row_labels, pool_labels=pool_labels, log_prior=log_prior, temperature=temperature,
-                         backend=self.cfg.backend, endpoint_index=None if per_row else cand.own_index, active=active)
-        if cand.spread:
-            out = posterior_velocity(z_op, pool_op, alpha, width, torch.ones_like(alpha), torch.zeros_like(alpha),
-                                     **weighting)  # velocity = d_alpha mu = mu, the weighted mean of the x_j
-            velocity = mixture_velocity(z, out.velocity, alpha, sigma, d_alpha, d_sigma, cand.spread)
-            own = cand.pool[cand.own_index].double().flatten(1)
-            own_sq = (z.double().flatten(1) - alpha.double()[:, None] * own).square().sum(1)
-            own_logit = (-own_sq / (2.0 * width.double() ** 2 * torch.as_tensor(temperature).double())).float()
-        else:
-            out = posterior_velocity(z_op, pool_op, alpha, sigma, d_alpha, d_sigma, endpoint=x_op, noise=noise_op,
-                                     **weighting)
-            if cand.class_entries is not None:
-                out = combine_posteriors(out, self._bank_part(z_op, x_op, noise_op, draws, prior, cand, alpha, sigma,
-                                                              d_alpha, d_sigma, temperature, active))
-            velocity = out.velocity
-            if dt != x.dtype:
-                # The residual form is u' + c (mu - x'), u' from the rounded endpoint and noise: keep only the
-                # correction, so a row whose weight sits on its own endpoint gets u itself, without rounding.
-                velocity = u.float() + (velocity - self.path.velocity(x_op.float(), noise_op.float(), draws.t))
-            # The own endpoint's logit in closed form: z - alpha x = sigma eps, so l_own = -|eps|^2 / (2 tau).
-            own_logit = -draws.noise.float().flatten(1).square().sum(1) / (2.0 * torch.as_tensor(temperature))
-        if log_prior is not None:
-            own_logit = own_logit + (prior.pooled * prior.pooled).sum(1) / self.cfg.text_temperature * (~draws.drop)
+            velocity, out, own_logit = self._point_target(x, z, u, draws, parts, coefs, active)
+        for part in parts:
+            if part.own_log_prior is not None:
+                own_logit = own_logit + part.own_log_prior
         own_weight = torch.exp(own_logit - out.lse)
         target = torch.where(expand_rows(inside, u), velocity.to(u.dtype), u)
         ess = torch.where(inside, out.ess, torch.ones_like(out.ess))
         own_weight = torch.where(inside, own_weight, torch.ones_like(own_weight))
         return target, {"ess": ess, "own_weight": own_weight}
 
-    def _bank_admissible(self, draws: Draws, prior: Prior, cand: Candidates):
-        """(B, P) the filled slots of each conditioned row's class; none for rows with the null condition."""
-        per_class = cand.class_entries.shape[1]
-        filled = torch.arange(per_class, device=prior.ids.device)[None, :] < cand.class_count[prior.ids][:, None]
-        return filled & ~draws.drop[:, None]
+    def _point_target(self, x, z, u, draws: Draws, parts, coefs, active):
+        """(velocity, op result, own logit) for candidates that are points, in the residual form."""
+        alpha, sigma = coefs[:2]
+        temperature = self._temperature(z, parts, alpha, sigma)
+        dt = self.op_dtype  # no copies in float32, the trainer's dtype
+        x_op, noise_op = x.to(dt), draws.noise.to(dt)
+        out = self._posterior(z.to(dt), parts, coefs, temperature, active, endpoint=x_op, noise=noise_op)
+        velocity = out.velocity
+        if dt != x.dtype:
+            # The residual form is u' + c (mu - x'), u' from the rounded endpoint and noise: keep only the
+            # correction, so a row whose weight sits on its own endpoint gets u itself, without rounding.
+            velocity = u.float() + (velocity - self.path.velocity(x_op.float(), noise_op.float(), draws.t))
+        # The own endpoint's logit in closed form: z - alpha x = sigma eps, so l_own = -|eps|^2 / (2 tau).
+        own_logit = -draws.noise.float().flatten(1).square().sum(1) / (2.0 * torch.as_tensor(temperature))
+        return velocity, out, own_logit
 
-    def _bank_part(self, z, x, noise, draws: Draws, prior: Prior, cand: Candidates, alpha, sigma, d_alpha, d_sigma,
-                   temperature, active):
-        """The posterior over each row's own class's bank entries, read in place (pool_index = the row's class)."""
-        admissible = self._bank_admissible(draws, prior, cand)
-        return posterior_velocity(
-            z, cand.class_entries, alpha, sigma, d_alpha, d_sigma, row_labels=torch.zeros_like(prior.ids),
-            pool_labels=(~admissible).long(), temperature=temperature, endpoint=x, noise=noise,
-            pool_index=prior.ids, active=active, backend=self.cfg.backend)
+    def _mixture_target(self, z, draws: Draws, cand: Candidates, parts, coefs, active):
+        """(velocity, op result, own logit) for candidates with a spread s: each x_j stands for N(x_j, s^2 I), so
+        z | j ~ N(alpha x_j, width^2 I) with width^2 = alpha^2 s^2 + sigma^2.  The op gets width for sigma and
+        returns mu, the weighted mean of the x_j (velocity = d_alpha mu with d_alpha = 1, d_sigma = 0)."""
+        alpha, sigma, d_alpha, d_sigma = coefs
+        width = torch.sqrt(alpha.double() ** 2 * cand.spread ** 2 + sigma.double() ** 2).to(sigma.dtype)
+        temperature = self._temperature(z, parts, alpha, width)
+        out = self._posterior(z.to(self.op_dtype), parts, (alpha, width, torch.ones_like(alpha),
+                                                            torch.zeros_like(alpha)), temperature, active)
+        velocity = mixture_velocity(z, out.velocity, alpha, sigma, d_alpha, d_sigma, cand.spread)
+        own = cand.pool[cand.own_index].double().flatten(1)
+        own_sq = (z.double().flatten(1) - alpha.double()[:, None] * own).square().sum(1)
+        own_logit = (-own_sq / (2.0 * width.double() ** 2 * torch.as_tensor(temperature).double())).float()
+        return velocity, out, own_logit
 
-    def _temperature_for_ess(self, z, cand: Candidates, alpha, sigma, row_labels, pool_labels, log_prior,
-                             draws: Draws, row_prior: Prior):
-        """Likelihood logits -|z - alpha x_j|^2 / (2 sigma^2) as a (B, K) matrix, then bisection on tau per row."""
-        zf = z.float().flatten(1)
-        if cand.pool.dim() == z.dim() + 1:
-            xf = cand.pool.float().flatten(2)
-            sq = (zf[:, None] - alpha[:, None, None] * xf).square().sum(-1)
-        else:
-            xf = cand.pool.float().flatten(1)
-            sq = ((zf * zf).sum(1, keepdim=True) - 2 * alpha[:, None] * (zf @ xf.T)
-                  + alpha[:, None] ** 2 * (xf * xf).sum(1)[None]).clamp_min(0)
-        log_lik = -sq / (2 * sigma[:, None] ** 2)
-        prior = torch.zeros_like(log_lik) if log_prior is None else log_prior.float()
-        if row_labels is not None:
-            admissible = (row_labels[:, None] < 0) | (row_labels[:, None] == pool_labels[None, :])
-            prior = prior.masked_fill(~admissible, float("-inf"))
-        if cand.class_entries is not None:  # the bank's entries of each row's class (a copy: this knob is rare)
-            entries = cand.class_entries[row_prior.ids].float().flatten(2)
-            bank_lik = -(zf[:, None] - alpha[:, None, None] * entries).square().sum(-1) / (2 * sigma[:, None] ** 2)
-            bank_prior = torch.zeros_like(bank_lik).masked_fill(~self._bank_admissible(draws, row_prior, cand),
-                                                                float("-inf"))
-            log_lik, prior = torch.cat([log_lik, bank_lik], 1), torch.cat([prior, bank_prior], 1)
-        return ess_temperature(log_lik, prior, self.cfg.target_ess)
+    def _posterior(self, z, parts, coefs, temperature, active, endpoint=None, noise=None):
+        """The op on every part of the pool (its layout picks the kernel), merged into one posterior."""
+        outs = [posterior_velocity(z, part.pool.to(self.op_dtype), *coefs, **part.weighting(),
+                                   temperature=temperature, endpoint=endpoint, noise=noise, active=active,
+                                   backend=self.cfg.backend) for part in parts]
+        return outs[0] if len(outs) == 1 else combine_posteriors(*outs)
+
+    def _temperature(self, z, parts, alpha, sigma):
+        """The fixed tau, or with target_ess the per-row tau found by bisection on every part's logits."""
+        if self.cfg.target_ess is None:
+            return self.cfg.temperature
+        logits = [part_logits(part, z, alpha, sigma) for part in parts]
+        return ess_temperature(torch.cat([lik for lik, _ in logits], 1), torch.cat([pri for _, pri in logits], 1),
+                               self.cfg.target_ess)
+
+
+def part_logits(part: Part, z, alpha, sigma):
+    """(log-likelihood -|z - alpha x_j|^2 / (2 sigma^2), log-prior with -inf where inadmissible), each (B, K), of
+    one part of a pool: the matrices the target-ESS search bisects on (the bank's entries are copied per row: this
+    knob is rare)."""
+    zf = z.float().flatten(1)
+    pool = part.pool if part.pool_index is None else part.pool[part.pool_index]
+    if pool.dim() == z.dim():  # shared: the expansion, one matrix product
+        xf = pool.float().flatten(1)
+        sq = ((zf * zf).sum(1, keepdim=True) - 2 * alpha[:, None] * (zf @ xf.T)
+              + alpha[:, None] ** 2 * (xf * xf).sum(1)[None]).clamp_min(0)
+    else:  # per row: direct differences
+        xf = pool.float().flatten(2)
+        sq = (zf[:, None] - alpha[:, None, None] * xf).square().sum(-1)
+    log_lik = -sq / (2 * sigma[:, None] ** 2)
+    prior = torch.zeros_like(log_lik) if part.log_prior is None else part.log_prior.float()
+    if part.row_labels is not None:
+        admissible = (part.row_labels[:, None] < 0) | (part.row_labels[:, None] == part.pool_labels)
+        prior = prior.masked_fill(~admissible, float("-inf"))
+    return log_lik, prior
 
 
 def mixture_velocity(z, mu, alpha, sigma, d_alpha, d_sigma, spread: float):

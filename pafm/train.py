@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 import signal
 import sys
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from pafm.checkpoint import CheckpointConfig, Checkpointer, TrainState, sharded_states
 from pafm.cli import SharedError, report_error
@@ -27,7 +26,7 @@ from pafm.eval_during_training import TrainingEval, TrainingEvalConfig
 from pafm.export import EXPORT_NAME, RunExport, export_staleness
 from pafm.logger import LogConfig, MetricsLogger, SideWork
 from pafm.models.flops import device_peak_flops, train_flops_per_image
-from pafm.objectives import T_BINS, ObjectiveConfig, Objective, step_generator, t_bin_stats
+from pafm.objectives import T_BINS, ObjectiveConfig, Objective, source_class, step_generator, t_bin_stats
 from pafm.optim import OptimConfig, build_optimizer, learning_rate
 from pafm.run_lock import RunDirInUse, RunLock
 
@@ -150,11 +149,10 @@ def validate_split(world: World, dataset):
 
 def check_settings(cfg: Config, info: dict):
     """Settings that are valid one by one but not together with this dataset."""
-    obj = cfg.objective
-    if obj.kind == "pafm" and info["kind"] == "text" and obj.text_prior == "self" and obj.source in ("batch", "global"):
-        raise SetupError(f"objective.text_prior=self with source={obj.source}: each caption is its own class, so a "
-                         "shared pool admits only the row's own endpoint and the target is FM's (except for rows "
-                         "whose caption was dropped); use source=resample or text_prior=similarity")
+    try:
+        source_class(cfg.objective).check(cfg.objective, info)
+    except ValueError as err:  # the message names the settings
+        raise SetupError(str(err)) from None
     if cfg.log.sample_prompts and info["kind"] != "text":
         raise SetupError(f"log.sample_prompts is for text models; {cfg.data.spec} has class labels")
     if cfg.eval.every:  # before anything is built or resumed (ConfigError)
@@ -187,10 +185,9 @@ def build_data(cfg: Config, world: World):
     if rest or accum == 0:
         raise SetupError(f"data.batch_size={cfg.data.batch_size} must be a multiple of data.micro_batch_size={micro} "
                          f"x world size {world.size}")
-    use_neighbors = cfg.objective.kind == "pafm" and cfg.objective.source == "neighbors"
     loader = LatentLoader(dataset, micro, rank=world.rank, world_size=world.size, seed=cfg.train.seed,
                           flip=cfg.data.flip, num_workers=cfg.data.num_workers,
-                          neighbors=cfg.objective.candidates if use_neighbors else 0,
+                          neighbors=source_class(cfg.objective).loader_neighbors(cfg.objective),
                           pin_memory=world.device.type == "cuda")
     return dataset.info, loader, accum
 
@@ -222,12 +219,24 @@ def build_objective(cfg: Config, info: dict, world: World, loader=None) -> Objec
 
 
 # --- one optimizer step -------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # () the step's loss, averaged over micro-batches and ranks (on the device)
+    fm_loss: torch.Tensor  # () the FM loss of the same predictions
+    grad_norm: torch.Tensor  # () before clipping
+    bins: torch.Tensor  # (3, T_BINS) this rank's t-bin sums
+    kept: bool  # every loss and the gradient norm finite: the update was applied (the same on every rank)
+    stop: bool  # some rank was asked to stop (a signal)
+
+
 def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Objective, data_iter, state: TrainState,
-               accum: int, autocast):
+               accum: int, autocast, stop_requested: bool = False) -> StepResult:
     """Micro-batches with gradient accumulation, clipping, the skip of a non-finite step, AdamW and EMA.
 
     A skipped step changes nothing but the counters: no weight, EMA or bank update (the loader still moves on).
-    Returns (loss, fm loss, grad norm, kept, t-bin sums)."""
+    The step waits for the device once: the losses and this rank's stop request go through one all-reduce, and one
+    read brings back whether the step is kept and whether any rank must stop; everything else stays on the device
+    (the logger reads its sums every `log.every` steps)."""
     device = world.device
     step_loss = torch.zeros(2, dtype=torch.float64, device=device)
     bins = torch.zeros(3, T_BINS, dtype=torch.float64, device=device)
@@ -244,9 +253,11 @@ def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Obje
         updates.append(out.update)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    all_reduce(step_loss)
-    step_loss /= world.size
-    kept = bool(torch.isfinite(step_loss).all() and torch.isfinite(grad_norm))
+    totals = torch.cat([step_loss, torch.full((1,), float(stop_requested), dtype=torch.float64, device=device)])
+    all_reduce(totals)
+    step_loss = totals[:2] / world.size
+    finite = torch.isfinite(step_loss).all() & torch.isfinite(grad_norm)
+    kept, stop = torch.stack([finite, totals[2] > 0]).tolist()  # the step's one host read
     if kept:
         optimizer.step()
         ema.update(model)
@@ -261,7 +272,7 @@ def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Obje
                   f"step skipped ({state.bad_in_row} in a row)", flush=True)
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return step_loss[0], step_loss[1], grad_norm, kept, bins
+    return StepResult(step_loss[0], step_loss[1], grad_norm, bins, kept, stop)
 
 
 class PreviewGrids:
@@ -344,12 +355,11 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
             lr = learning_rate(cfg.optim, state.step, cfg.train.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, fm_loss, grad_norm, kept, bins = train_step(cfg, world, model, optimizer, ema, objective, data_iter,
-                                                              state, accum, autocast)
-            logger.step(state.step, lr, loss, fm_loss, grad_norm, kept, bins, state.skipped)
+            step = train_step(cfg, world, model, optimizer, ema, objective, data_iter, state, accum, autocast,
+                              stop_requested=stop.requested is not None)
+            logger.step(state.step, lr, step.loss, step.fm_loss, step.grad_norm, step.kept, step.bins, state.skipped)
             checkpointer.poll()
-            stop_now = all_reduce(torch.tensor([1.0 if stop.requested else 0.0], device=world.device),
-                                  op=dist.ReduceOp.MAX).item() > 0
+            stop_now = step.stop
             last = state.step == cfg.train.steps
             too_bad = state.bad_in_row >= cfg.train.max_bad_steps
             if state.step % cfg.checkpoint.every == 0 or last or stop_now or too_bad:

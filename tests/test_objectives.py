@@ -3,8 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from pafm.candidates import BatchSource, ClassBank
-from pafm.objectives import Objective, ObjectiveConfig, ess_temperature, flow_loss, step_generator, t_bin_stats
+import typing
+
+from pafm.candidates import SOURCES, BatchSource, ClassBank, PerRowPool, Source
+from pafm.objectives import (Objective, ObjectiveConfig, ess_temperature, flow_loss, source_class, step_generator,
+                             t_bin_stats)
 
 SHAPE = (1, 4, 4)
 CLASS_INFO = {"kind": "class", "latent_shape": list(SHAPE), "num_classes": 3}
@@ -287,3 +290,67 @@ def test_exact_source_is_the_whole_class_posterior_on_the_digits(env, monkeypatc
     fresh = Objective(cfg, dataset.info, "cpu", loader=loader)
     with pytest.raises(ValueError, match="not the stored items"):
         fresh.targets(x, dict(batch, mean=batch["mean"] + 1.0), draws)
+
+
+def test_every_source_literal_has_its_class_which_says_what_it_needs():
+    assert list(SOURCES) == list(typing.get_args(typing.get_type_hints(ObjectiveConfig)["source"]))
+    for name, kind in SOURCES.items():
+        cfg = ObjectiveConfig(kind="pafm", source=name, candidates=5)
+        assert source_class(cfg) is kind and kind.name == name
+        assert kind.loader_neighbors(cfg) == (5 if name == "neighbors" else 0)
+    assert source_class(ObjectiveConfig(kind="fm", source="neighbors")) is Source  # FM: no pool, needs nothing
+    assert Source.loader_neighbors(ObjectiveConfig(kind="fm")) == 0
+    resample = Objective(ObjectiveConfig(kind="pafm", source="resample", candidates=3), CLASS_INFO, "cpu")
+    assert resample.draw(step_generator(0, 0, 0, "cpu"), 4, 0, 1, "cpu").resample.shape == (4, 3) + SHAPE
+    assert Objective(ObjectiveConfig(kind="pafm"), CLASS_INFO, "cpu").draw(
+        step_generator(0, 0, 0, "cpu"), 4, 0, 1, "cpu").resample is None
+
+
+def test_sources_refuse_what_they_cannot_serve():
+    self_prior, similarity = ObjectiveConfig(kind="pafm", text_prior="self"), ObjectiveConfig(
+        kind="pafm", text_prior="similarity")
+    for name in ("bank", "exact"):
+        with pytest.raises(ValueError, match=f"source={name} needs class labels; use batch, global, neighbors, "
+                                             "resample for captions"):
+            SOURCES[name].check(similarity, TEXT_INFO)
+        SOURCES[name].check_data(CLASS_INFO)
+    with pytest.raises(ValueError, match="needs class labels"):  # the objective cannot build them either
+        Objective(ObjectiveConfig(kind="pafm", source="bank"), TEXT_INFO, "cpu")
+    for name in ("batch", "global"):  # a shared pool with each caption its own class would train FM
+        with pytest.raises(ValueError, match=f"text_prior=self with source={name}.*FM's"):
+            SOURCES[name].check(self_prior, TEXT_INFO)
+        SOURCES[name].check(similarity, TEXT_INFO)
+        SOURCES[name].check(self_prior, CLASS_INFO)
+    for name in ("neighbors", "resample"):
+        SOURCES[name].check(self_prior, TEXT_INFO)
+
+
+def test_a_new_source_is_one_class(monkeypatch):
+    """A source defined outside pafm.candidates registers under its literal and the objective uses it through the
+    interface alone: here per-row pools of the row's endpoint and its circular shift, against float64."""
+    import pafm.candidates as candidates
+
+    monkeypatch.setattr(candidates, "SOURCES", dict(SOURCES))
+
+    class ShiftSource(Source, name="shifts"):
+        def pool(self, x, ids, pooled, batch, normals):
+            return PerRowPool(torch.stack([x, x.roll(1, dims=-1)], dim=1))
+
+    assert candidates.SOURCES["shifts"] is ShiftSource and "shifts" not in SOURCES  # the test's copy only
+    objective = Objective(ObjectiveConfig(kind="pafm", cond_dropout=0.0, temperature=30.0, backend="torch"),
+                          CLASS_INFO, "cpu")
+    objective.source = ShiftSource.build(objective.cfg, CLASS_INFO, "cpu", None, torch.float32)
+    batch = make_batch()
+    x = batch["x"]
+    draws = objective.draw(step_generator(0, 4, 0, "cpu"), len(x), 0, 1, "cpu")
+    target, u, diag = objective.targets(x, batch, draws)
+    z = objective.path.interpolate(x, draws.noise, draws.t)
+    coefs = objective.path.coefficients(draws.t)
+    for i in range(len(x)):
+        pool = torch.stack([x[i], x[i].roll(1, dims=-1)])
+        want, ess, w = posterior_target_float64(z[i:i + 1], pool, *(c[i:i + 1] for c in coefs),
+                                                torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 2), 30.0)
+        assert torch.allclose(target[i].double().flatten(), want[0], rtol=1e-4, atol=1e-4), i
+        assert diag["ess"][i].item() == pytest.approx(ess.item(), rel=1e-4)
+        assert diag["own_weight"][i].item() == pytest.approx(w[0, 0].item(), rel=1e-4, abs=1e-7)
+    assert not torch.allclose(target, u)

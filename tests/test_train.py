@@ -59,6 +59,22 @@ def test_config_typo_is_a_clear_error(capsys):
     assert "objective.kind: 'flow' is not one of ['fm', 'pafm']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("config,overrides,words", [
+    ("configs/digits_mmdit.yaml", ["objective.source=batch", "objective.text_prior=self"], ["text_prior=self", "FM's"]),
+    ("configs/digits_mmdit.yaml", ["objective.source=global", "objective.text_prior=self"], ["source=global"]),
+    ("configs/digits_mmdit.yaml", ["objective.source=bank"], ["source=bank needs class labels", "resample"]),
+    ("configs/digits_mmdit.yaml", ["objective.source=exact"], ["source=exact needs class labels"]),
+    ("configs/digits_sit.yaml", ["objective.source=neighbors", "objective.candidates=300"], ["300 neighbours"]),
+])
+def test_what_a_source_refuses_is_a_one_line_error(env, tmp_path, monkeypatch, capsys, config, overrides, words):
+    """The trainer asks the configured source what it refuses with the data and what it needs from the loader."""
+    monkeypatch.setenv("PAFM_CACHE", env["PAFM_CACHE"])
+    assert main([config, f"run.dir={tmp_path / 'run'}", "train.steps=1", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and all(word in err for word in words), err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_missing_data_says_how_to_prepare_it(env, tmp_path):
     proc = train(env, tmp_path / "run", f"data.spec={tmp_path / 'nowhere'}", "train.steps=1", check=False)

@@ -122,13 +122,13 @@ def loader_and_objective(spec: str, settings: dict, batch_size: int, seed: int =
     """(dataset info, loader, Objective) for a PAFM source setting ({"source": ..., ...}) or {"kind": "fm"}, built
     as the trainer builds them (one rank, no flips, neighbours loaded for the neighbours source)."""
     from pafm.data import LatentLoader, open_dataset
-    from pafm.objectives import Objective, ObjectiveConfig
+    from pafm.objectives import Objective, ObjectiveConfig, source_class
 
     dataset = open_dataset(spec)
-    settings = {"kind": "pafm", **settings}
-    neighbors = settings.get("candidates", 8) if settings.get("source") == "neighbors" else 0
-    loader = LatentLoader(dataset, batch_size, rank=0, world_size=1, seed=seed, flip=False, neighbors=neighbors)
-    objective = Objective(ObjectiveConfig(**settings), dataset.info, device, loader=loader)
+    cfg = ObjectiveConfig(**{"kind": "pafm", **settings})
+    loader = LatentLoader(dataset, batch_size, rank=0, world_size=1, seed=seed, flip=False,
+                          neighbors=source_class(cfg).loader_neighbors(cfg))
+    objective = Objective(cfg, dataset.info, device, loader=loader)
     return dataset.info, loader, objective
 
 

@@ -56,10 +56,16 @@ class SiT(FlowBackbone):
         if not torch.is_tensor(cond) or cond.dtype not in (torch.int64, torch.int32) or tuple(cond.shape) != (batch,):
             got = (cond.dtype, tuple(cond.shape)) if torch.is_tensor(cond) else type(cond)
             raise ValueError(f"SiT: cond must be an integer label tensor of shape ({batch},), got {got}")
-        # One host sync; skipped inside torch.compile. An out-of-range index is a device-side assert on CUDA.
-        if not torch.compiler.is_compiling() and bool(((cond < 0) | (cond > self.num_classes)).any()):
-            bad = cond[(cond < 0) | (cond > self.num_classes)][:5].tolist()
-            raise ValueError(f"SiT: labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), got {bad}")
+        if torch.compiler.is_compiling():
+            return
+        # An asynchronous assert: on a GPU it fails on the device without making the host wait for every batch; on
+        # the CPU it raises here, and the message names the labels.
+        valid = f"[0, {self.num_classes}] ({self.num_classes} = null)"
+        out_of_range = (cond < 0) | (cond > self.num_classes)
+        try:
+            torch._assert_async(~out_of_range.any(), f"SiT: labels must lie in {valid}")
+        except RuntimeError:
+            raise ValueError(f"SiT: labels must lie in {valid}, got {cond[out_of_range][:5].tolist()}") from None
 
     def _cat_cond(self, a, b):
         return torch.cat([a, b])
