@@ -52,11 +52,13 @@ SIZES = {
                "extra": [], "checkpoint_every": 250,
                "samplers": {"cfg1.0": [*HEUN, "sampler.cfg_scale=1.0"], "cfg1.5": [*HEUN, "sampler.cfg_scale=1.5"]},
                "metrics": ("accuracy", "frechet_pixels", "memorization")},
-    # MNIST at the size that takes FM past 0.9 CNN accuracy unguided on this CPU (README, "MNIST to a trained
-    # model"); hours per run on one core, so it continues across sittings through the trainer's resume.
+    # MNIST: the recipe's model with 4x4-pixel patches (SiT-T/4, hidden 96: a quarter of SiT-T/2's cost per image)
+    # and DiT's time scale (1000 t, which trains faster from scratch), batch 64 at a constant learning rate, for the
+    # steps that take FM past 0.9 CNN accuracy unguided (estimated by mnist_steps.py, README "MNIST to a trained
+    # model"); hours per run on one core, so it continues across sittings through the trainer's exact resume.
     "mnist": {"config": "configs/mnist_sit.yaml", "steps": 6000, "seeds": [0, 1, 2], "samples": 1000,
-              "extra": ["model.name=SiT-T/4", "data.batch_size=64", "optim.schedule=constant",
-                        "optim.warmup_steps=100"],
+              "extra": ["model.name=SiT-T/4", "model.kwargs.time_scale=1000.0", "data.batch_size=64",
+                        "optim.schedule=constant"],
               "checkpoint_every": 500,
               "samplers": {"cfg1.0": [*HEUN, "sampler.cfg_scale=1.0"], "cfg2.0": [*HEUN, "sampler.cfg_scale=2.0"]},
               "metrics": ("accuracy", "frechet_cnn", "memorization", "diversity")},
@@ -99,8 +101,6 @@ def sign_test(wins: int, losses: int) -> float:
 def check_draws(spec: str, batch_size: int, seed: int, arm_names, steps=(0, 1, 500)) -> dict:
     """In-process: each arm's loader batch ids and (t, noise, dropout) at `steps`, built as the trainer builds them,
     compared with FM's.  Returns the largest difference found (0 when paired)."""
-    import torch
-
     from common import loader_and_objective
     from pafm.objectives import step_generator
 
@@ -273,20 +273,13 @@ def run_dataset(name: str, size: dict, arm_table: dict, work, jobs: int, save) -
     return {"runs": runs, "failures": failures}
 
 
-def main(argv=None) -> int:
-    p = parser(__doc__)
-    p.add_argument("--datasets", nargs="+", choices=list(SIZES), default=["digits"])
-    p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: the size's)")
-    args = p.parse_args(argv)
-    out = out_dir(args, "gate")
-    work = args.work or out / "runs"
-    sizes, arm_table = (QUICK, QUICK_ARMS) if args.quick else ({n: SIZES[n] for n in args.datasets}, ARMS)
-    if args.seeds is not None:
-        sizes = {n: {**s, "seeds": args.seeds} for n, s in sizes.items()}
+def run_study(study: str, out, work, sizes: dict, arm_table: dict, jobs: int, quick: bool) -> int:
+    """Every dataset of `sizes` through every arm; results.json (and the plot) in `out` after every run.  Exit
+    status 1 when a run failed or the arms turned out not to be paired."""
     arm_names = list(arm_table)
     seeds = sorted({s for size in sizes.values() for s in size["seeds"]})
-    results = {"study": "gate", "quick": args.quick, "environment": environment(seeds), "datasets": {}}
+    results = {"study": study, "quick": quick, "environment": environment(seeds),
+               "datasets": {}}
     previous = out / "results.json"
     if previous.is_file():  # datasets not rerun keep their rows
         old = json.loads(previous.read_text())
@@ -298,29 +291,43 @@ def main(argv=None) -> int:
         pairing = {"draws": {str(s): check_draws(spec, batch, s, arm_names) for s in size["seeds"][:2]}}
 
         def save(runs, name=name, size=size, pairing=pairing):
+            summary = summarise(size, runs, arm_names)
+            first = summary.pop("first_step_fm_loss_difference")
             results["datasets"][name] = {"environment": results["environment"], "size": size, "arms": arm_names,
-                                         "pairing": pairing, "runs": runs, **summarise(size, runs, arm_names)}
-            results["datasets"][name]["pairing"]["first_step_fm_loss_difference"] = \
-                results["datasets"][name].pop("first_step_fm_loss_difference")
+                                         "pairing": {**pairing, "first_step_fm_loss_difference": first},
+                                         "runs": runs, **summary}
             write_json(out / "results.json", results)
-            plot(results, out / "gate.png")
+            plot(results, out / f"{results['study']}.png")
 
-        done = run_dataset(name, size, arm_table, work, args.jobs, save)
+        done = run_dataset(name, size, arm_table, work, jobs, save)
         failed += done["failures"]
-        bad = {s: v for s, v in results["datasets"].get(name, {}).get("pairing", {})
-               .get("first_step_fm_loss_difference", {}).items() if v != 0.0}
-        if bad or pairing["draws"] and any(r["max_difference"] for r in pairing["draws"].values()):
-            failed.append(f"{name}: the arms are not paired (step-1 FM loss differences {bad}, draws {pairing})")
+        first = results["datasets"].get(name, {}).get("pairing", {}).get("first_step_fm_loss_difference", {})
+        unpaired = {s: v for s, v in first.items() if v != 0.0}
+        if unpaired or any(r["max_difference"] for r in pairing["draws"].values()):
+            failed.append(f"{name}: the arms are not paired (step-1 FM loss differences {unpaired}, draws "
+                          f"{pairing['draws']})")
     if failed:
         print("\n".join(failed), file=sys.stderr)
         return 1
-    for name, d in results["datasets"].items():
-        if name in sizes:
-            print(json.dumps({name: {s: {a: {m: (r["mean_diff"], r.get("ci95"), r.get("sign_p"))
-                                             for m, r in row.items() if m != "seeds"}
-                                         for a, row in stats.items()} for s, stats in d["paired"].items()}},
-                             indent=1))
+    for name in sizes:
+        d = results["datasets"][name]
+        print(json.dumps({name: {s: {a: {m: (r["mean_diff"], r.get("ci95"), r.get("sign_p"))
+                                         for m, r in row.items() if m != "seeds"}
+                                     for a, row in stats.items()} for s, stats in d["paired"].items()}}, indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--datasets", nargs="+", choices=list(SIZES), default=["digits"])
+    p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: the size's)")
+    args = p.parse_args(argv)
+    out = out_dir(args, "gate")
+    sizes, arm_table = (QUICK, QUICK_ARMS) if args.quick else ({n: SIZES[n] for n in args.datasets}, ARMS)
+    if args.seeds is not None:
+        sizes = {n: {**s, "seeds": args.seeds} for n, s in sizes.items()}
+    return run_study("gate", out, args.work or out / "runs", sizes, arm_table, args.jobs, args.quick)
 
 
 if __name__ == "__main__":
