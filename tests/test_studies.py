@@ -194,3 +194,4 @@ def test_steps_to_target_interpolates_in_log_steps():
     assert steps_to(0.9, [500, 1000], [0.8, 0.95]) == 1000.0
     assert steps_to(0.9, [500, 1000], [0.7, 0.6]) is None
     assert steps_to(0.9, [500], [0.7]) is None
+    assert steps_to(0.9, [250, 500], [0.117, 0.133]) is None  # the line reaches 0.9 only after 49 doublings

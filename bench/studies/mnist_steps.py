@@ -2,7 +2,8 @@
 least 0.9), measured on a short curve: one FM run of the gate study's MNIST size (`gate.SIZES["mnist"]`), stopped
 at each milestone (the trainer's exact resume continues it; the learning rate is constant, so a run stopped at a
 milestone is the same run as one that goes on), its EMA weights scored without guidance at each.  The steps to 0.9
-are extrapolated from the last milestones (accuracy linear in log steps) and said to be an estimate.
+are extrapolated from the last two milestones (accuracy linear in log steps, at most four doublings ahead) and said
+to be an estimate.
 
     python bench/studies/mnist_steps.py [--milestones 250 500 1000 2000] [--work DIR]
     python bench/studies/mnist_steps.py --quick
@@ -18,6 +19,7 @@ from common import environment, evaluate, logged_curve, out_dir, parser, plt, tr
 from gate import SIZES
 
 TARGET_ACCURACY = 0.9
+MAX_EXTRAPOLATION = 16  # the farthest the line is trusted: four doublings past the last milestone
 SIZE = {"milestones": [250, 500, 1000, 2000], "samples": 300, "seed": 0,
         "sampler": ["sampler.method=heun", "sampler.steps=16", "sampler.cfg_scale=1.0"]}
 QUICK = {"milestones": [1, 2], "samples": 20, "seed": 0,
@@ -27,7 +29,7 @@ QUICK_MODEL = ["model.kwargs={hidden_size: 32, num_heads: 2, depth: 1}", "data.b
 
 def steps_to(target: float, steps, accuracy) -> float | None:
     """Steps at which a line through the last two (log steps, accuracy) points reaches `target`; None when the
-    curve does not rise there."""
+    curve does not rise there or the line reaches the target only beyond four more doublings (too far to say)."""
     if len(steps) < 2:
         return None
     (s0, a0), (s1, a1) = (steps[-2], accuracy[-2]), (steps[-1], accuracy[-1])
@@ -35,7 +37,8 @@ def steps_to(target: float, steps, accuracy) -> float | None:
         return float(s1)
     if a1 <= a0:
         return None
-    return float(math.exp(math.log(s0) + (target - a0) / (a1 - a0) * (math.log(s1) - math.log(s0))))
+    estimate = math.exp(math.log(s0) + (target - a0) / (a1 - a0) * (math.log(s1) - math.log(s0)))
+    return float(estimate) if estimate <= MAX_EXTRAPOLATION * s1 else None
 
 
 def main(argv=None) -> int:
