@@ -8,7 +8,6 @@ in-process (about 0.3 s a run) and ends with finite, bounded losses.
 import dataclasses
 import json
 import math
-import signal
 import subprocess
 import sys
 from dataclasses import field
@@ -19,10 +18,10 @@ import pytest
 from pafm.config import ConfigError, load_config, non_null, schema, section, setting, within
 from pafm.evaluation import EvalConfig
 from pafm.objectives import ObjectiveConfig
-from pafm.train import Config, main
-from test_train import ROOT, TINY
+from pafm.train import Config
 
-DIGITS = str(ROOT / "configs" / "digits_sit.yaml")
+from helpers import DIGITS, ROOT, TINY, run_in_process
+
 NUMBERS = ["0", "-1", ".nan", ".inf"]
 HUGE = {int: str(10**18), float: "1e300"}
 # Accepted values that are meant: a negative, and huge values that are harmless (a slow warm-up, rare checkpoints,
@@ -63,26 +62,6 @@ def probes(key) -> list[str]:
     if tp is dict:
         return ["{depth: .nan}"]
     raise AssertionError(f"{key.name}: no probes for {tp}; add them here")
-
-
-@pytest.fixture
-def in_process(monkeypatch, env):
-    """main() as a user runs it, in this process: the tests' data cache, and the signal handlers and the launcher
-    variables it sets put back afterwards."""
-    monkeypatch.setenv("PAFM_CACHE", env["PAFM_CACHE"])
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGXFSZ)}
-    yield main
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
-def run(main, capsys, run_dir, *overrides):
-    """(exit code, stderr lines) of a 3-step tiny run."""
-    capsys.readouterr()
-    code = main([DIGITS, f"run.dir={run_dir}", *TINY, "train.steps=3", "checkpoint.every=100", *overrides])
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def assert_refused(code, err, key):
@@ -138,7 +117,8 @@ def test_every_value_of_the_schema_trains_or_is_refused_in_one_line(in_process, 
             try:
                 load_config(Config, DIGITS, [f"run.dir={tmp_path}", *TINY, *section_on, override])
             except ConfigError:
-                assert_refused(*run(in_process, capsys, tmp_path / "refused", *section_on, override), key.name)
+                refused = run_in_process(in_process, capsys, tmp_path / "refused", *section_on, override)
+                assert_refused(*refused, key.name)
                 assert not (tmp_path / "refused").exists()
                 continue
             assert value not in (".nan", ".inf") and ".nan" not in value and ".inf" not in value, override
@@ -147,7 +127,7 @@ def test_every_value_of_the_schema_trains_or_is_refused_in_one_line(in_process, 
             if (key.name, value) in NOT_TRAINED:
                 continue
             run_dir = tmp_path / f"run{tried}"
-            code, err = run(in_process, capsys, run_dir, *section_on, override)
+            code, err = run_in_process(in_process, capsys, run_dir, *section_on, override)
             if code == 2:  # refused at launch, where the rule needs the data
                 assert_refused(code, err, key.name)
                 continue
@@ -238,7 +218,7 @@ def test_cuda_without_a_device_is_refused_in_one_line(in_process, capsys, tmp_pa
 
 
 def test_a_huge_batch_is_refused_against_the_dataset(in_process, capsys, tmp_path):
-    code, err = run(in_process, capsys, tmp_path / "run", "data.batch_size=100000")
+    code, err = run_in_process(in_process, capsys, tmp_path / "run", "data.batch_size=100000")
     assert code == 2 and err == ["error: data.batch_size=100000: must be <= 1437, the training items of "
                                  "builtin:digits"], err
 

@@ -19,6 +19,8 @@ from pafm.metrics import inception_metrics
 from pafm.models import build_model
 from pafm.sample import main as sample_main
 
+from helpers import random_inception_file
+
 DIGITS_INFO = {"kind": "class", "latent_shape": [1, 8, 8], "num_classes": 10,
                "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
                "normalization": {"shift": [0.0], "scale": [1.0]}, "encoder": {"kind": "identity"}}
@@ -134,23 +136,6 @@ def test_digits_eval_resumes_after_a_stop_and_matches_two_ranks(tmp_path, monkey
     assert without_run_specific(report) == without_run_specific(full)
     with np.load(two / "samples.npz") as data:
         assert np.array_equal(data["arr_1"], full_labels)  # the random labels do not depend on the world size
-
-
-def random_inception_file(path: Path) -> Path:
-    """torch-fidelity's Inception architecture with random weights (scale-preserving init), saved as a state dict."""
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            torch.nn.init.kaiming_normal_(module.weight)
-    torch.save(net.state_dict(), path)
-    return path
 
 
 @pytest.mark.slow

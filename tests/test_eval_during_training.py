@@ -85,7 +85,7 @@ def test_a_setting_that_cannot_work_with_the_data_is_named_by_the_trainers_key(t
 
 @pytest.mark.slow
 def test_two_ranks_score_like_one_and_a_wrong_metric_stops_the_start(env, tmp_path):
-    from test_train import TINY
+    from helpers import TINY
 
     def run(folder, *extra, nproc=1, check=True):
         launcher = [sys.executable, "-m", "pafm.train"] if nproc == 1 else [

@@ -3,9 +3,10 @@ mode the library writing them chose (safetensors makes its files 0600)."""
 import os
 import stat
 
-from test_config_ranges import in_process, run  # noqa: F401 - in_process is a fixture
 
 from pafm.files import atomic_write
+
+from helpers import run_in_process
 
 
 def _modes(folder):
@@ -25,7 +26,7 @@ def test_atomic_write_gives_the_umask_mode(tmp_path):
 def test_every_file_of_a_run_is_readable_by_the_group_and_others(in_process, capsys, tmp_path):  # noqa: F811
     old = os.umask(0o022)
     try:
-        code, err = run(in_process, capsys, tmp_path / "run")
+        code, err = run_in_process(in_process, capsys, tmp_path / "run")
     finally:
         os.umask(old)
     assert code == 0, err

@@ -9,7 +9,8 @@ import torch
 
 from pafm.objectives import Objective, ObjectiveConfig, step_generator
 from pafm_kernels.reference import posterior_velocity_reference
-from test_objectives import CLASS_INFO, make_batch
+
+from helpers import CLASS_INFO, make_batch
 
 
 @pytest.mark.parametrize("source", ["batch", "bank"])

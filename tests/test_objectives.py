@@ -9,10 +9,7 @@ from pafm.candidates import SOURCES, BatchSource, ClassBank, PerRowPool, Source
 from pafm.objectives import (Objective, ObjectiveConfig, ess_temperature, flow_loss, source_class, step_generator,
                              t_bin_stats)
 
-SHAPE = (1, 4, 4)
-CLASS_INFO = {"kind": "class", "latent_shape": list(SHAPE), "num_classes": 3}
-TEXT_INFO = {"kind": "text", "latent_shape": list(SHAPE), "text_dim": 8, "pooled_dim": 6, "max_text_len": 5}
-
+from helpers import CLASS_INFO, SHAPE, TEXT_INFO, make_batch
 
 def posterior_target_float64(z, pool, alpha, sigma, d_alpha, d_sigma, admissible, log_prior, tau):
     """The PAFM target straight from its definition (direct distances, exact softmax), in float64."""
@@ -25,16 +22,6 @@ def posterior_target_float64(z, pool, alpha, sigma, d_alpha, d_sigma, admissible
     mu = w @ pool
     velocity = da * mu + ds * (z - a * mu) / s
     return velocity, 1.0 / (w * w).sum(1), w
-
-
-def make_batch(b=7, seed=0, text=False):
-    gen = torch.Generator().manual_seed(seed)
-    batch = {"x": torch.randn((b,) + SHAPE, generator=gen), "index": torch.arange(100, 100 + b)}
-    if text:
-        batch["pooled"] = torch.randn(b, 6, generator=gen)
-    else:
-        batch["label"] = torch.randint(0, 3, (b,), generator=gen)
-    return batch
 
 
 @pytest.mark.parametrize("path", ["linear", "cosine"])

@@ -6,7 +6,8 @@ moves these numbers by 1e-4 or more.  A change of behaviour made on purpose re-p
 """
 import pytest
 
-from test_train import metrics, train
+from helpers import metrics, train
+
 
 pytestmark = pytest.mark.slow  # each starts a trainer
 

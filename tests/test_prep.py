@@ -1,7 +1,5 @@
 """pafm.prep on generated images with a tiny random-weight VAE and text encoder (built here, nothing downloaded)."""
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -12,67 +10,7 @@ from pafm.data import LatentLoader, TransformersTextEmbedder, open_dataset, text
 from pafm.data.loader import flip_views
 from pafm.prep import center_crop, main
 
-WORDS = "a red green blue square circle on white black background small big".split()
-
-
-@pytest.fixture(scope="module")
-def vae_path(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
-
-
-def word_tokenizer():
-    """A whitespace word-level tokenizer over WORDS, built offline: [BOS] words [EOS], padded with [PAD]."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]",
-                                                      special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    return vocab, PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
-                                          bos_token="[BOS]", eos_token="[EOS]", model_max_length=12)
-
-
-@pytest.fixture(scope="module")
-def clip_path(tmp_path_factory):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    vocab, tok = word_tokenizer()
-    torch.manual_seed(0)
-    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=12, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=3, projection_dim=8)
-    path = tmp_path_factory.mktemp("clip")
-    tok.save_pretrained(path)
-    CLIPTextModel(cfg).save_pretrained(path)
-    return str(path)
-
-
-def random_image(rng, size):
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    sizes = [(20, 28), (40, 33), (16, 16), (50, 18)]
-    for c, name in enumerate(["n02", "n01", "n03"]):  # sorted order decides the label
-        (root / name).mkdir()
-        for i in range(3 + (c == 0)):
-            random_image(rng, sizes[(c + i) % 4]).save(root / name / f"img{i}.png")
-    (root / "n01" / "notes.txt").write_text("not an image")
-    return root
-
+from helpers import caption_source, random_image, word_tokenizer
 
 def encode_reference(vae_path, path, flip=False):
     from diffusers import AutoencoderKL
@@ -201,37 +139,11 @@ def test_imagenet_prep_process_group(image_folder, vae_path, tmp_path):
     assert len(ds) == 10 and len(ds.shards) == 5
 
 
-def _caption_source(root, rng, n, tar):
-    captions = [f"a {c} {s} on {b} background" for c, s, b in
-                zip(["red", "green", "blue", "black", "red"], ["square", "circle", "square", "circle", "circle"],
-                    ["white", "black", "white", "white", "black"])][:n]
-    root.mkdir()
-    if not tar:
-        for i, cap in enumerate(captions):
-            random_image(rng, (20 + i, 24)).save(root / f"{i:03d}.png")
-            (root / f"{i:03d}.txt").write_text(cap + "\n")
-        (root / "999.png").write_bytes(b"not a png")  # unreadable: skipped with a warning, counted in the index
-        (root / "999.txt").write_text("a broken image")
-        return captions
-    for t in range(2):
-        with tarfile.open(root / f"part-{t}.tar", "w") as f:
-            for i, cap in enumerate(captions):
-                if i % 2 != t:
-                    continue
-                buf = io.BytesIO()
-                random_image(rng, (24, 20)).save(buf, format="JPEG")
-                for name, data in ((f"s{i:03d}.jpg", buf.getvalue()), (f"s{i:03d}.txt", cap.encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    f.addfile(info, io.BytesIO(data))
-    return [c for t in range(2) for i, c in enumerate(captions) if i % 2 == t]
-
-
 @pytest.mark.parametrize("tar", [False, True])
 @pytest.mark.filterwarnings("ignore:skipping unreadable image")
 def test_captions_prep(tmp_path, vae_path, clip_path, tar):
     rng = np.random.default_rng(2)
-    captions = _caption_source(tmp_path / "src", rng, 5, tar)
+    captions = caption_source(tmp_path / "src", rng, 5, tar)
     out = tmp_path / "out"
     assert main(["captions", str(tmp_path / "src"), str(out), "--vae", vae_path, "--text-encoder", clip_path,
                  "--resolution", "16", "--shard-size", "3", "--max-text-len", "10", "--text-dtype", "float32"]) == 0
@@ -274,7 +186,7 @@ def test_t5_tokens_with_clip_pooled(tmp_path, vae_path, clip_path):
     t5_path = tmp_path / "t5"
     tok.save_pretrained(t5_path)
     t5.save_pretrained(t5_path)
-    captions = _caption_source(tmp_path / "src", np.random.default_rng(3), 3, tar=False)
+    captions = caption_source(tmp_path / "src", np.random.default_rng(3), 3, tar=False)
     out = tmp_path / "out"
     assert main(["captions", str(tmp_path / "src"), str(out), "--vae", vae_path, "--text-encoder", str(t5_path),
                  "--pooled-encoder", clip_path, "--resolution", "16", "--max-text-len", "9", "--no-flip",

@@ -3,17 +3,15 @@
 preview grids, checkpoints and exports switched on every two steps.  Only the model's size, the batch and the
 number of steps are made small.
 """
-from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors import safe_open
 
 from pafm.prep import main as prep
-from test_prep import _caption_source, clip_path, image_folder, vae_path  # noqa: F401 (fixtures)
-from test_train import metrics, train
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, caption_source, metrics, train
+
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 SHRINK = ["model.kwargs={depth: 1, hidden_size: 32, num_heads: 2}", "data.batch_size=4", "train.steps=4",
           "checkpoint.every=2", "log.sample_every=2", "log.sample_steps=2", "log.every=1", "log.progress=false",
@@ -35,7 +33,7 @@ def imagenet_data(tmp_path_factory, image_folder, vae_path):  # noqa: F811
 @pytest.fixture(scope="module")
 def caption_data(tmp_path_factory, vae_path, clip_path):  # noqa: F811
     root = tmp_path_factory.mktemp("cc12m")
-    _caption_source(root / "tars", np.random.default_rng(3), 5, tar=True)  # CC12M comes as webdataset tars
+    caption_source(root / "tars", np.random.default_rng(3), 5, tar=True)  # CC12M comes as webdataset tars
     out = root / "cc12m16"
     assert prep(["captions", str(root / "tars"), str(out), "--vae", vae_path, "--text-encoder", clip_path,
                  "--resolution", "16", "--max-text-len", "10"]) == 0

@@ -3,14 +3,12 @@
 Every run is a real subprocess (`python -m pafm.train` or torchrun), like a user's.  The model is a 2-block SiT so
 that each run costs a few seconds.
 """
-import json
 import os
 import resource
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,38 +16,7 @@ from safetensors.torch import load_file
 
 from pafm.train import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.kwargs={depth: 2, hidden_size: 64, num_heads: 2}", "log.every=1", "log.progress=false",
-        "log.sample_every=-1", "log.tensorboard=false", "data.batch_size=32", "optim.warmup_steps=0",
-        "optim.schedule=constant"]
-
-
-def train(env, run_dir, *overrides, nproc=1, config="configs/digits_sit.yaml", check=True, timeout=300):
-    launcher = [sys.executable, "-m", "pafm.train"]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "pafm.train"]
-    cmd = launcher + [config, f"run.dir={run_dir}", *TINY, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir):
-    return [m["loss"] for m in metrics(run_dir)]
-
-
-def assert_same_weights(a, b):
-    wa, wb = load_file(str(a)), load_file(str(b))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-
+from helpers import ROOT, TINY, assert_same_weights, losses, metrics, train
 
 def test_config_typo_is_a_clear_error(capsys):
     assert main(["configs/digits_sit.yaml", "train.stepz=3"]) == 2

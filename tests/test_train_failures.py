@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import ROOT, TINY, metrics, train
+from helpers import ROOT, TINY, metrics, train
+
 
 pytestmark = pytest.mark.slow  # every test starts a trainer
 

@@ -103,7 +103,7 @@ def test_wandb_trouble_is_one_warning_and_the_log_goes_on(tmp_path, one_rank, mo
 
 @pytest.mark.slow
 def test_offline_wandb_run_resumes_the_same_run(env, tmp_path):
-    from test_train import TINY
+    from helpers import TINY
 
     env = {**env, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_SILENT": "true"}
     run = tmp_path / "run"
