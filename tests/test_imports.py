@@ -108,3 +108,14 @@ def test_function_local_imports_say_why():
     assert not unexplained, unexplained
     unused = set(ALLOWED) - {(m, t) for m, t, _, _ in local}
     assert not unused, f"allowed but no longer imported inside a function: {sorted(unused)}"
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in conftest.py (fixtures) and helpers.py, so a test module can change alone."""
+    found = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not found, found
