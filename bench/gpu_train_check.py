@@ -388,7 +388,8 @@ def start_evaluation(check: Check) -> dict | None:
     check.eval_out = check.logs / "eval"
     cmd = [sys.executable, "-m", "pafm.eval", str(check.run_a), f"eval.num_samples={setup.samples}",
            f"eval.batch_size={setup.eval_batch}", "eval.metrics=[fid]",
-           f"eval.reference={check.logs / 'reference.npz'}", f"eval.inception_weights={weights}", f"eval.out_dir={check.eval_out}", f"eval.device={setup.device}",
+           f"eval.reference={check.logs / 'reference.npz'}", f"eval.inception_weights={weights}",
+           f"eval.out_dir={check.eval_out}", f"eval.device={setup.device}",
            "sampler.method=euler", f"sampler.steps={setup.sample_steps}"]
     check.eval_start = time.time()
     check.eval_proc = start(cmd, check.logs / "eval.log")
