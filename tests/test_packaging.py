@@ -43,6 +43,9 @@ def test_the_distribution_installs_only_pafm_and_pafm_kernels():
     packages = PROJECT["tool"]["setuptools"]["packages"]
     assert {p.split(".")[0] for p in packages} == {"pafm", "pafm_kernels"}
     assert PROJECT["tool"]["setuptools"]["package-dir"] == {"pafm_kernels": "kernels"}
+    # A non-editable install (a wheel) holds only the listed packages: every folder of pafm/ must be one of them.
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "pafm").rglob("__init__.py")}
+    assert folders == {p for p in packages if p.startswith("pafm.") or p == "pafm"}
 
 
 def test_no_top_level_name_of_the_checkout_shadows_an_installed_package(tmp_path):
