@@ -66,8 +66,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", world_size=1, rank=0)
+def mesh(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store") / "rendezvous"  # a file, not a port another worker could take
+    dist.init_process_group("gloo", init_method=f"file://{store}", world_size=1, rank=0)
     yield init_device_mesh("cpu", (1,))
     dist.destroy_process_group()
 
