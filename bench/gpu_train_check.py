@@ -354,28 +354,10 @@ def grid(check: Check) -> dict:
     return {"file": path.name, "width": width, "height": height, "ok": width > 0 and extremes[0] != extremes[1]}
 
 
-def random_inception_file(path: Path) -> Path:
-    """torch-fidelity's Inception network with random weights (Kaiming-normal, so activations keep their scale),
-    saved as the plain state dict that eval.inception_weights takes."""
-    from unittest import mock
-
-    import torch
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            torch.nn.init.kaiming_normal_(module.weight)
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def start_evaluation(check: Check) -> dict | None:
     """Starts `pafm.eval` on A's export (beside B's resume); None when started, else the stage's row."""
     from pafm.export import EXPORT_NAME
+    from pafm.metrics import write_random_inception
 
     try:
         import torch_fidelity  # noqa: F401
@@ -384,7 +366,7 @@ def start_evaluation(check: Check) -> dict | None:
     if not (check.run_a / EXPORT_NAME).is_file():
         return {"error": f"run A wrote no {EXPORT_NAME} (exit {check.a_code})", "ok": False}
     setup = check.setup
-    weights = random_inception_file(check.logs / "inception_random.pth")
+    weights = write_random_inception(check.logs / "inception_random.pth")
     check.eval_out = check.logs / "eval"
     cmd = [sys.executable, "-m", "pafm.eval", str(check.run_a), f"eval.num_samples={setup.samples}",
            f"eval.batch_size={setup.eval_batch}", "eval.metrics=[fid]",

@@ -191,6 +191,25 @@ class InceptionFeatures:
         return {name: torch.cat(parts) for name, parts in out.items()}
 
 
+def write_random_inception(path) -> Path:
+    """torch-fidelity's Inception network with random weights (Kaiming-normal, so activations keep their scale), saved
+    as the plain state dict `eval.inception_weights` takes: the whole FID path runs without the real weights (tests,
+    dry runs). Its scores mean nothing."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe  # optional: only the Inception metrics need it
+
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight)
+    torch.save(net.state_dict(), path)
+    return Path(path)
+
+
 def inception_metrics(features: dict, metrics, reference_features: dict | None = None,
                       reference_stats: tuple | None = None, isc_splits: int = 10, kid_subset_size: int = 1000,
                       kid_subsets: int = 100, prc_neighborhood: int = 3, seed: int = 2020) -> dict:

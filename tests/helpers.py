@@ -104,24 +104,7 @@ def install_fake_wheel(root, monkeypatch, payload: bytes):
     return wheel
 
 
-# Random-weight models and source images for pafm.prep and the Inception metrics.
-def random_inception_file(path: Path) -> Path:
-    """torch-fidelity's Inception architecture with random weights (scale-preserving init), saved as a state dict."""
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            torch.nn.init.kaiming_normal_(module.weight)
-    torch.save(net.state_dict(), path)
-    return path
-
-
+# Source images for pafm.prep (the random-weight VAE and text encoder are conftest.py's fixtures).
 WORDS = "a red green blue square circle on white black background small big".split()
 
 

@@ -15,11 +15,10 @@ from pafm.config import ConfigError
 from pafm.data.digits import load_digits_split
 from pafm.evaluation import evaluate
 from pafm.export import ExportError, load_export, read_export_meta, save_export
-from pafm.metrics import inception_metrics
+from pafm.metrics import inception_metrics, write_random_inception
 from pafm.models import build_model
 from pafm.sample import main as sample_main
 
-from helpers import random_inception_file
 
 DIGITS_INFO = {"kind": "class", "latent_shape": [1, 8, 8], "num_classes": 10,
                "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
@@ -141,7 +140,7 @@ def test_digits_eval_resumes_after_a_stop_and_matches_two_ranks(tmp_path, monkey
 @pytest.mark.slow
 def test_inception_eval_path_with_a_local_random_weight_file(tmp_path):
     run = write_run(tmp_path / "run")
-    weights = random_inception_file(tmp_path / "inception.pth")
+    weights = write_random_inception(tmp_path / "inception.pth")
     held, _ = load_digits_split("heldout")
     reference = tmp_path / "reference.npz"
     np.savez(reference, arr_0=((held[:8] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())

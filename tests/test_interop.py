@@ -14,6 +14,7 @@ from pafm.export import load_export, read_export_meta, save_export
 from pafm.models import build_model, list_models, model_from_config
 from pafm.models.interop import (InteropError, export_sit_checkpoint, import_state_dict, infer_sit_config,
                                  pafm_to_sit_state_dict, read_torch_state_dict, sit_format_shapes)
+from pafm.metrics import write_random_inception
 from pafm.paths import build_path
 from pafm.sampling import SamplerConfig, guided_velocity, sample
 
@@ -314,13 +315,11 @@ def tiny_vae_folder(path):
 
 @pytest.mark.slow
 def test_eval_of_a_sit_format_checkpoint_with_every_sampler(tmp_path):
-    from helpers import random_inception_file
-
     model = small_sit(seed=7)
     ckpt = tmp_path / "SiT-S-2-random.pt"
     torch.save(sit_release(model), ckpt)
     vae = tiny_vae_folder(tmp_path / "vae")
-    weights = random_inception_file(tmp_path / "inception.pth")
+    weights = write_random_inception(tmp_path / "inception.pth")
     reference = tmp_path / "reference.npz"
     np.savez(reference, arr_0=np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
     common = ["eval.num_samples=6", "eval.batch_size=3", f"eval.vae={vae}", "sampler.cfg_scale=1.5"]
