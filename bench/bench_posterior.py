@@ -50,7 +50,6 @@ CPU_SHAPES = [("shared", 32, 32, 256), ("shared", 64, 256, 1024), ("bank", 16, 1
 QUICK_SHAPES = [("shared", 8, 16, 64), ("bank", 4, 8, 64)]
 BANK_CLASSES = {"cuda": 1000, "cpu": 10}
 PROVIDERS = ["triton", "triton_unrefined", "compiled_native", "peer_chunked", "float64"]
-OLD_NAMES = {"eager": "float64", "compile": "compiled_native"}  # bench/gpu_check.py asks for these
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Rows at sigma = 1 - t in [1e-5, 1e-2], each with its own endpoint and three near-duplicates of it (0.1 sigma per
 # coordinate): the weights stay spread as sigma -> 0, where fp32 or bf16 logits lose them.
@@ -140,7 +139,6 @@ def peer_velocity(inputs):
 
 
 def make_fn(provider, inputs):
-    provider = OLD_NAMES.get(provider, provider)
     op_inputs = dict(inputs)
     if provider == "triton":
         return lambda: posterior_velocity(**op_inputs, backend="triton").velocity
@@ -340,7 +338,7 @@ def _run_shapes(shapes, dtypes, providers, device, emit, deadline, roof, cpu_tim
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS + list(OLD_NAMES))
+    parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--out", default=None, help="append rows to this jsonl file (default: print only)")
     parser.add_argument("--deadline-s", type=float, default=float("inf"), help="start no measurement after this")
