@@ -83,3 +83,15 @@ def test_gpu_check_dry_run_writes_every_item(tmp_path):
     assert all(r["err_small_sigma"] < 1e-6 for r in timed if r["provider"] == "float64")
     train = [r for r in rows if r["item"] == "train_step"]
     assert {r["objective"] for r in train} == {"fm", "pafm"} and all(r["images_per_s"] > 0 for r in train)
+
+
+def test_the_large_case_pins_the_per_row_autotuner_and_restores_it():
+    """The over-2^31 case must run at one configuration on the GPU (autotuning 4 GB of pools would outlast the check):
+    if the kernel's autotuner is renamed, this fails here instead of silently tuning on the device."""
+    from pafm_kernels import per_row_pool
+
+    before = list(per_row_pool._per_row_tuned.configs)
+    restore, pinned = gpu_check.one_per_row_config()
+    assert pinned == str(before[0]) and per_row_pool._per_row_tuned.configs == before[:1]
+    restore()
+    assert per_row_pool._per_row_tuned.configs == before
