@@ -230,13 +230,14 @@ class StepResult:
 
 
 def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Objective, data_iter, state: TrainState,
-               accum: int, autocast, stop_requested: bool = False) -> StepResult:
+               accum: int, autocast, stop_requested=lambda: False) -> StepResult:
     """Micro-batches with gradient accumulation, clipping, the skip of a non-finite step, AdamW and EMA.
 
     A skipped step changes nothing but the counters: no weight, EMA or bank update (the loader still moves on).
     The step waits for the device once: the losses and this rank's stop request go through one all-reduce, and one
     read brings back whether the step is kept and whether any rank must stop; everything else stays on the device
-    (the logger reads its sums every `log.every` steps)."""
+    (the logger reads its sums every `log.every` steps). `stop_requested()` is asked after the backward pass, so a
+    signal that lands during the step still stops the run after it."""
     device = world.device
     step_loss = torch.zeros(2, dtype=torch.float64, device=device)
     bins = torch.zeros(3, T_BINS, dtype=torch.float64, device=device)
@@ -253,7 +254,8 @@ def train_step(cfg: Config, world: World, model, optimizer, ema, objective: Obje
         updates.append(out.update)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    totals = torch.cat([step_loss, torch.full((1,), float(stop_requested), dtype=torch.float64, device=device)])
+    stop_flag = torch.full((1,), float(stop_requested()), dtype=torch.float64, device=device)
+    totals = torch.cat([step_loss, stop_flag])
     all_reduce(totals)
     step_loss = totals[:2] / world.size
     finite = torch.isfinite(step_loss).all() & torch.isfinite(grad_norm)
@@ -356,7 +358,7 @@ def _train(cfg: Config, world: World, run_dir: Path, stop: StopSignal) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step = train_step(cfg, world, model, optimizer, ema, objective, data_iter, state, accum, autocast,
-                              stop_requested=stop.requested is not None)
+                              stop_requested=lambda: stop.requested is not None)
             logger.step(state.step, lr, step.loss, step.fm_loss, step.grad_norm, step.kept, step.bins, state.skipped)
             checkpointer.poll()
             stop_now = step.stop

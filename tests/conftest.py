@@ -6,6 +6,10 @@ import pickle
 import signal
 from pathlib import Path
 
+# One thread per xdist worker (two workers share the 2 cores; a worker inherits the controller's setting, so it is
+# set, not defaulted), two in a single process.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402

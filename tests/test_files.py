@@ -23,7 +23,7 @@ def test_atomic_write_gives_the_umask_mode(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
-def test_every_file_of_a_run_is_readable_by_the_group_and_others(in_process, capsys, tmp_path):  # noqa: F811
+def test_every_file_of_a_run_is_readable_by_the_group_and_others(in_process, capsys, tmp_path):
     old = os.umask(0o022)
     try:
         code, err = run_in_process(in_process, capsys, tmp_path / "run")

@@ -92,6 +92,8 @@ def test_the_large_case_pins_the_per_row_autotuner_and_restores_it():
 
     before = list(per_row_pool._per_row_tuned.configs)
     restore, pinned = gpu_check.one_per_row_config()
-    assert pinned == str(before[0]) and per_row_pool._per_row_tuned.configs == before[:1]
-    restore()
+    try:
+        assert pinned == str(before[0]) and per_row_pool._per_row_tuned.configs == before[:1]
+    finally:
+        restore()
     assert per_row_pool._per_row_tuned.configs == before

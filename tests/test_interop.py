@@ -11,10 +11,10 @@ import torch
 from pafm.config import ConfigError
 from pafm.evaluation import evaluate
 from pafm.export import load_export, read_export_meta, save_export
+from pafm.metrics import write_random_inception
 from pafm.models import build_model, list_models, model_from_config
 from pafm.models.interop import (InteropError, export_sit_checkpoint, import_state_dict, infer_sit_config,
                                  pafm_to_sit_state_dict, read_torch_state_dict, sit_format_shapes)
-from pafm.metrics import write_random_inception
 from pafm.paths import build_path
 from pafm.sampling import SamplerConfig, guided_velocity, sample
 

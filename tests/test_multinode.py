@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, assert_same_weights, losses, metrics, train
+from helpers import ROOT, TINY, assert_same_weights, losses, metrics, train
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["objective.source=bank", "objective.bank_per_class=8", "checkpoint.every=2"]
 
 

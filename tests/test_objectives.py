@@ -11,6 +11,7 @@ from pafm.objectives import (Objective, ObjectiveConfig, ess_temperature, flow_l
 
 from helpers import CLASS_INFO, SHAPE, TEXT_INFO, make_batch
 
+
 def posterior_target_float64(z, pool, alpha, sigma, d_alpha, d_sigma, admissible, log_prior, tau):
     """The PAFM target straight from its definition (direct distances, exact softmax), in float64."""
     z, pool = z.double().flatten(1), pool.double().flatten(1)

@@ -12,6 +12,7 @@ from pafm.prep import center_crop, main
 
 from helpers import caption_source, random_image, word_tokenizer
 
+
 def encode_reference(vae_path, path, flip=False):
     from diffusers import AutoencoderKL
 

@@ -24,14 +24,14 @@ def test_every_recipe_is_covered():
 
 
 @pytest.fixture(scope="module")
-def imagenet_data(tmp_path_factory, image_folder, vae_path):  # noqa: F811
+def imagenet_data(tmp_path_factory, image_folder, vae_path):
     out = tmp_path_factory.mktemp("prep") / "imagenet16"
     assert prep(["imagenet", str(image_folder), str(out), "--vae", vae_path, "--resolution", "16"]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def caption_data(tmp_path_factory, vae_path, clip_path):  # noqa: F811
+def caption_data(tmp_path_factory, vae_path, clip_path):
     root = tmp_path_factory.mktemp("cc12m")
     caption_source(root / "tars", np.random.default_rng(3), 5, tar=True)  # CC12M comes as webdataset tars
     out = root / "cc12m16"

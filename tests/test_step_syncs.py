@@ -165,7 +165,7 @@ def test_one_host_read_per_step_and_the_log_reads_only_when_it_writes(tmp_path, 
 
     def step(stop=False):
         return train_step(cfg, world, model, optimizer, ema, objective, batches, state, accum, autocast,
-                          stop_requested=stop)
+                          stop_requested=lambda: stop)
 
     first = step()  # the first step builds AdamW's state (and would tune kernels on a GPU)
     logger.step(state.step, 1e-3, first.loss, first.fm_loss, first.grad_norm, first.kept, first.bins, 0)

@@ -18,6 +18,7 @@ from pafm.train import main
 
 from helpers import ROOT, TINY, assert_same_weights, losses, metrics, train
 
+
 def test_config_typo_is_a_clear_error(capsys):
     assert main(["configs/digits_sit.yaml", "train.stepz=3"]) == 2
     err = capsys.readouterr().err
@@ -33,10 +34,9 @@ def test_config_typo_is_a_clear_error(capsys):
     ("configs/digits_mmdit.yaml", ["objective.source=exact"], ["source=exact needs class labels"]),
     ("configs/digits_sit.yaml", ["objective.source=neighbors", "objective.candidates=300"], ["300 neighbours"]),
 ])
-def test_what_a_source_refuses_is_a_one_line_error(env, tmp_path, monkeypatch, capsys, config, overrides, words):
+def test_what_a_source_refuses_is_a_one_line_error(in_process, tmp_path, capsys, config, overrides, words):
     """The trainer asks the configured source what it refuses with the data and what it needs from the loader."""
-    monkeypatch.setenv("PAFM_CACHE", env["PAFM_CACHE"])
-    assert main([config, f"run.dir={tmp_path / 'run'}", "train.steps=1", *overrides]) == 2
+    assert in_process([config, f"run.dir={tmp_path / 'run'}", "train.steps=1", *overrides]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and all(word in err for word in words), err
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -258,7 +258,8 @@ def test_a_stale_export_is_refreshed_by_the_export_command_and_by_a_relaunch(env
     one_line_error(proc, "is not a complete checkpoint")
 
 
-# The trainer with one rank held back before it builds the objective, so that the ranks reach the same setup error
+# The trainer with one rank held back before it checks the settings against the data, so that the ranks reach the
+# same setup error
 # at different times: `python delayed_rank.py SLOW_RANK CONFIG [overrides]` under torchrun.
 DELAYED_RANK = """
 import os, sys, time
@@ -298,7 +299,8 @@ def test_under_torchrun_the_first_error_line_is_the_ranks_own(env, tmp_path):
                               timeout=180)
         lines = proc.stderr.splitlines()
         errors = [line for line in lines if "rror" in line]
-        ok = (proc.returncode != 0 and errors and errors[0].startswith("error: objective.source=bank needs class labels")
+        refusal = "error: objective.source=bank needs class labels"
+        ok = (proc.returncode != 0 and errors and errors[0].startswith(refusal)
               and sum(line.startswith("error") for line in lines) == 1)
         return None if ok else f"launch {attempt}: exit {proc.returncode}\n{proc.stderr}"
 

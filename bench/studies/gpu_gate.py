@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     args.quick = args.dry_run
     out = gate.out_dir(args, "gpu_gate")
     size = DRY_RUN if args.dry_run else SIZE
-    return gate.run_study("gpu_gate", out, args.work or out / "runs", {"mnist": size}, ARMS, args.jobs, quick=args.dry_run)
+    return gate.run_study("gpu_gate", out, args.work or out / "runs", {"mnist": size}, ARMS, args.jobs,
+                          quick=args.dry_run)
 
 
 if __name__ == "__main__":
