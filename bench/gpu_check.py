@@ -389,29 +389,12 @@ LARGE_ROWS, LARGE_K, LARGE_D = 1024, 520, 4096
 LARGE_CASE_S = 15.0
 
 
-def one_per_row_config():
-    """Pins the per-row kernel's autotuner to its first configuration (benchmarking every configuration on 4 GB of
-    pools would take longer than the check); returns a function that restores it. A no-op where the kernel has no
-    such autotuner."""
-    from pafm_kernels import per_row_pool
-
-    tuned = getattr(per_row_pool, "_per_row_tuned", None)
-    configs = getattr(tuned, "configs", None)
-    if not configs:
-        return lambda: None, None
-    tuned.configs = configs[:1]
-
-    def restore():
-        tuned.configs = configs
-    return restore, str(configs[0])
-
-
 def large_case(rows: Rows):
     """Per-row pools of more than 2^31 elements (64-bit offsets), bf16, against the float64-grade reference; the
     own endpoint in each row's last slot, where the offsets are largest."""
     import torch
 
-    from pafm_kernels import posterior_velocity
+    from pafm_kernels import per_row_pool, posterior_velocity
     from pafm_kernels.reference import posterior_velocity_reference
     from pafm_kernels.testing import rel_err
 
@@ -423,8 +406,8 @@ def large_case(rows: Rows):
     x = pool[:, -1].float()
     z = (t[:, None] * x + (1 - t)[:, None] * torch.randn(B, D, device=rows.device, generator=g)).bfloat16()
     coefs = (t, 1 - t, torch.ones_like(t), -torch.ones_like(t))
-    restore, config = one_per_row_config()
-    try:
+    # One configuration: benchmarking every one on 4 GB of pools would take longer than the check.
+    with per_row_pool.fixed_config() as config:
         torch.cuda.synchronize()
         start = time.perf_counter()
         out = posterior_velocity(z, pool, *coefs, backend="triton")  # includes the kernel's compilation
@@ -434,11 +417,9 @@ def large_case(rows: Rows):
         posterior_velocity(z, pool, *coefs, backend="triton")
         torch.cuda.synchronize()
         second = time.perf_counter() - start
-    finally:
-        restore()
     v64, lse64, ess64 = posterior_velocity_reference(z.double(), pool, *coefs, 1.0)
     err = max(rel_err(out.velocity, v64), rel_err(out.lse, lse64), rel_err(out.ess, ess64))
-    rows.emit(case="over_2_31_elements", B=B, K=K, D=D, elements=B * K * D, config=config,
+    rows.emit(case="over_2_31_elements", B=B, K=K, D=D, elements=B * K * D, config=str(config),
               first_call_s=first, call_s=second, gbps=pool.numel() * 2 / second / 1e9, max_rel_err=err,
               ok=err <= 2e-4)
 

@@ -12,6 +12,8 @@ the B x K logits, and when split the parts' statistics and B x D partial sums pe
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -199,6 +201,20 @@ PER_ROW_CONFIGS = [
 ]
 _per_row_tuned = triton.autotune(PER_ROW_CONFIGS, key=["k_bucket", "D", "split_k", "HAS_LABELS", "HAS_PRIOR",
                                                       "HAS_POOL_INDEX", "RESIDUAL", "HAS_ACTIVE"])(_per_row_kernel)
+
+
+@contextlib.contextmanager
+def fixed_config(index: int = 0):
+    """Inside the block the per-row kernel runs at PER_ROW_CONFIGS[index] without autotuning (for pools so large
+    that benchmarking every configuration would take longer than the work); yields that configuration."""
+    saved = _per_row_tuned.configs
+    _per_row_tuned.configs = [PER_ROW_CONFIGS[index]]
+    try:
+        yield PER_ROW_CONFIGS[index]
+    finally:
+        _per_row_tuned.configs = saved
+
+
 # Under half a wave of programs a row's candidates are split into parts of at least this many; the merge's D chunk.
 SPLIT_MIN_K = 16
 MERGE_BLOCK_D, MERGE_WARPS = 512, 4
