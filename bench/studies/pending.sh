@@ -11,4 +11,4 @@ python bench/studies/memorisation.py --seed 2 --trained 100 --objectives fm pafm
 python bench/studies/memorisation.py --trained 300 --jobs 2 --out bench/results/studies/memorisation-300 \
     --work "$WORK/memorisation-300"
 python bench/studies/mnist_steps.py --work "$WORK/mnist_steps" --milestones 250 500 1000 2000 4000  # done
-python bench/studies/gate.py --datasets mnist --work "$WORK/gate-mnist" --jobs 2
+python bench/studies/gate.py --datasets mnist --work "$WORK/gate-mnist" --jobs 2 --out bench/results/studies/gate-mnist
