@@ -259,8 +259,7 @@ def test_a_stale_export_is_refreshed_by_the_export_command_and_by_a_relaunch(env
 
 
 # The trainer with one rank held back before it checks the settings against the data, so that the ranks reach the
-# same setup error
-# at different times: `python delayed_rank.py SLOW_RANK CONFIG [overrides]` under torchrun.
+# same setup error at different times: `python delayed_rank.py SLOW_RANK CONFIG [overrides]` under torchrun.
 DELAYED_RANK = """
 import os, sys, time
 import pafm.train as trainer
