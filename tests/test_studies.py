@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench" / "studies"))
 
 
-def run_study(name, out, env, flag="--quick"):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "studies" / f"{name}.py"), flag, "--out",
-                           str(out)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+def run_study(name, out, env, *flags):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "studies" / f"{name}.py"), *(flags or ["--quick"]),
+                           "--out", str(out)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -119,14 +119,14 @@ def check_gate_results(d, arms, seeds, sampler_names):
 
 @pytest.mark.slow
 def test_gate_quick(tmp_path, env):
-    r = run_study("gate", tmp_path, env)
+    r = run_study("gate", tmp_path, env, "--quick", "--arms", "bank-g0.5")  # FM always runs beside the chosen arms
     check_gate_results(r["datasets"]["digits"], ["fm", "bank-g0.5"], [0, 1], ["cfg1.0"])
     check_png(tmp_path / "gate.png")
 
 
 @pytest.mark.slow
 def test_gpu_gate_dry_run_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
-    r = run_study("gpu_gate", tmp_path, env, flag="--dry-run")
+    r = run_study("gpu_gate", tmp_path, env, "--dry-run")
     d = r["datasets"]["mnist"]
     check_gate_results(d, ["fm", "bank-g0.5"], [0, 1], ["cfg1.0"])
     assert {"frechet_cnn", "diversity"} <= set(d["runs"]["0"]["fm"]["metrics"]["cfg1.0"])

@@ -322,11 +322,15 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", choices=list(SIZES), default=["digits"])
     p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: the size's)")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS)[1:], default=None,
+                   help="only these arms beside FM, which every arm is compared with (default: all)")
     args = p.parse_args(argv)
     out = out_dir(args, "gate")
     sizes, arm_table = (QUICK, QUICK_ARMS) if args.quick else ({n: SIZES[n] for n in args.datasets}, ARMS)
     if args.seeds is not None:
         sizes = {n: {**s, "seeds": args.seeds} for n, s in sizes.items()}
+    if args.arms is not None:
+        arm_table = {a: o for a, o in arm_table.items() if a == "fm" or a in args.arms}
     return run_study("gate", out, args.work or out / "runs", sizes, arm_table, args.jobs, args.quick)
 
 
