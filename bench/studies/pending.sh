@@ -11,4 +11,7 @@ python bench/studies/memorisation.py --seed 2 --trained 100 --objectives fm pafm
 python bench/studies/memorisation.py --trained 300 --jobs 2 --out bench/results/studies/memorisation-300 \
     --work "$WORK/memorisation-300"  # done
 python bench/studies/mnist_steps.py --work "$WORK/mnist_steps" --milestones 250 500 1000 2000 4000  # done
-python bench/studies/gate.py --datasets mnist --work "$WORK/gate-mnist" --jobs 2 --out bench/results/studies/gate-mnist
+python bench/studies/gate.py --datasets mnist --arms bank-g0.25 bank-g0.5 bank-g1 --work "$WORK/gate-mnist" --jobs 2 \
+    --out bench/results/studies/gate-mnist  # FM and the bank at every seed first
+python bench/studies/gate.py --datasets mnist --work "$WORK/gate-mnist" --jobs 2 \
+    --out bench/results/studies/gate-mnist  # then the exact source (60,000 candidates: ~3x the cost)
