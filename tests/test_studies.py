@@ -124,6 +124,26 @@ def test_gate_quick(tmp_path, env):
     check_png(tmp_path / "gate.png")
 
 
+def test_gate_finished_only_scores_the_runs_at_their_last_step_and_trains_nothing(tmp_path, monkeypatch):
+    import gate
+
+    size = gate.QUICK["digits"]  # 3 steps, seeds 0 and 1
+    for arm, seed, last in (("fm", 0, 3), ("bank-g0.5", 0, 2), ("fm", 1, 3)):  # bank seed 0 is cut, seed 1 unstarted
+        run = gate.run_folder(tmp_path, "digits", arm, seed)
+        run.mkdir()
+        rows = [{"step": s, "loss": 1.0, "fm_loss": 1.0, "sec_per_step": 0.1} for s in range(1, last + 1)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = []
+
+    def run_one(name, size, arm, overrides, seed, work):
+        scored.append((seed, arm))
+        return {"metrics": {}, "sec_per_step_median": 0.1}
+
+    monkeypatch.setattr(gate, "run_one", run_one)
+    gate.run_dataset("digits", size, gate.QUICK_ARMS, tmp_path, 1, lambda runs: None, finished_only=True)
+    assert sorted(scored) == [(0, "fm"), (1, "fm")]
+
+
 @pytest.mark.slow
 def test_gpu_gate_dry_run_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
     r = run_study("gpu_gate", tmp_path, env, "--dry-run")

@@ -15,6 +15,9 @@ read back) and continues a cut run from its last checkpoint (the engine's exact 
     python bench/studies/gate.py --work /work/studies-runs/gate --jobs 2                 # digits, 10 seeds
     python bench/studies/gate.py --datasets mnist --work /work/studies-runs/gate-mnist  # MNIST, 3 seeds (hours)
     python bench/studies/gate.py --quick                                                # seconds, for the tests
+
+`--arms` and `--seeds` narrow a study (FM always runs); `--finished-only` writes the summary of the runs that have
+finished while others still train (in another process on the same --work).
 """
 from __future__ import annotations
 
@@ -149,9 +152,17 @@ def downsample(curve: dict, window: int) -> dict:
     return out
 
 
+def run_folder(work, name: str, arm: str, seed: int):
+    return work / f"{name}-{arm}-s{seed}"
+
+
+def finished(run_dir, steps: int) -> bool:
+    return (run_dir / "metrics.jsonl").is_file() and logged_curve(run_dir)["steps"][-1:] == [steps]
+
+
 def run_one(name: str, size: dict, arm: str, overrides: list[str], seed: int, work) -> dict:
     """Train (or resume, or find finished) one arm at one seed and score it under every sampler."""
-    run_dir = work / f"{name}-{arm}-s{seed}"
+    run_dir = run_folder(work, name, arm, seed)
     train_overrides = [f"train.steps={size['steps']}", f"train.seed={seed}",
                        f"checkpoint.every={size['checkpoint_every']}", "log.sample_every=-1", "log.every=1",
                        *overrides, *size["extra"]]
@@ -247,8 +258,9 @@ def plot(results: dict, path) -> None:
     pyplot.close(fig)
 
 
-def run_dataset(name: str, size: dict, arm_table: dict, work, jobs: int, save) -> dict:
-    """Every (seed, arm), seeds outermost, `jobs` at a time; `save(runs)` after each finished run."""
+def run_dataset(name: str, size: dict, arm_table: dict, work, jobs: int, save, finished_only=False) -> dict:
+    """Every (seed, arm), seeds outermost, `jobs` at a time; `save(runs)` after each finished run.  With
+    `finished_only`, only the runs that have trained all their steps (scored, or read back if they were)."""
     runs: dict[str, dict] = {}
     lock = threading.Lock()
     failures = []
@@ -257,7 +269,9 @@ def run_dataset(name: str, size: dict, arm_table: dict, work, jobs: int, save) -
         return run_one(name, size, arm, arm_table[arm], seed, work)
 
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(one, seed, arm): (seed, arm) for seed in size["seeds"] for arm in arm_table}
+        pairs = [(seed, arm) for seed in size["seeds"] for arm in arm_table
+                 if not finished_only or finished(run_folder(work, name, arm, seed), size["steps"])]
+        futures = {pool.submit(one, seed, arm): (seed, arm) for seed, arm in pairs}
         for future in as_completed(futures):
             seed, arm = futures[future]
             try:
@@ -273,7 +287,8 @@ def run_dataset(name: str, size: dict, arm_table: dict, work, jobs: int, save) -
     return {"runs": runs, "failures": failures}
 
 
-def run_study(study: str, out, work, sizes: dict, arm_table: dict, jobs: int, quick: bool) -> int:
+def run_study(study: str, out, work, sizes: dict, arm_table: dict, jobs: int, quick: bool,
+              finished_only=False) -> int:
     """Every dataset of `sizes` through every arm; results.json (and the plot) in `out` after every run.  Exit
     status 1 when a run failed or the arms turned out not to be paired."""
     arm_names = list(arm_table)
@@ -299,7 +314,7 @@ def run_study(study: str, out, work, sizes: dict, arm_table: dict, jobs: int, qu
             write_json(out / "results.json", results)
             plot(results, out / f"{results['study']}.png")
 
-        done = run_dataset(name, size, arm_table, work, jobs, save)
+        done = run_dataset(name, size, arm_table, work, jobs, save, finished_only)
         failed += done["failures"]
         first = results["datasets"].get(name, {}).get("pairing", {}).get("first_step_fm_loss_difference", {})
         unpaired = {s: v for s, v in first.items() if v != 0.0}
@@ -324,6 +339,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: the size's)")
     p.add_argument("--arms", nargs="+", choices=list(ARMS)[1:], default=None,
                    help="only these arms beside FM, which every arm is compared with (default: all)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="summarise the runs that have trained all their steps; train nothing (others may be training)")
     args = p.parse_args(argv)
     out = out_dir(args, "gate")
     sizes, arm_table = (QUICK, QUICK_ARMS) if args.quick else ({n: SIZES[n] for n in args.datasets}, ARMS)
@@ -331,7 +348,8 @@ def main(argv=None) -> int:
         sizes = {n: {**s, "seeds": args.seeds} for n, s in sizes.items()}
     if args.arms is not None:
         arm_table = {a: o for a, o in arm_table.items() if a == "fm" or a in args.arms}
-    return run_study("gate", out, args.work or out / "runs", sizes, arm_table, args.jobs, args.quick)
+    return run_study("gate", out, args.work or out / "runs", sizes, arm_table, args.jobs, args.quick,
+                     args.finished_only)
 
 
 if __name__ == "__main__":
