@@ -119,29 +119,46 @@ def check_gate_results(d, arms, seeds, sampler_names):
 
 @pytest.mark.slow
 def test_gate_quick(tmp_path, env):
-    r = run_study("gate", tmp_path, env, "--quick", "--arms", "bank-g0.5")  # FM always runs beside the chosen arms
+    r = run_study("gate", tmp_path, env)
     check_gate_results(r["datasets"]["digits"], ["fm", "bank-g0.5"], [0, 1], ["cfg1.0"])
     check_png(tmp_path / "gate.png")
 
 
-def test_gate_finished_only_scores_the_runs_at_their_last_step_and_trains_nothing(tmp_path, monkeypatch):
+def test_gate_finished_only_reads_back_runs_trained_and_scored_and_starts_nothing_else(tmp_path, monkeypatch):
     import gate
 
-    size = gate.QUICK["digits"]  # 3 steps, seeds 0 and 1
-    for arm, seed, last in (("fm", 0, 3), ("bank-g0.5", 0, 2), ("fm", 1, 3)):  # bank seed 0 is cut, seed 1 unstarted
+    size = gate.QUICK["digits"]  # 3 steps, seeds 0 and 1, one sampler
+    runs = {("fm", 0): (3, True), ("bank-g0.5", 0): (2, False),  # cut
+            ("fm", 1): (3, True), ("bank-g0.5", 1): (3, False)}  # trained, being scored
+    for (arm, seed), (last, scored) in runs.items():
         run = gate.run_folder(tmp_path, "digits", arm, seed)
-        run.mkdir()
         rows = [{"step": s, "loss": 1.0, "fm_loss": 1.0, "sec_per_step": 0.1} for s in range(1, last + 1)]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    scored = []
+        (run / "eval-cfg1.0").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # torn
+        if scored:
+            (run / "eval-cfg1.0" / "eval.json").write_text("{}")
+    started = []
 
     def run_one(name, size, arm, overrides, seed, work):
-        scored.append((seed, arm))
+        started.append((seed, arm))
         return {"metrics": {}, "sec_per_step_median": 0.1}
 
     monkeypatch.setattr(gate, "run_one", run_one)
     gate.run_dataset("digits", size, gate.QUICK_ARMS, tmp_path, 1, lambda runs: None, finished_only=True)
-    assert sorted(scored) == [(0, "fm"), (1, "fm")]
+    assert sorted(started) == [(0, "fm"), (1, "fm")]
+
+
+def test_gate_command_line_narrows_the_arms_and_passes_finished_only(tmp_path, monkeypatch, capsys):
+    import gate
+
+    calls = []
+    monkeypatch.setattr(gate, "run_study", lambda *args: calls.append(args) or 0)
+    assert gate.main(["--datasets", "mnist", "--arms", "exact-g1", "--finished-only", "--out", str(tmp_path)]) == 0
+    study, out, work, sizes, arm_table, jobs, quick, finished_only = calls[0]
+    assert list(sizes) == ["mnist"] and list(arm_table) == ["fm", "exact-g1"] and finished_only and not quick
+    with pytest.raises(SystemExit) as stop:  # the quick study has no exact arm: refused, not silently FM alone
+        gate.main(["--quick", "--arms", "exact-g1", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "--arms exact-g1: not an arm of this study" in capsys.readouterr().err
 
 
 @pytest.mark.slow

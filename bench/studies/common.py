@@ -85,8 +85,9 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> dict:
 
 def logged_curve(run_dir: Path, upto: int | None = None) -> dict:
     """Steps, losses and seconds per step from a run's metrics.jsonl, up to step `upto` when given."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if upto is None or r["step"] <= upto]
+    from pafm.logger import read_metrics  # local, as the other pafm imports here: importing common stays light
+
+    rows = read_metrics(run_dir / "metrics.jsonl", upto)  # the engine's reader: a torn line is dropped, not fatal
     return {"steps": [r["step"] for r in rows if "loss" in r], "loss": [r["loss"] for r in rows if "loss" in r],
             "fm_loss": [r["fm_loss"] for r in rows if "fm_loss" in r],
             "sec_per_step": [r["sec_per_step"] for r in rows if "sec_per_step" in r]}

@@ -16,8 +16,9 @@ read back) and continues a cut run from its last checkpoint (the engine's exact 
     python bench/studies/gate.py --datasets mnist --work /work/studies-runs/gate-mnist  # MNIST, 3 seeds (hours)
     python bench/studies/gate.py --quick                                                # seconds, for the tests
 
-`--arms` and `--seeds` narrow a study (FM always runs); `--finished-only` writes the summary of the runs that have
-finished while others still train (in another process on the same --work).
+`--arms` and `--seeds` narrow a study (FM always runs); `--finished-only` summarises the runs that have trained and
+been scored while others still train (in another process on the same --work).  Either replaces the dataset's entry in
+OUT/results.json with what it ran or read back.
 """
 from __future__ import annotations
 
@@ -156,8 +157,10 @@ def run_folder(work, name: str, arm: str, seed: int):
     return work / f"{name}-{arm}-s{seed}"
 
 
-def finished(run_dir, steps: int) -> bool:
-    return (run_dir / "metrics.jsonl").is_file() and logged_curve(run_dir)["steps"][-1:] == [steps]
+def finished_and_scored(run_dir, size: dict) -> bool:
+    """Trained all its steps and scored under every sampler: its trainer and evaluations have exited."""
+    return (logged_curve(run_dir)["steps"][-1:] == [size["steps"]]
+            and all((run_dir / f"eval-{sampler}" / "eval.json").is_file() for sampler in size["samplers"]))
 
 
 def run_one(name: str, size: dict, arm: str, overrides: list[str], seed: int, work) -> dict:
@@ -260,7 +263,8 @@ def plot(results: dict, path) -> None:
 
 def run_dataset(name: str, size: dict, arm_table: dict, work, jobs: int, save, finished_only=False) -> dict:
     """Every (seed, arm), seeds outermost, `jobs` at a time; `save(runs)` after each finished run.  With
-    `finished_only`, only the runs that have trained all their steps (scored, or read back if they were)."""
+    `finished_only`, only the runs that have trained and been scored (their trainer returns at once, their scores
+    are read back), so a study still training in another process is left alone."""
     runs: dict[str, dict] = {}
     lock = threading.Lock()
     failures = []
@@ -270,7 +274,7 @@ def run_dataset(name: str, size: dict, arm_table: dict, work, jobs: int, save, f
 
     with ThreadPoolExecutor(jobs) as pool:
         pairs = [(seed, arm) for seed in size["seeds"] for arm in arm_table
-                 if not finished_only or finished(run_folder(work, name, arm, seed), size["steps"])]
+                 if not finished_only or finished_and_scored(run_folder(work, name, arm, seed), size)]
         futures = {pool.submit(one, seed, arm): (seed, arm) for seed, arm in pairs}
         for future in as_completed(futures):
             seed, arm = futures[future]
@@ -325,6 +329,9 @@ def run_study(study: str, out, work, sizes: dict, arm_table: dict, jobs: int, qu
         print("\n".join(failed), file=sys.stderr)
         return 1
     for name in sizes:
+        if name not in results["datasets"]:
+            print(f"{name}: no finished run to summarise")
+            continue
         d = results["datasets"][name]
         print(json.dumps({name: {s: {a: {m: (r["mean_diff"], r.get("ci95"), r.get("sign_p"))
                                          for m, r in row.items() if m != "seeds"}
@@ -347,6 +354,9 @@ def main(argv=None) -> int:
     if args.seeds is not None:
         sizes = {n: {**s, "seeds": args.seeds} for n, s in sizes.items()}
     if args.arms is not None:
+        if set(args.arms) - set(arm_table):
+            p.error(f"--arms {' '.join(sorted(set(args.arms) - set(arm_table)))}: not an arm of this study "
+                    f"({', '.join(list(arm_table)[1:])})")
         arm_table = {a: o for a, o in arm_table.items() if a == "fm" or a in args.arms}
     return run_study("gate", out, args.work or out / "runs", sizes, arm_table, args.jobs, args.quick,
                      args.finished_only)
