@@ -157,10 +157,14 @@ def run_folder(work, name: str, arm: str, seed: int):
     return work / f"{name}-{arm}-s{seed}"
 
 
+def score_file(run_dir, sampler: str):
+    return run_dir / f"eval-{sampler}" / "eval.json"
+
+
 def finished_and_scored(run_dir, size: dict) -> bool:
     """Trained all its steps and scored under every sampler: its trainer and evaluations have exited."""
     return (logged_curve(run_dir)["steps"][-1:] == [size["steps"]]
-            and all((run_dir / f"eval-{sampler}" / "eval.json").is_file() for sampler in size["samplers"]))
+            and all(score_file(run_dir, sampler).is_file() for sampler in size["samplers"]))
 
 
 def run_one(name: str, size: dict, arm: str, overrides: list[str], seed: int, work) -> dict:
@@ -175,7 +179,7 @@ def run_one(name: str, size: dict, arm: str, overrides: list[str], seed: int, wo
         raise RuntimeError(f"{run_dir}: metrics.jsonl ends at step {curve['steps'][-1:]} instead of {size['steps']}")
     metrics, reference = {}, {}
     for sampler, sampler_overrides in size["samplers"].items():
-        scored = run_dir / f"eval-{sampler}" / "eval.json"
+        scored = score_file(run_dir, sampler)
         report = json.loads(scored.read_text()) if scored.is_file() else evaluate(
             run_dir, [f"eval.num_samples={size['samples']}", f"eval.seed={seed}", "eval.batch_size=250",
                       *sampler_overrides], out=scored.parent)
@@ -347,7 +351,7 @@ def main(argv=None) -> int:
     p.add_argument("--arms", nargs="+", choices=list(ARMS)[1:], default=None,
                    help="only these arms beside FM, which every arm is compared with (default: all)")
     p.add_argument("--finished-only", action="store_true",
-                   help="summarise the runs that have trained all their steps; train nothing (others may be training)")
+                   help="summarise the runs that have trained and been scored; start no training or scoring")
     args = p.parse_args(argv)
     out = out_dir(args, "gate")
     sizes, arm_table = (QUICK, QUICK_ARMS) if args.quick else ({n: SIZES[n] for n in args.datasets}, ARMS)
