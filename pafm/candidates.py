@@ -288,6 +288,13 @@ class ExactSource(Source, name="exact"):
     def __init__(self, loader, device):
         dataset = loader.dataset
         ids = np.arange(len(dataset))
+        labels = dataset.gather("label", ids).long() if dataset.info["has_labels"] else None
+        if labels is not None:  # in class order: the CPU op then solves each row on its class's slice alone
+            ids = labels.argsort(stable=True).numpy()
+            labels = labels[ids]
+        self.position = torch.empty(len(ids), dtype=torch.long)  # dataset index -> row of the pool
+        self.position[ids] = torch.arange(len(ids))
+        self.position = self.position.to(device)
         items = loader.maker.latents(ids, np.zeros(len(ids), dtype=np.int64), 0)
         self.spread = 0.0
         if dataset.info["has_moments"]:
@@ -298,7 +305,7 @@ class ExactSource(Source, name="exact"):
             self.spread = float(std.flatten()[0])
         self.moments = dataset.info["has_moments"]
         self.items = (items["mean"] if self.moments else items["x"]).to(device)
-        self.labels = dataset.gather("label", ids).long().to(device) if dataset.info["has_labels"] else None
+        self.labels = None if labels is None else labels.to(device)
         self.checked = False
 
     @classmethod
@@ -308,7 +315,7 @@ class ExactSource(Source, name="exact"):
         return cls(loader, device)
 
     def pool(self, x, ids, pooled, batch, normals) -> SharedPool:
-        own = batch["index"].to(x.device, non_blocking=True)
+        own = self.position[batch["index"].to(x.device, non_blocking=True)]
         if not self.checked:
             stored = batch["mean"] if self.moments else x
             if not torch.equal(self.items[own], stored.to(self.items)):

@@ -107,6 +107,48 @@ def test_reference_pool_index_groups_match_float64_oracle(chunk):
     assert max(rel_err(out[0].view_as(z), v64), rel_err(out[1], lse64), rel_err(out[2], ess64)) <= TOL_FP32
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL_FP32), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_reference_solves_rows_on_their_class_slice_of_a_sorted_pool(monkeypatch, dtype, tol, residual):
+    """A shared pool larger than a chunk whose labels ascend (the exact source's): each labelled row is solved on
+    its class's slice, unlabelled rows (any negative label) on the whole pool. The result equals the float64 oracle
+    and the masked whole-pool solve of the same pool shuffled; a label with no candidate gets lse -inf, ess 0 and
+    a NaN velocity, as the op documents."""
+    import pafm_kernels.reference as reference
+
+    B, K, S = 19, 90, (3, 10)
+    args, kw = make_case(B, K, S, labels="1d", prior=True, tau="rows", residual=residual, seed=7)
+    z, pool, *coefs = args
+    row_labels = kw["row_labels"].clone()
+    row_labels[[2, 11]] = 5  # no candidate has label 5
+    row_labels[4] = -3  # any negative label admits every candidate
+    order = kw["pool_labels"].argsort(stable=True)
+    sorted_kw = dict(kw, row_labels=row_labels, pool_labels=kw["pool_labels"][order],
+                     log_prior=kw["log_prior"][:, order])
+    flat = lambda d: {k: v.flatten(1).to(dtype) if k in ("endpoint", "noise") else v  # noqa: E731
+                      for k, v in d.items() if k != "temperature"}
+    slices, by_class_slice = [], reference._by_class_slice
+    monkeypatch.setattr(reference, "_by_class_slice", lambda *a, **k: slices.append(1) or by_class_slice(*a, **k))
+    got = posterior_velocity_reference(z.flatten(1).to(dtype), pool[order].flatten(1).to(dtype), *coefs,
+                                       kw["temperature"], **flat(sorted_kw), chunk_elems=K * 30 // 4)
+    assert slices == [1]  # the class-slice path ran
+    shuffled = torch.randperm(K, generator=torch.Generator().manual_seed(8))
+    masked = posterior_velocity_reference(
+        z.flatten(1).to(dtype), pool[order][shuffled].flatten(1).to(dtype), *coefs, kw["temperature"],
+        **flat(dict(sorted_kw, pool_labels=sorted_kw["pool_labels"][shuffled],
+                    log_prior=sorted_kw["log_prior"][:, shuffled])), chunk_elems=K * 30 // 4)
+    assert len(slices) == 1  # labels out of order: the masked whole-pool solve
+    empty = row_labels == 5
+    assert torch.isneginf(got[1][empty]).all() and (got[2][empty] == 0).all() and got[0][empty].isnan().all()
+    assert torch.isneginf(masked[1][empty]).all() and masked[0][empty].isnan().all()
+    rows = {k: v if k == "pool_labels" else v[~empty] for k, v in sorted_kw.items()}
+    v64, lse64, ess64 = oracle(z[~empty], pool[order], *(c[~empty] for c in coefs), **rows)
+    for out in (got, masked):
+        assert out[0].dtype == dtype
+        assert rel_err(out[0][~empty].view_as(v64), v64) <= tol
+        assert rel_err(out[1][~empty], lse64) <= tol and rel_err(out[2][~empty], ess64) <= tol
+
+
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 def test_single_admissible_candidate_gives_flow_matching_target(per_row, residual):
