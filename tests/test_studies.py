@@ -3,8 +3,11 @@ PNG plot), marked slow; and the studies' statistics and closed forms against ind
 Quick sizes are tiny: the tests check that the studies run and record what they must, not the science."""
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench" / "studies"))
+
+
+@pytest.fixture(autouse=True)
+def sigterm_handler_restored():
+    """A study's parser passes SIGTERM on to its runs; tests that call a study's main in this process put the
+    handler back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 def run_study(name, out, env, *flags):
@@ -159,6 +171,32 @@ def test_gate_command_line_narrows_the_arms_and_passes_finished_only(tmp_path, m
     with pytest.raises(SystemExit) as stop:  # the quick study has no exact arm: refused, not silently FM alone
         gate.main(["--quick", "--arms", "exact-g1", "--out", str(tmp_path)])
     assert stop.value.code == 2 and "--arms exact-g1: not an arm of this study" in capsys.readouterr().err
+
+
+def test_sigterm_to_a_study_reaches_its_runs_and_starts_no_other(tmp_path, env):
+    """A study killed with SIGTERM passes it on to the run it started (a trainer checkpoints on it) and ends with
+    143, without starting the next run of its queue."""
+    (tmp_path / "stand_in_run.py").write_text(
+        "import pathlib, signal, sys, time\n"
+        "def stop(*_):\n"
+        "    pathlib.Path(sys.argv[1], 'terminated').touch(); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "pathlib.Path(sys.argv[1], 'started').touch()\n"
+        "time.sleep(60)\n")
+    study = ("import sys; sys.path.insert(0, 'bench/studies'); import common; common.parser('a study')\n"
+             f"for i in range(2): common.cli('stand_in_run', {str(tmp_path)!r}, log=None)\n")
+    driver = subprocess.Popen([sys.executable, "-c", study], cwd=ROOT,
+                              env={**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "started").exists()
+    (tmp_path / "started").unlink()
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=60) == 143
+    assert (tmp_path / "terminated").exists()  # the run got the signal, not a kill
+    time.sleep(0.5)
+    assert not (tmp_path / "started").exists()  # and no second run started
 
 
 @pytest.mark.slow

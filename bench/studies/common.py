@@ -10,8 +10,10 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,9 @@ RESULTS = ROOT / "bench" / "results" / "studies"
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every study has; building it (every study's first step) also passes a SIGTERM on to the runs."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_runs)
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tiny size for the tests (seconds, not meaningful)")
     p.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}/<study>[-quick])")
@@ -61,15 +66,48 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+_running: set[subprocess.Popen] = set()  # the runs `cli` has started and not yet seen end
+_running_lock = threading.RLock()  # re-entrant: the handler may interrupt the main thread inside `cli`
+_stopping = False
+
+
+def _terminate_runs(signum, frame):
+    """SIGTERM to a study reaches its runs too: each trainer writes a checkpoint on it, and no run goes on without
+    the study that would score it (a rerun of the study resumes them).  The study then ends, starting no further
+    run.  Children are reaped with waitpid directly: the interrupted frame may hold the Popen's own lock."""
+    global _stopping
+    with _running_lock:
+        _stopping = True
+        runs = list(_running)
+    for run in runs:
+        run.terminate()
+    for run in runs:
+        try:
+            while os.waitpid(run.pid, os.WNOHANG)[0] == 0:
+                time.sleep(0.05)
+        except ChildProcessError:
+            pass  # already reaped by the thread that waits on it
+    os._exit(128 + signum)
+
+
 def cli(module: str, *args, log: Path | None = None) -> float:
     """Run `python -m module args...` with this checkout first on the path; seconds taken. Raises on failure."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
     with open(log or os.devnull, "a") as f:
-        done = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, stdout=f,
-                              stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise RuntimeError(f"python -m {module} {' '.join(map(str, args))} failed ({done.returncode}); see {log}")
+        with _running_lock:
+            while _stopping:  # the handler is ending the study
+                time.sleep(1)
+            run = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, stdout=f,
+                                   stderr=subprocess.STDOUT)
+            _running.add(run)
+        try:
+            returncode = run.wait()
+        finally:
+            with _running_lock:
+                _running.discard(run)
+    if returncode != 0:
+        raise RuntimeError(f"python -m {module} {' '.join(map(str, args))} failed ({returncode}); see {log}")
     return time.perf_counter() - start
 
 
