@@ -174,29 +174,38 @@ def test_gate_command_line_narrows_the_arms_and_passes_finished_only(tmp_path, m
 
 
 def test_sigterm_to_a_study_reaches_its_runs_and_starts_no_other(tmp_path, env):
-    """A study killed with SIGTERM passes it on to the run it started (a trainer checkpoints on it) and ends with
-    143, without starting the next run of its queue."""
+    """A study killed with SIGTERM, twice, while two worker threads each wait on a run and two more runs are
+    queued: both runs get the signal (one checkpoints at once, the other takes 3 s, so a worker is free to take the
+    next task meanwhile), the study waits for them and ends with 143, and neither queued run starts."""
     (tmp_path / "stand_in_run.py").write_text(
         "import pathlib, signal, sys, time\n"
-        "def stop(*_):\n"
-        "    pathlib.Path(sys.argv[1], 'terminated').touch(); sys.exit(143)\n"
-        "signal.signal(signal.SIGTERM, stop)\n"
-        "pathlib.Path(sys.argv[1], 'started').touch()\n"
+        "folder, tag = pathlib.Path(sys.argv[1]), sys.argv[2]\n"
+        "(folder / f'started-{tag}').touch()\n"
+        "def checkpoint_and_stop(*_):\n"
+        "    time.sleep(3.0 * (tag == '1')); (folder / f'terminated-{tag}').touch(); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, checkpoint_and_stop)\n"
+        "(folder / f'ready-{tag}').touch()\n"
         "time.sleep(60)\n")
-    study = ("import sys; sys.path.insert(0, 'bench/studies'); import common; common.parser('a study')\n"
-             f"for i in range(2): common.cli('stand_in_run', {str(tmp_path)!r}, log=None)\n")
+    study = ("import sys; sys.path.insert(0, 'bench/studies'); import common\n"
+             "from concurrent.futures import ThreadPoolExecutor\n"
+             "common.parser('a study')\n"
+             "with ThreadPoolExecutor(2) as pool:\n"
+             f"    for tag in range(4): pool.submit(common.cli, 'stand_in_run', {str(tmp_path)!r}, tag)\n")
     driver = subprocess.Popen([sys.executable, "-c", study], cwd=ROOT,
                               env={**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])})
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (tmp_path / "started").exists()
-    (tmp_path / "started").unlink()
-    driver.send_signal(signal.SIGTERM)
-    assert driver.wait(timeout=60) == 143
-    assert (tmp_path / "terminated").exists()  # the run got the signal, not a kill
-    time.sleep(0.5)
-    assert not (tmp_path / "started").exists()  # and no second run started
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{tag}").exists() for tag in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        driver.send_signal(signal.SIGTERM)  # a second signal while a run checkpoints changes nothing
+        assert driver.wait(timeout=60) == 143
+        assert all((tmp_path / f"terminated-{tag}").exists() for tag in (0, 1))  # signalled and waited for
+        time.sleep(2.0)  # a run started at the last moment would have written its first marker by now
+        assert sorted(p.name for p in tmp_path.glob("started-*")) == ["started-0", "started-1"]
+    finally:
+        driver.kill()
 
 
 @pytest.mark.slow

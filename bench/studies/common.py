@@ -67,27 +67,51 @@ def write_json(path: Path, obj) -> None:
 
 
 _running: set[subprocess.Popen] = set()  # the runs `cli` has started and not yet seen end
-_running_lock = threading.RLock()  # re-entrant: the handler may interrupt the main thread inside `cli`
-_stopping = False
+_running_lock = threading.Lock()
+_stopping = threading.Event()  # set by the first SIGTERM
+_main_in_lock = False  # the handler runs in the main thread: it must never wait for a lock that thread holds
 
 
 def _terminate_runs(signum, frame):
     """SIGTERM to a study reaches its runs too: each trainer writes a checkpoint on it, and no run goes on without
-    the study that would score it (a rerun of the study resumes them).  The study then ends, starting no further
-    run.  Children are reaped with waitpid directly: the interrupted frame may hold the Popen's own lock."""
-    global _stopping
+    the study that would score it (a rerun of the study resumes them).  The study then ends with 143 and starts no
+    further run.  A repeated signal changes nothing; a signal that finds the main thread holding the runs' lock is
+    acted on as that thread lets go of it."""
+    if _stopping.is_set():
+        return
+    _stopping.set()
+    if not _main_in_lock:
+        _end_study()
+
+
+def _end_study():
     with _running_lock:
-        _stopping = True
         runs = list(_running)
     for run in runs:
         run.terminate()
-    for run in runs:
-        try:
+    for run in runs:  # waits as long as the trainers take to checkpoint
+        try:  # waitpid itself: the interrupted frame may hold the Popen's own lock inside its wait()
             while os.waitpid(run.pid, os.WNOHANG)[0] == 0:
                 time.sleep(0.05)
         except ChildProcessError:
             pass  # already reaped by the thread that waits on it
-    os._exit(128 + signum)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _with_runs_locked(action):
+    """action() under the runs' lock, telling the handler when the main thread holds it."""
+    global _main_in_lock
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        _main_in_lock = True  # before taking the lock and cleared after, so no signal finds it held unannounced
+    try:
+        with _running_lock:
+            return action()
+    finally:
+        if main:
+            _main_in_lock = False
+            if _stopping.is_set():
+                _end_study()
 
 
 def cli(module: str, *args, log: Path | None = None) -> float:
@@ -95,17 +119,19 @@ def cli(module: str, *args, log: Path | None = None) -> float:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
     with open(log or os.devnull, "a") as f:
-        with _running_lock:
-            while _stopping:  # the handler is ending the study
-                time.sleep(1)
+        def launch():
+            if _stopping.is_set():
+                raise RuntimeError(f"python -m {module}: not started, the study is ending (SIGTERM)")
             run = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, stdout=f,
                                    stderr=subprocess.STDOUT)
             _running.add(run)
+            return run
+
+        run = _with_runs_locked(launch)
         try:
             returncode = run.wait()
         finally:
-            with _running_lock:
-                _running.discard(run)
+            _with_runs_locked(lambda: _running.discard(run))
     if returncode != 0:
         raise RuntimeError(f"python -m {module} {' '.join(map(str, args))} failed ({returncode}); see {log}")
     return time.perf_counter() - start
