@@ -18,7 +18,8 @@ import torch
 
 def default_chunk_elems(device: torch.device) -> int:
     # float64 elements per temporary. On the CPU 4 MiB, so a chunk stays in the last-level cache across its GEMMs
-    # (measured on one core: 1.7-2.6x faster than 32 MiB chunks, bench/results/reference_cpu.jsonl); on a GPU
+    # (one core, bench/results/reference_cpu.jsonl: 1.2-3.1x faster than 32 MiB chunks for large pools, the same
+    # within noise for small ones); on a GPU
     # 512 MiB (fewer, larger launches).
     return 1 << 26 if device.type == "cuda" else 1 << 19
 
@@ -141,7 +142,7 @@ def _grouped_by_pool(z, pool, pool_index, alpha, sigma, d_alpha, d_sigma, temper
     pools, counts = torch.unique_consecutive(sorted_index, return_counts=True)
     starts = counts.cumsum(0) - counts
     by_size = counts.argsort(descending=True, stable=True)
-    sizes = counts[by_size].tolist()  # the one host read of this backend
+    sizes = counts[by_size].tolist()  # a host read
 
     z64, a64 = z.to(f64), alpha.to(f64)
     tau = temperature.to(f64) if isinstance(temperature, torch.Tensor) else float(temperature)
@@ -196,8 +197,8 @@ def _by_class_slice(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, row_la
                     endpoint, noise, chunk_elems):
     """A shared pool whose labels ascend: the candidates a row with label c admits are the slice of label c, so
     its rows are solved on that slice alone (unlabelled rows, label < 0, on the whole pool), one call per label
-    present. The masked candidates weigh exp(-inf) = 0 either way: the same result for a tenth of the work on ten
-    classes. A label with no candidate gets what the op documents (lse -inf, ess 0, NaN velocity)."""
+    present. The masked candidates weigh exp(-inf) = 0 either way: the same result, a labelled row's GEMMs a tenth
+    as large on ten classes. A label with no candidate gets what the op documents (lse -inf, ess 0, NaN velocity)."""
     ct = torch.float64 if z.dtype == torch.float64 else torch.float32
     B, D = z.shape
     K = pool.shape[0]
@@ -207,14 +208,14 @@ def _by_class_slice(z, pool, alpha, sigma, d_alpha, d_sigma, temperature, row_la
     velocity = torch.full((B, D), float("nan"), dtype=ct, device=z.device)
     lse = torch.full((B,), float("-inf"), dtype=ct, device=z.device)
     ess = torch.zeros(B, dtype=ct, device=z.device)
-    for g, (k0, k1) in enumerate(zip(lo.tolist(), hi.tolist())):  # the host read of this path
+    for g, (k0, k1) in enumerate(zip(lo.tolist(), hi.tolist())):  # host reads (with `_ascending`)
         if k1 == k0:
             continue
         rows = (group == g).nonzero().squeeze(1)
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
         velocity[rows], lse[rows], ess[rows] = posterior_velocity_reference(
             z[rows], pool[k0:k1], alpha[rows], sigma[rows], d_alpha[rows], d_sigma[rows],
             temperature[rows] if isinstance(temperature, torch.Tensor) else temperature,
-            log_prior=None if log_prior is None else log_prior[rows, k0:k1], endpoint=pick(endpoint),
-            noise=pick(noise), chunk_elems=chunk_elems)
+            log_prior=None if log_prior is None else log_prior[rows, k0:k1],
+            endpoint=None if endpoint is None else endpoint[rows], noise=None if noise is None else noise[rows],
+            chunk_elems=chunk_elems)
     return velocity, lse, ess

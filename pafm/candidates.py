@@ -289,7 +289,7 @@ class ExactSource(Source, name="exact"):
         dataset = loader.dataset
         ids = np.arange(len(dataset))
         labels = dataset.gather("label", ids).long() if dataset.info["has_labels"] else None
-        if labels is not None:  # in class order: the CPU op then solves each row on its class's slice alone
+        if labels is not None:  # in class order: the CPU op can solve each row on its class's slice alone
             ids = labels.argsort(stable=True).numpy()
             labels = labels[ids]
         self.position = torch.empty(len(ids), dtype=torch.long)  # dataset index -> row of the pool
