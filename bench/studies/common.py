@@ -68,7 +68,7 @@ def write_json(path: Path, obj) -> None:
 
 _running: set[subprocess.Popen] = set()  # the runs `cli` has started and not yet seen end
 _running_lock = threading.Lock()
-_stopping = threading.Event()  # set by the first SIGTERM
+_stopping = False  # set by the first SIGTERM; a plain flag: a handler re-entered inside Event.set() would deadlock
 _main_in_lock = False  # the handler runs in the main thread: it must never wait for a lock that thread holds
 
 
@@ -77,9 +77,10 @@ def _terminate_runs(signum, frame):
     the study that would score it (a rerun of the study resumes them).  The study then ends with 143 and starts no
     further run.  A repeated signal changes nothing; a signal that finds the main thread holding the runs' lock is
     acted on as that thread lets go of it."""
-    if _stopping.is_set():
+    global _stopping
+    if _stopping:
         return
-    _stopping.set()
+    _stopping = True
     if not _main_in_lock:
         _end_study()
 
@@ -90,8 +91,9 @@ def _end_study():
     for run in runs:
         run.terminate()
     for run in runs:  # waits as long as the trainers take to checkpoint
-        try:  # waitpid itself: the interrupted frame may hold the Popen's own lock inside its wait()
-            while os.waitpid(run.pid, os.WNOHANG)[0] == 0:
+        try:  # waitid itself: the interrupted frame may hold the Popen's own lock inside its wait(); WNOWAIT leaves
+            # the exit status to the thread that waits on the run (taking it would make its wait() report 0)
+            while os.waitid(os.P_PID, run.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                 time.sleep(0.05)
         except ChildProcessError:
             pass  # already reaped by the thread that waits on it
@@ -110,7 +112,7 @@ def _with_runs_locked(action):
     finally:
         if main:
             _main_in_lock = False
-            if _stopping.is_set():
+            if _stopping:
                 _end_study()
 
 
@@ -120,7 +122,7 @@ def cli(module: str, *args, log: Path | None = None) -> float:
     start = time.perf_counter()
     with open(log or os.devnull, "a") as f:
         def launch():
-            if _stopping.is_set():
+            if _stopping:
                 raise RuntimeError(f"python -m {module}: not started, the study is ending (SIGTERM)")
             run = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, stdout=f,
                                    stderr=subprocess.STDOUT)

@@ -5,13 +5,14 @@
 set -u
 WORK=${1:-/work/studies-runs}
 cd "$(dirname "$0")/../.."
-python bench/studies/gate.py --work "$WORK/gate" --jobs 2  # done
-python bench/studies/memorisation.py --seed 2 --trained 100 --objectives fm pafm-bank --milestones 2000 4000 8000 \
+run() { "$@"; status=$?; [ "$status" -ne 143 ] || exit 143; }  # a study stopped by SIGTERM stops the queue
+run python bench/studies/gate.py --work "$WORK/gate" --jobs 2  # done
+run python bench/studies/memorisation.py --seed 2 --trained 100 --objectives fm pafm-bank --milestones 2000 4000 8000 \
     --jobs 2 --out bench/results/studies/memorisation-seed2 --work "$WORK/memorisation-seed2"  # as seed 1 ran; done
-python bench/studies/memorisation.py --trained 300 --jobs 2 --out bench/results/studies/memorisation-300 \
+run python bench/studies/memorisation.py --trained 300 --jobs 2 --out bench/results/studies/memorisation-300 \
     --work "$WORK/memorisation-300"  # done
-python bench/studies/mnist_steps.py --work "$WORK/mnist_steps" --milestones 250 500 1000 2000 4000  # done
-python bench/studies/gate.py --datasets mnist --arms bank-g0.25 bank-g0.5 bank-g1 --work "$WORK/gate-mnist" --jobs 2 \
+run python bench/studies/mnist_steps.py --work "$WORK/mnist_steps" --milestones 250 500 1000 2000 4000  # done
+run python bench/studies/gate.py --datasets mnist --arms bank-g0.25 bank-g0.5 bank-g1 --work "$WORK/gate-mnist" --jobs 2 \
     --out bench/results/studies/gate-mnist  # FM and the bank at every seed first
-python bench/studies/gate.py --datasets mnist --work "$WORK/gate-mnist" --jobs 2 \
-    --out bench/results/studies/gate-mnist  # then the exact source (60,000 candidates: ~3x the cost)
+run python bench/studies/gate.py --datasets mnist --work "$WORK/gate-mnist" --jobs 2 \
+    --out bench/results/studies/gate-mnist  # then the exact source (60,000 candidates: ~1.5x the cost)
