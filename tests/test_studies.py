@@ -197,6 +197,7 @@ def test_sigterm_to_a_study_reaches_its_runs_and_starts_no_other(tmp_path, env):
         deadline = time.monotonic() + 60
         while not all((tmp_path / f"ready-{tag}").exists() for tag in (0, 1)) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert all((tmp_path / f"ready-{tag}").exists() for tag in (0, 1))
         driver.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         driver.send_signal(signal.SIGTERM)  # a second signal while a run checkpoints changes nothing
