@@ -17,26 +17,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
+from bench_train import emit
+from bench_validate import commit
 from pafm_kernels.reference import posterior_velocity_reference
 
 CHUNKS = (1 << 22, 1 << 19)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def cases(g: torch.Generator):
@@ -87,10 +78,7 @@ def main():
             row = {**base, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "load_avg": os.getloadavg()[0], "case": name, "pool_order": order, "chunk_elems": chunk,
                    "cpu_s": round(min(cpu), 4), "wall_s": round(min(wall), 4)}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit(row, args.out)
 
 
 if __name__ == "__main__":
