@@ -19,8 +19,7 @@ import torch
 def default_chunk_elems(device: torch.device) -> int:
     # float64 elements per temporary. On the CPU 4 MiB, so a chunk stays in the last-level cache across its GEMMs
     # (one core, bench/results/reference_cpu.jsonl: 1.2-3.1x faster than 32 MiB chunks for large pools, the same
-    # within noise for small ones); on a GPU
-    # 512 MiB (fewer, larger launches).
+    # within noise for small ones); on a GPU 512 MiB (fewer, larger launches).
     return 1 << 26 if device.type == "cuda" else 1 << 19
 
 

@@ -292,9 +292,7 @@ class ExactSource(Source, name="exact"):
         if labels is not None:  # in class order: the CPU op can solve each row on its class's slice alone
             ids = labels.argsort(stable=True).numpy()
             labels = labels[ids]
-        self.position = torch.empty(len(ids), dtype=torch.long)  # dataset index -> row of the pool
-        self.position[ids] = torch.arange(len(ids))
-        self.position = self.position.to(device)
+        self.position = torch.from_numpy(np.argsort(ids)).to(device)  # dataset index -> row of the pool
         items = loader.maker.latents(ids, np.zeros(len(ids), dtype=np.int64), 0)
         self.spread = 0.0
         if dataset.info["has_moments"]:
