@@ -211,9 +211,9 @@ def test_sigterm_to_a_study_reaches_its_runs_and_starts_no_other(tmp_path, env):
 
 @pytest.mark.slow
 def test_gpu_gate_dry_run_on_a_stand_in_mnist(tmp_path, env, mnist_cache):
-    r = run_study("gpu_gate", tmp_path, env, "--dry-run")
+    r = run_study("gpu_gate", tmp_path, env, "--dry-run", "--arms", "bank-g0.5", "exact-g0.5")
     d = r["datasets"]["mnist"]
-    check_gate_results(d, ["fm", "bank-g0.5"], [0, 1], ["cfg1.0"])
+    check_gate_results(d, ["fm", "bank-g0.5", "exact-g0.5"], [0, 1], ["cfg1.0"])
     assert {"frechet_cnn", "diversity"} <= set(d["runs"]["0"]["fm"]["metrics"]["cfg1.0"])
     check_png(tmp_path / "gpu_gate.png")
 
