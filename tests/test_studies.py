@@ -127,6 +127,7 @@ def check_gate_results(d, arms, seeds, sampler_names):
             assert acc["n"] == len(seeds) and acc["mean_diff"] == pytest.approx(np.mean(diffs))
             assert acc["wins"] + acc["losses"] <= len(seeds) and 0.0 <= acc["sign_p"] <= 1.0
     assert d["cost"]["fm"]["ratio_to_fm"] == 1.0
+    assert {a: r["seeds"] for a, r in d["fm_loss_at_equal_time"].items()} == {a: seeds for a in arms[1:]}
 
 
 @pytest.mark.slow
@@ -243,6 +244,26 @@ def test_paired_interval_and_sign_test_match_scipy():
         expected = 1.0 if wins + losses == 0 else stats.binomtest(wins, wins + losses, 0.5).pvalue
         assert sign_test(wins, losses) == pytest.approx(expected, rel=1e-12)
     assert paired([0.2], better=1)["ci95"] is None  # one pair: no interval
+
+
+def test_fm_loss_at_equal_time_reads_the_costlier_arm_where_the_cheaper_one_ends():
+    from gate import fm_loss_at_equal_time
+
+    steps = list(range(20, 1001, 20))  # window ends, as gate.py stores its curves
+
+    def run(slope, offset):
+        return {"curve": {"steps": steps, "fm_loss": [offset + slope / k for k in steps]}}
+
+    runs = {str(s): {"fm": run(10.0, 0.1 * s), "exact": run(9.0, 0.1 * s)} for s in range(4)}
+    row = fm_loss_at_equal_time(runs, "exact", 1.5)  # 1000 / 1.5 = 666.7: the window ending at 660
+    assert (row["arm_step"], row["fm_step"]) == (660, 1000)
+    assert row["mean_diff"] == pytest.approx(9.0 / 660 - 10.0 / 1000, rel=1e-12)
+    assert (row["wins"], row["losses"], row["n"]) == (0, 4, 4)  # FM ahead in each seed at equal time
+    cheap = fm_loss_at_equal_time(runs, "exact", 0.8)  # a cheaper arm: FM is read at 800
+    assert (cheap["arm_step"], cheap["fm_step"]) == (1000, 800)
+    assert cheap["mean_diff"] == pytest.approx(9.0 / 1000 - 10.0 / 800, rel=1e-12) and cheap["wins"] == 4
+    del runs["3"]["exact"]  # a seed where the arm has not finished is left out
+    assert fm_loss_at_equal_time(runs, "exact", 1.5)["seeds"] == [0, 1, 2]
 
 
 def test_gaussian_endpoint_deviation_matches_the_conditional_covariance():

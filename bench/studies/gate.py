@@ -8,7 +8,8 @@ FM's, and the draws and batch ids at a few steps are compared in-process.
 
 Per seed it records each arm's metrics (unguided and at the recipe's guidance), its loss curve and its cost per
 step (seconds per step from metrics.jsonl); across seeds, each PAFM arm's mean paired difference to FM with a 95%
-t interval and a two-sided sign test.  Runs go seeds outermost, `--jobs` at a time; results.json is rewritten after
+t interval and a two-sided sign test, and its FM loss at FM's wall-clock (the costlier of the two read at the step
+it reaches in the other's time, by the measured cost per step).  Runs go seeds outermost, `--jobs` at a time; results.json is rewritten after
 every finished run, and a rerun of the same command reuses finished runs (the trainer returns at once, scores are
 read back) and continues a cut run from its last checkpoint (the engine's exact resume).
 
@@ -214,9 +215,31 @@ def summarise(size: dict, runs: dict, arm_names) -> dict:
     fm_cost = cost.get("fm", {}).get("sec_per_step_median_over_seeds")
     for row in cost.values():
         row["ratio_to_fm"] = row["sec_per_step_median_over_seeds"] / fm_cost if fm_cost else None
+    equal_time = {arm: fm_loss_at_equal_time(runs, arm, cost[arm]["ratio_to_fm"])
+                  for arm in arm_names[1:] if arm in cost and cost[arm]["ratio_to_fm"]}
     complete = [int(s) for s in seeds if set(arm_names) <= set(runs[s])]
     return {"complete_seeds": complete, "tables": tables, "paired": statistics, "cost": cost,
-            "first_step_fm_loss_difference": first_step_losses(runs)}
+            "fm_loss_at_equal_time": equal_time, "first_step_fm_loss_difference": first_step_losses(runs)}
+
+
+def fm_loss_at_equal_time(runs: dict, arm: str, ratio: float) -> dict:
+    """The arm's FM loss against FM's after the same wall-clock on this machine, paired by seed: `ratio` is the arm's
+    cost per step over FM's, so the slower of the two is read at its stored curve point nearest below steps / ratio
+    (or steps x ratio) and the other at its last.  Negative differences: the arm is ahead at equal time."""
+    seeds = [s for s in sorted(runs, key=int) if arm in runs[s] and "fm" in runs[s]]
+    if not seeds:
+        return {"ratio": ratio, "n": 0}
+    end = runs[seeds[0]]["fm"]["curve"]["steps"][-1]
+    arm_step, fm_step = (end / ratio, end) if ratio >= 1 else (end, end * ratio)
+
+    def loss_at(curve, step):  # the last stored window ending at or before `step`
+        ends = np.asarray(curve["steps"])
+        i = int(np.searchsorted(ends, step, side="right")) - 1
+        return (int(ends[i]), curve["fm_loss"][i]) if i >= 0 else (None, math.nan)
+
+    rows = [(loss_at(runs[s][arm]["curve"], arm_step), loss_at(runs[s]["fm"]["curve"], fm_step)) for s in seeds]
+    return {"ratio": ratio, "arm_step": rows[0][0][0], "fm_step": rows[0][1][0],
+            **paired([a[1] - f[1] for a, f in rows], -1), "seeds": [int(s) for s in seeds]}
 
 
 def plot(results: dict, path) -> None:
