@@ -247,8 +247,8 @@ def plot(results: dict, path) -> None:
     names = [n for n, d in results["datasets"].items() if d.get("runs")]
     if not names:
         return
-    fig, axes = pyplot.subplots(len(names), 3, figsize=(18, 4.5 * len(names)), squeeze=False)
-    for (ax_curve, ax_diff, ax_cost), name in zip(axes, names):
+    fig, axes = pyplot.subplots(len(names), 4, figsize=(24, 4.5 * len(names)), squeeze=False)
+    for (ax_curve, *ax_diffs, ax_cost), name in zip(axes, names):
         d = results["datasets"][name]
         arm_names = d["arms"]
         runs = d["runs"]
@@ -260,23 +260,24 @@ def plot(results: dict, path) -> None:
         ax_curve.set(title=f"{name}: FM loss of the prediction, mean over seeds", xlabel="step", ylabel="FM loss",
                      yscale="log")
         ax_curve.legend(fontsize=7)
-        sampler = list(d["size"]["samplers"])[-1]
-        metric = d["size"]["metrics"][1]  # the Frechet distance
+        sampler = list(d["size"]["samplers"])[0]  # unguided, the headline of the README's tables
         stats = d["paired"][sampler]
-        for i, arm in enumerate(arm_names[1:], 1):
-            row = stats.get(arm, {}).get(metric)
-            if row and row["ci95"]:
-                lo, hi = row["ci95"]
-                ax_diff.errorbar([i], [row["mean_diff"]], yerr=[[row["mean_diff"] - lo], [hi - row["mean_diff"]]],
-                                 fmt="o", color=f"C{i}", capsize=4)
-            if row:
-                values = [runs[str(s)][arm]["metrics"][sampler][metric] - runs[str(s)]["fm"]["metrics"][sampler][metric]
-                          for s in stats[arm]["seeds"]]
-                ax_diff.plot([i + 0.15] * len(values), values, ".", color=f"C{i}", alpha=0.5)
-        ax_diff.axhline(0.0, color="k", lw=1)
-        ax_diff.set_xticks(range(1, len(arm_names)), arm_names[1:], rotation=30, fontsize=8)
-        ax_diff.set(title=f"{name}: {metric} ({sampler}), arm - FM per seed, mean and 95% interval",
-                    ylabel=f"difference in {metric} (below 0: better)")
+        for ax_diff, metric in zip(ax_diffs, d["size"]["metrics"][:2]):  # accuracy, then the Frechet distance
+            for i, arm in enumerate(arm_names[1:], 1):
+                row = stats.get(arm, {}).get(metric)
+                if row and row["ci95"]:
+                    lo, hi = row["ci95"]
+                    ax_diff.errorbar([i], [row["mean_diff"]], yerr=[[row["mean_diff"] - lo], [hi - row["mean_diff"]]],
+                                     fmt="o", color=f"C{i}", capsize=4)
+                if row:
+                    values = [runs[str(s)][arm]["metrics"][sampler][metric]
+                              - runs[str(s)]["fm"]["metrics"][sampler][metric] for s in stats[arm]["seeds"]]
+                    ax_diff.plot([i + 0.15] * len(values), values, ".", color=f"C{i}", alpha=0.5)
+            ax_diff.axhline(0.0, color="k", lw=1)
+            ax_diff.set_xticks(range(1, len(arm_names)), arm_names[1:], rotation=30, fontsize=8)
+            side = "above" if BETTER[metric] > 0 else "below"
+            ax_diff.set(title=f"{name}: {metric} ({sampler}), arm - FM per seed, mean and 95% interval",
+                        ylabel=f"difference in {metric} ({side} 0: better)")
         cost = d["cost"]
         ax_cost.bar(range(len(cost)), [c["sec_per_step_median_over_seeds"] for c in cost.values()],
                     color=[f"C{arm_names.index(a)}" for a in cost])
