@@ -276,7 +276,7 @@ def plot(results: dict, path) -> None:
             ax_diff.axhline(0.0, color="k", lw=1)
             ax_diff.set_xticks(range(1, len(arm_names)), arm_names[1:], rotation=30, fontsize=8)
             side = "above" if BETTER[metric] > 0 else "below"
-            ax_diff.set(title=f"{name}: {metric} ({sampler}), arm - FM per seed, mean and 95% interval",
+            ax_diff.set(title=f"{name}: {metric} ({sampler}), arm - FM\nper seed, mean and 95% interval",
                         ylabel=f"difference in {metric} ({side} 0: better)")
         cost = d["cost"]
         ax_cost.bar(range(len(cost)), [c["sec_per_step_median_over_seeds"] for c in cost.values()],
