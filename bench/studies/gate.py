@@ -9,9 +9,9 @@ FM's, and the draws and batch ids at a few steps are compared in-process.
 Per seed it records each arm's metrics (unguided and at the recipe's guidance), its loss curve and its cost per
 step (seconds per step from metrics.jsonl); across seeds, each PAFM arm's mean paired difference to FM with a 95%
 t interval and a two-sided sign test, and its FM loss at FM's wall-clock (the costlier of the two read at the step
-it reaches in the other's time, by the measured cost per step).  Runs go seeds outermost, `--jobs` at a time; results.json is rewritten after
-every finished run, and a rerun of the same command reuses finished runs (the trainer returns at once, scores are
-read back) and continues a cut run from its last checkpoint (the engine's exact resume).
+it reaches in the other's time, by the measured cost per step).  Runs go seeds outermost, `--jobs` at a time;
+results.json is rewritten after every finished run, and a rerun of the same command reuses finished runs (the trainer
+returns at once, scores are read back) and continues a cut run from its last checkpoint (the engine's exact resume).
 
     python bench/studies/gate.py --work /work/studies-runs/gate --jobs 2                 # digits, 10 seeds
     python bench/studies/gate.py --datasets mnist --work /work/studies-runs/gate-mnist  # MNIST, 3 seeds (hours)
@@ -224,7 +224,7 @@ def summarise(size: dict, runs: dict, arm_names) -> dict:
 
 def fm_loss_at_equal_time(runs: dict, arm: str, ratio: float) -> dict:
     """The arm's FM loss against FM's after the same wall-clock on this machine, paired by seed: `ratio` is the arm's
-    cost per step over FM's, so the slower of the two is read at its stored curve point nearest below steps / ratio
+    cost per step over FM's, so the slower of the two is read at its last stored curve point at or before steps / ratio
     (or steps x ratio) and the other at its last.  Negative differences: the arm is ahead at equal time."""
     seeds = [s for s in sorted(runs, key=int) if arm in runs[s] and "fm" in runs[s]]
     if not seeds:
