@@ -47,6 +47,11 @@ def arms(gates=GATES, sources=("bank", "exact")) -> dict[str, list[str]]:
 
 
 ARMS = arms()
+
+
+def only_arms(arm_table: dict, names) -> dict[str, list[str]]:
+    """FM and the arms of `names`, in the table's order."""
+    return {a: o for a, o in arm_table.items() if a == "fm" or a in names}
 # metric -> +1 when larger is better, -1 when smaller is better
 BETTER = {"accuracy": 1, "frechet_pixels": -1, "frechet_cnn": -1, "memorization": -1, "diversity": 0}
 HEUN = ["sampler.method=heun", "sampler.steps=16"]
@@ -385,7 +390,7 @@ def main(argv=None) -> int:
         if set(args.arms) - set(arm_table):
             p.error(f"--arms {' '.join(sorted(set(args.arms) - set(arm_table)))}: not an arm of this study "
                     f"({', '.join(list(arm_table)[1:])})")
-        arm_table = {a: o for a, o in arm_table.items() if a == "fm" or a in args.arms}
+        arm_table = only_arms(arm_table, args.arms)
     return run_study("gate", out, args.work or out / "runs", sizes, arm_table, args.jobs, args.quick,
                      args.finished_only)
 

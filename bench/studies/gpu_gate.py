@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     out = gate.out_dir(args, "gpu_gate")
     size = DRY_RUN if args.dry_run else SIZE
     return gate.run_study("gpu_gate", out, args.work or out / "runs", {"mnist": size},
-                          {a: o for a, o in ARMS.items() if a == "fm" or a in args.arms}, args.jobs,
-                          quick=args.dry_run)
+                          gate.only_arms(ARMS, args.arms), args.jobs, quick=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -15,4 +15,4 @@ run python bench/studies/mnist_steps.py --work "$WORK/mnist_steps" --milestones 
 run python bench/studies/gate.py --datasets mnist --arms bank-g0.25 bank-g0.5 bank-g1 --work "$WORK/gate-mnist" --jobs 2 \
     --out bench/results/studies/gate-mnist  # FM and the bank at every seed first
 run python bench/studies/gate.py --datasets mnist --work "$WORK/gate-mnist" --jobs 2 \
-    --out bench/results/studies/gate-mnist  # then the exact source (60,000 candidates: ~1.5x the cost)
+    --out bench/results/studies/gate-mnist  # then the exact source (60,000 candidates: 1.5-2x the cost)
